@@ -1,0 +1,221 @@
+"""
+### mlops_training_pipeline
+
+Daily, for the data interval `[day, day+1)`: **validate** the landing partition with Great
+Expectations (a blocked batch is quarantined and the run stops), **shard** it into a versioned,
+manifest-published data set, **train** a tabular MLP with multi-node DDP, **evaluate** it against
+the `champion` with bootstrap CIs, **register** it in MLflow (alias `challenger`), then
+**export** a SavedModel, **stage** it as the TF Serving `canary`, **monitor** canary vs stable and
+**promote** (labels, router weight, `champion` alias) or **roll back**.
+
+Backfills, and runs with `skip_rollout`, stop after registration and never move `champion`.
+Trigger-form params override the `date`, `dataset`, `nodes`, `epochs`, canary weight steps and
+can force-bless or force-reject a candidate (with a reason, recorded in MLflow).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from mlops_airflow.common import OWNER, TRAINING_POOL, on_failure
+
+DEFAULT_ARGS = {
+    "owner": OWNER,
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(hours=1),
+    "on_failure_callback": on_failure,
+}
+
+PARAMS = {
+    "date": Param(
+        None,
+        type=["null", "string"],
+        format="date",
+        title="Partition date",
+        description="Empty: the run's data interval start.",
+    ),
+    "dataset": Param("transactions", type="string", title="Dataset spec"),
+    "nodes": Param(2, type="integer", minimum=1, maximum=64, title="Training nodes"),
+    "epochs": Param(6, type="integer", minimum=1, maximum=500, title="Epochs"),
+    "force": Param("none", enum=["none", "bless", "reject"], title="Override the blessing"),
+    "force_reason": Param("", type="string", title="Reason for the override"),
+    "skip_rollout": Param(False, type="boolean", title="Register only; no canary"),
+    "canary_steps": Param(
+        [5, 25, 50, 100],
+        type="array",
+        items={"type": "integer", "minimum": 1, "maximum": 100},
+        title="Canary weight steps (%)",
+    ),
+}
+
+
+@dag(
+    dag_id="mlops_training_pipeline",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params=PARAMS,
+    doc_md=__doc__,
+    tags=["mlops", "training", "serving"],
+)
+def mlops_training_pipeline() -> None:
+    @task(retries=0)
+    def validate_data() -> dict:
+        from mlops_airflow.common import interval_date, record, run_settings
+
+        from pipelines import stages
+        from pipelines.data.validate import ValidationBlocked
+
+        ctx = get_current_context()
+        try:
+            out = stages.validate_data(run_settings(ctx["params"]), interval_date(ctx))
+        except ValidationBlocked as exc:
+            from airflow.exceptions import AirflowFailException
+
+            record(ctx, exc.summary.to_dict())
+            raise AirflowFailException(str(exc)) from exc
+        return record(ctx, out)
+
+    @task
+    def shard_dataset(_: dict) -> dict:
+        from mlops_airflow.common import interval_date, record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        return record(ctx, stages.shard_data(run_settings(ctx["params"]), interval_date(ctx)))
+
+    @task(pool=TRAINING_POOL, retries=1)
+    def train_model(shards: dict) -> dict:
+        from mlops_airflow.common import record, run_key, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.train(
+            run_settings(ctx["params"]),
+            shards["manifest_uri"],
+            run_key=run_key(ctx, "train"),
+            tags={"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+            sink=print,
+        )
+        return record(ctx, out)
+
+    @task
+    def evaluate_model(trained: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        force = None if p["force"] == "none" else p["force"]
+        return record(
+            ctx,
+            stages.evaluate(
+                run_settings(p), trained["run_id"], force, p.get("force_reason") or None
+            ),
+        )
+
+    @task
+    def register_model(evaluation: dict) -> dict:
+        from mlops_airflow.common import is_backfill, record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.register(
+            run_settings(ctx["params"]),
+            evaluation["run_id"],
+            {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+        )
+        out["roll_out"] = (
+            bool(out["model_version"])
+            and not is_backfill(ctx)
+            and not ctx["params"]["skip_rollout"]
+        )
+        return record(ctx, out)
+
+    @task.short_circuit
+    def should_roll_out(registered: dict) -> bool:
+        """Only blessed, registered, non-backfill runs go to serving."""
+        return bool(registered["roll_out"])
+
+    @task
+    def export_and_infra_validate(registered: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.export_and_infra_validate(
+            run_settings(ctx["params"]), registered["model_version"]
+        )
+        return record(ctx, {**out, "model_version": registered["model_version"]})
+
+    @task(retries=0)
+    def stage_canary(exported: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.stage_canary(run_settings(ctx["params"]), exported["model_version"])
+        return record(ctx, {**out, "model_version": exported["model_version"]})
+
+    @task(retries=0)
+    def monitor_canary(staged: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.monitor_canary(run_settings(ctx["params"]), staged["model_version"])
+        return record(ctx, {**out, "model_version": staged["model_version"]})
+
+    @task.branch
+    def decide(verdict: dict) -> str:
+        return "promote" if verdict["decision"] == "promote" else "rollback"
+
+    @task
+    def promote(verdict: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        return record(ctx, stages.promote(run_settings(ctx["params"]), verdict["model_version"]))
+
+    @task
+    def rollback(verdict: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        return record(
+            ctx,
+            stages.rollback(
+                run_settings(ctx["params"]), verdict["model_version"], verdict["reason"]
+            ),
+        )
+
+    validated = validate_data()
+    shards = shard_dataset(validated)
+    trained = train_model(shards)
+    registered = register_model(evaluate_model(trained))
+    gate = should_roll_out(registered)
+    exported = export_and_infra_validate(registered)
+    gate >> exported
+    verdict = monitor_canary(stage_canary(exported))
+    decide(verdict) >> [promote(verdict), rollback(verdict)]
+
+
+mlops_training_pipeline()

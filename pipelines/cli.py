@@ -1,0 +1,233 @@
+"""``mlops``: every pipeline stage from a terminal, a pod or a test, with the DAG's configuration.
+
+Exit codes: 0 success; 1 a gate said no (batch blocked, candidate rejected, canary rolled
+back); 2 bad usage, input or configuration; 3 the stage failed at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from pipelines.config import settings
+
+    return settings()
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_data_generate(a: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    _print(stages.generate_data(_settings(), a.date, a.dataset, a.rows, a.drift, a.defect, a.seed))
+    return EXIT_OK
+
+
+def cmd_data_validate(a: argparse.Namespace) -> int:
+    from pipelines import stages
+    from pipelines.data.validate import ValidationBlocked
+
+    try:
+        out = stages.validate_data(_settings(), a.date, a.dataset)
+    except ValidationBlocked as exc:
+        print(exc.summary.message())
+        return EXIT_GATE
+    _print(out)
+    return EXIT_OK
+
+
+def cmd_data_shard(a: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    out = stages.shard_data(_settings(), a.date, a.dataset)
+    print(out["manifest_uri"])
+    return EXIT_OK
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from pipelines import stages
+    from pipelines.config import with_overrides
+
+    s = _settings()
+    over = {
+        k: v
+        for k, v in (("nodes", a.nodes), ("procs_per_node", a.procs_per_node), ("epochs", a.epochs))
+        if v
+    }
+    s = with_overrides(s, train=over) if over else s
+    out = stages.train(
+        s, a.manifest, run_key=a.run_key, sink=lambda line: print(line, file=sys.stderr)
+    )
+    print(out["run_id"])
+    return EXIT_OK
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    out = stages.evaluate(_settings(), a.run_id, a.force, a.reason)
+    print("\n".join(out["reasons"]))
+    print("BLESSED" if out["blessed"] else "REJECTED")
+    return EXIT_OK if out["blessed"] else EXIT_GATE
+
+
+def cmd_register(a: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    out = stages.register(_settings(), a.run_id)
+    if out["model_version"] is None:
+        print(f"Run {a.run_id} is not blessed; it was not registered.", file=sys.stderr)
+        return EXIT_GATE
+    print(out["model_version"])
+    return EXIT_OK
+
+
+def cmd_rollout(a: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    s = _settings()
+    if not a.skip_export:
+        _print(stages.export_and_infra_validate(s, a.version))
+    _print(stages.stage_canary(s, a.version))
+    verdict = stages.monitor_canary(s, a.version)
+    _print(verdict)
+    if verdict["decision"] == "promote":
+        _print(stages.promote(s, a.version))
+        return EXIT_OK
+    _print(stages.rollback(s, a.version, verdict["reason"]))
+    return EXIT_GATE
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pipelines.serving.client import LocalServer
+
+    s = _settings()
+    if a.stop:
+        LocalServer.from_settings(s).stop()
+        print("local model server stopped")
+        return EXIT_OK
+    if a.status:
+        from pipelines import stages
+
+        _print({"url": LocalServer.from_settings(s).url(), **stages.serving_state(s)})
+        return EXIT_OK
+    from pipelines.serving.server import serve
+
+    config = a.model_config or str(LocalServer.from_settings(s).config_file)
+    serve(
+        config,
+        a.host or s.serving.host,
+        s.serving.rest_port if a.rest_port is None else a.rest_port,
+        a.poll_seconds or s.serving.poll_seconds,
+        a.port_file,
+    )
+    return EXIT_OK
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(reset=a.reset, start=a.start, keep_serving=a.keep_serving)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the main job end to end on embedded defaults")
+    d.add_argument("--reset", action="store_true", help="delete MLOPS_HOME first")
+    d.add_argument("--start", default="2026-11-01", help="first partition date")
+    d.add_argument("--keep-serving", action="store_true", help="leave the model server up")
+    d.set_defaults(fn=cmd_demo)
+
+    data = sub.add_parser("data", help="generate, validate and shard landing data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    g = dsub.add_parser("generate", help="write a synthetic landing partition")
+    g.add_argument("--dataset")
+    g.add_argument("--date", required=True)
+    g.add_argument("--rows", type=int)
+    g.add_argument("--drift", type=float, default=0.0)
+    g.add_argument("--defect", help="inject one defect (see pipelines.data.generate.DEFECTS)")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_data_generate)
+    for name, fn, text in (
+        ("validate", cmd_data_validate, "exit 0 accepted, 1 blocked"),
+        ("shard", cmd_data_shard, "prints the manifest URI"),
+    ):
+        c = dsub.add_parser(name, help=text)
+        c.add_argument("--dataset")
+        c.add_argument("--date", required=True)
+        c.set_defaults(fn=fn)
+
+    t = sub.add_parser("train", help="train on a manifest; prints the MLflow run id")
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--nodes", type=int)
+    t.add_argument("--procs-per-node", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--run-key", help="idempotency key: reuse (resume) the run with this key")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="exit 0 blessed, 1 rejected; reasons printed")
+    e.add_argument("--run-id", required=True)
+    e.add_argument("--force", choices=["bless", "reject"])
+    e.add_argument("--reason", help="required with --force")
+    e.set_defaults(fn=cmd_evaluate)
+
+    r = sub.add_parser("register", help="prints the model version")
+    r.add_argument("--run-id", required=True)
+    r.set_defaults(fn=cmd_register)
+
+    ro = sub.add_parser("rollout", help="export, canary, then promote (exit 0) or roll back (1)")
+    ro.add_argument("--version", required=True)
+    ro.add_argument("--skip-export", action="store_true", help="the version is already exported")
+    ro.set_defaults(fn=cmd_rollout)
+
+    s = sub.add_parser("serve", help="TF-Serving-compatible REST server (foreground)")
+    s.add_argument("--host")
+    s.add_argument("--rest-port", type=int)
+    s.add_argument("--model-config", help="model_config_list file (default: MLOPS_HOME's)")
+    s.add_argument("--poll-seconds", type=float)
+    s.add_argument("--port-file", help="write the bound port here (used with --rest-port 0)")
+    s.add_argument("--stop", action="store_true", help="stop the background local server")
+    s.add_argument("--status", action="store_true", help="print the serving labels and URL")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from pipelines.config import ConfigError
+    from pipelines.data.spec import SpecError
+
+    try:
+        return int(args.fn(args))
+    except (ConfigError, SpecError, ValueError, FileNotFoundError) as exc:
+        print(f"mlops {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        logging.getLogger("mlops").debug("failure", exc_info=True)
+        print(f"mlops {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

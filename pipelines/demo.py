@@ -1,0 +1,255 @@
+"""``mlops demo``: the main job on embedded defaults, through real Airflow, with a summary.
+
+Day 1 trains and deploys the first model; day 2 (drifted data) trains a challenger and takes it
+through evaluation, registration and the canary; day 3 lands a defective batch that the gate
+blocks and quarantines, leaving the champion and serving untouched. Each day is one
+``airflow dags test`` run of ``mlops_training_pipeline`` (SQLite metadata DB under MLOPS_HOME).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DAG_ID = "mlops_training_pipeline"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def airflow_env(home: str) -> dict[str, str]:
+    """Environment for Airflow CLI calls: everything under MLOPS_HOME, no example DAGs."""
+    dags = os.environ.get("MLOPS_DAGS_FOLDER", str(REPO / "dags"))
+    plugins = os.environ.get("MLOPS_PLUGINS_FOLDER", str(REPO / "plugins"))
+    venv_bin = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "MLOPS_HOME": home,
+        "AIRFLOW_HOME": os.environ.get("AIRFLOW_HOME", str(Path(home) / "airflow")),
+        "AIRFLOW__CORE__DAGS_FOLDER": dags,
+        "AIRFLOW__CORE__PLUGINS_FOLDER": plugins,
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p),
+    }
+
+
+def _run(cmd: list[str], env: dict[str, str], log_file: Path) -> int:
+    with open(log_file, "ab") as fh:
+        return subprocess.run(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ).returncode
+
+
+def run_reports(store: Any, date: str) -> dict[str, Any]:
+    """Task results of the latest DAG run for a date (written by each task)."""
+    from pipelines.data import layout
+
+    prefix = f"{layout.run_report(DAG_ID, date)}"
+    runs = [k for k in store.list(prefix)]
+    if not runs:
+        return {}
+    latest = max(
+        runs,
+        key=lambda k: max(
+            (store.fs.modified(store._path(f)).timestamp() for f in store.list(k)), default=0
+        ),
+    )
+    return {
+        k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))
+        for k in store.list(latest)
+    }
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summarize(
+    days: list[tuple[str, str, dict[str, Any]]], aliases: dict[str, str], serving: dict[str, Any]
+) -> str:
+    """The demo's closing table, one column per day."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, fn: Any) -> None:
+        cells = []
+        for _, _, r in days:
+            try:
+                cells.append(fn(r))
+            except (KeyError, TypeError, IndexError):
+                cells.append("-")
+        rows.append((name, cells))
+
+    def validation(r: dict[str, Any]) -> str:
+        v = r["validate_data"]
+        return f"{v['rows']} rows, {v['status']}"
+
+    def blocked(r: dict[str, Any]) -> str:
+        v = r["validate_data"]
+        if v["status"] != "blocked":
+            return "0"
+        failed = [
+            f"{c['check'].removeprefix('expect_')}({c['column']})"
+            for c in v["checks"]
+            if not c["success"] and c["severity"] == "block"
+        ]
+        return f"{v['rows']} -> quarantine: " + ", ".join(failed[:2])
+
+    row("validation", validation)
+    row("rows blocked", blocked)
+    row(
+        "data version / shards",
+        lambda r: f"{r['shard_dataset']['data_version']} / {r['shard_dataset']['shards']}",
+    )
+    row(
+        "train loss / samples/s",
+        lambda r: (
+            f"{r['train_model']['metrics']['train_loss']:.4f} / "
+            f"{r['train_model']['metrics']['samples_per_s']:.0f}"
+        ),
+    )
+    row(
+        "world size / val AUC",
+        lambda r: (
+            f"{r['train_model']['metrics']['world_size']:.0f} / "
+            f"{r['train_model']['metrics']['val_auc']:.4f}"
+        ),
+    )
+
+    def evaluation(r: dict[str, Any]) -> str:
+        e = r["evaluate_model"]
+        verdict = "BLESSED" if e["blessed"] else "REJECTED"
+        if e["auc_delta"] is None:
+            return f"{verdict}: AUC {e['roc_auc']:.4f}, no champion"
+        lo, hi = e["auc_delta_ci"]
+        return (
+            f"{verdict}: AUC {e['roc_auc']:.4f}, delta {e['auc_delta']:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] vs v{e['champion_version']}"
+        )
+
+    row("evaluation", evaluation)
+    row("model version", lambda r: _fmt(r["register_model"]["model_version"]))
+    row("infra p99 ms", lambda r: _fmt(r["export_and_infra_validate"]["p99_ms"], 1))
+
+    def canary(r: dict[str, Any]) -> str:
+        m = r["monitor_canary"]
+        return (
+            f"{m['decision']} ({m['windows']} windows)"
+            if m["windows"]
+            else f"{m['decision']} (first deployment)"
+        )
+
+    row("canary verdict", canary)
+    row(
+        "outcome",
+        lambda r: (r.get("promote") or r.get("rollback") or {"decision": "-"})["decision"],
+    )
+    width = max(len(n) for n, _ in rows)
+    cols = [
+        max(len(title), *(len(cells[i]) for _, cells in rows))
+        for i, (title, _, _) in enumerate(days)
+    ]
+    out = [
+        f"{'':{width}} | " + " | ".join(f"{t:{w}}" for (t, _, _), w in zip(days, cols, strict=True))
+    ]
+    out.append("-" * len(out[0]))
+    for name, cells in rows:
+        out.append(
+            f"{name:{width}} | " + " | ".join(f"{c:{w}}" for c, w in zip(cells, cols, strict=True))
+        )
+    out.append("")
+    out.append(f"MLflow aliases: {aliases}")
+    out.append(
+        f"Serving: versions {serving['versions']}, labels {serving['labels']}, "
+        f"canary weight {serving['canary_weight']:.0f}%"
+    )
+    return "\n".join(out)
+
+
+def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool = False) -> int:
+    from pipelines import stages
+    from pipelines.config import load_settings
+    from pipelines.registry import Registry
+    from pipelines.serving.client import LocalServer
+    from pipelines.store import open_store
+
+    settings = load_settings()
+    home = Path(settings.home)
+    if reset and home.exists():
+        LocalServer.from_settings(settings).stop()
+        shutil.rmtree(home)
+    home.mkdir(parents=True, exist_ok=True)
+    logs = home / "demo"
+    logs.mkdir(exist_ok=True)
+    env = airflow_env(str(home))
+    airflow = str(Path(sys.executable).parent / "airflow")
+    print(f"MLOPS_HOME={home}  (logs: {logs})", flush=True)
+    t0 = time.perf_counter()
+    if _run([airflow, "db", "migrate"], env, logs / "airflow-db.log") != 0:
+        print(f"airflow db migrate failed; see {logs / 'airflow-db.log'}", file=sys.stderr)
+        return 3
+    first = dt.date.fromisoformat(start)
+    plan = [
+        ("day 1", first, 0.0, None),
+        ("day 2 (drift)", first + dt.timedelta(days=1), 0.3, None),
+        ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii"),
+    ]
+    store = open_store(settings.store)
+    days: list[tuple[str, str, dict[str, Any]]] = []
+    ok = True
+    try:
+        for title, day, drift, defect in plan:
+            date = day.isoformat()
+            stages.generate_data(settings, date, drift=drift, defect=defect)
+            log_file = logs / f"{date}.log"
+            log_file.unlink(missing_ok=True)
+            began = time.perf_counter()
+            print(f"{title}: airflow dags test {DAG_ID} {date} ...", end=" ", flush=True)
+            code = _run(
+                [
+                    airflow,
+                    "dags",
+                    "test",
+                    DAG_ID,
+                    f"{date}T00:00:00+00:00",
+                    "-c",
+                    json.dumps({"date": date}),
+                ],
+                env,
+                log_file,
+            )
+            reports = run_reports(store, date)
+            expected_block = defect is not None
+            blocked = reports.get("validate_data", {}).get("status") == "blocked"
+            finished = "promote" in reports or "rollback" in reports
+            good = (blocked and "shard_dataset" not in reports) if expected_block else finished
+            print(
+                f"{'ok' if good else 'FAILED'} in {time.perf_counter() - began:.0f} s "
+                f"(exit {code}, log {log_file})",
+                flush=True,
+            )
+            ok = ok and good
+            days.append((title, date, reports))
+            if not good:
+                break
+        print()
+        print(summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings)))
+        print(
+            f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
+            f"--backend-store-uri {settings.mlflow.tracking_uri}"
+        )
+    finally:
+        if not keep_serving:
+            LocalServer.from_settings(settings).stop()
+    return 0 if ok else 3

@@ -1,0 +1,441 @@
+"""Rollout controller: export + infra validation, staging, canary monitoring, promote/rollback.
+
+Serving state is the ``model_config_list`` file (versions, ``stable``/``canary`` labels) plus the
+router's canary weight; the registry's ``champion`` alias moves only at promotion. Labels are
+set in two phases (load the version, wait for AVAILABLE, then label). Rollback sets the weight
+to 0 before touching any config. Every step is idempotent; its state is persisted in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from pipelines.config import Settings
+from pipelines.data import layout
+from pipelines.data.shard import load_manifest, read_split
+from pipelines.evaluate.run import load_run_model
+from pipelines.registry import CHALLENGER, CHAMPION, Registry
+from pipelines.serving import model_config
+from pipelines.serving.canary import WindowVerdict, judge_window, requests_for
+from pipelines.serving.client import ServingClient, serving_url
+from pipelines.serving.export import export_saved_model, parity, to_instances
+from pipelines.serving.router import Router, WeightStore, start_router
+from pipelines.serving.server import ModelManager, make_server
+from pipelines.store import ObjectStore, open_store
+from pipelines.train.model import predict_proba
+
+log = logging.getLogger(__name__)
+SMOKE_REQUESTS = 20
+
+
+class RolloutError(RuntimeError):
+    """A rollout step failed; serving state was restored to what it was before the step."""
+
+
+def _paths(settings: Settings) -> tuple[Path, Path, WeightStore]:
+    base = Path(settings.serving.base_dir)
+    return (
+        base / "models.config",
+        base / settings.mlflow.model_name,
+        WeightStore(base / f"{settings.mlflow.model_name}.router.json"),
+    )
+
+
+def _save_state(store: ObjectStore, settings: Settings, version: str, **fields: Any) -> None:
+    key = f"{layout.rollout(settings.mlflow.model_name, version)}/state.json"
+    state = json.loads(store.read_text(key)) if store.exists(key) else {}
+    state.update(fields, updated=time.time())
+    store.write_text(key, json.dumps(state, indent=2, default=str))
+
+
+def _tree_sha256(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# -- export and infra validation -------------------------------------------------------------
+def _latency_probe(
+    url: str, model: str, version: str, instances: list[dict[str, Any]], n: int = 60
+) -> tuple[list[float], list[float]]:
+    client = ServingClient(url)
+    times, preds = [], []
+    for i in range(n):
+        inst = instances[i % len(instances)]
+        t0 = time.perf_counter()
+        preds.extend(client.predict(model, [inst], version=version))
+        times.append((time.perf_counter() - t0) * 1000)
+    return times, preds
+
+
+def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
+    """SavedModel for a registered version: parity with torch, then load-and-query in a server."""
+    reg, store = Registry(settings.mlflow), open_store(settings.store)
+    run_id = reg.version_run_id(version)
+    model = load_run_model(reg, run_id)
+    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
+    test = read_split(store, manifest, "test").head(500)
+    name = settings.mlflow.model_name
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        base = Path(tmp) / name
+        out = export_saved_model(model, base / str(version), warmup_rows=test)
+        par = parity(model, out, test)
+        # Load-and-query in a TF-Serving-compatible server, next to the champion if any.
+        champion = reg.alias_version(CHAMPION)
+        versions = [int(version)]
+        if champion and champion != str(version):
+            store.get_dir(f"{layout.export(name, champion)}/saved_model", base / champion)
+            versions.append(int(champion))
+        manager = ModelManager()
+        manager.apply([model_config.ModelEntry(name, str(base), versions)])
+        server = make_server(manager, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            client = ServingClient(url)
+            for v in versions:
+                client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
+            instances = to_instances(test, model)
+            cand_ms, served = _latency_probe(url, name, str(version), instances)
+            champ_ms = (
+                _latency_probe(url, name, champion, instances)[0]
+                if len(versions) > 1 and champion
+                else None
+            )
+        finally:
+            server.shutdown()
+            server.server_close()
+            manager.stop()
+        # The server must answer with what the torch model computes for the same rows.
+        p_torch = predict_proba(model, test)
+        idx = np.arange(len(served)) % len(instances)
+        diff = float(np.max(np.abs(np.asarray(served, dtype=float) - p_torch[idx])))
+        p99 = float(np.percentile(cand_ms, 99))
+        champ_p99 = float(np.percentile(champ_ms, 99)) if champ_ms else None
+        budget = settings.serving.latency_budget_ms
+        if champ_p99 is not None:
+            budget = max(min(budget, settings.serving.latency_budget_ratio * champ_p99), 5.0)
+        if p99 > budget:
+            raise RolloutError(
+                f"Version {version} fails infra validation: p99 {p99:.1f} ms "
+                f"over the budget {budget:.1f} ms."
+            )
+        if diff > 1e-5:
+            raise RolloutError(f"Version {version} served predictions differ by {diff:.2e}.")
+        files = _tree_sha256(out)
+        prefix = f"{layout.export(name, version)}/saved_model"
+        store.put_dir(out, prefix)
+        store.write_text(
+            f"{layout.export(name, version)}/export.json",
+            json.dumps({"version": version, "run_id": run_id, "files": files}, indent=2),
+        )
+    result = {
+        "export_uri": store.uri(prefix),
+        "parity_max_abs_diff": par["max_abs_diff"],
+        "p99_ms": round(p99, 2),
+        "champion_p99_ms": champ_p99,
+        "latency_budget_ms": round(budget, 2),
+    }
+    reg.set_version_tags(version, {"export_uri": result["export_uri"], "infra_validated": True})
+    _save_state(store, settings, version, phase="exported", **result)
+    return result
+
+
+# -- staging ---------------------------------------------------------------------------------
+def _fetch_verified(store: ObjectStore, name: str, version: str, dest: Path) -> None:
+    """Download the export and check every file against its recorded sha256."""
+    meta = json.loads(store.read_text(f"{layout.export(name, version)}/export.json"))
+    store.get_dir(f"{layout.export(name, version)}/saved_model", dest)
+    got = _tree_sha256(dest)
+    if got != meta["files"]:
+        bad = sorted(k for k in set(got) | set(meta["files"]) if got.get(k) != meta["files"].get(k))
+        raise RolloutError(f"Export of version {version} fails its sha256 check: {bad[:5]}")
+
+
+def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
+    """Copy the version under the serving base path, load it, and point ``canary`` at it."""
+    store, name = open_store(settings.store), settings.mlflow.model_name
+    config_file, model_dir, weights = _paths(settings)
+    target = model_dir / str(version)
+    if not target.exists():
+        tmp = model_dir / f"{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _fetch_verified(store, name, version, tmp)
+        tmp.rename(target)  # a version directory is complete or absent
+    url = serving_url(settings)
+    client = ServingClient(url)
+    before = model_config.entry(config_file, name)
+    stable = before.labels.get("stable") if before else None
+    v = int(version)
+    try:
+        if stable is None or stable == v:
+            # First deployment: load alone, then label it both stable and canary.
+            model_config.upsert(config_file, model_config.ModelEntry(name, str(model_dir), [v]))
+            client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
+            labels = {"stable": v, "canary": v}
+        else:
+            model_config.upsert(
+                config_file,
+                model_config.ModelEntry(
+                    name, str(model_dir), [stable, v], {"stable": stable, "canary": stable}
+                ),
+            )
+            client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
+            labels = {"stable": stable, "canary": v}
+        weights.set(0)
+        model_config.upsert(
+            config_file,
+            model_config.ModelEntry(name, str(model_dir), sorted({stable or v, v}), labels),
+        )
+        _wait_label(client, name, "canary", v, settings.serving.load_timeout_s)
+        instances = _smoke_instances(settings, version)
+        for i in range(SMOKE_REQUESTS):
+            client.predict(name, [instances[i % len(instances)]], label="canary")
+    except Exception as exc:
+        if before is not None:
+            model_config.upsert(config_file, before)
+        else:
+            model_config.write(
+                config_file, [e for e in model_config.read(config_file) if e.name != name]
+            )
+        raise RolloutError(f"Staging version {version} failed and was undone: {exc}") from exc
+    result = {
+        "stable": stable,
+        "canary": v,
+        "first_deployment": stable is None or stable == v,
+        "serving_url": url,
+    }
+    _save_state(store, settings, version, phase="staged", **result)
+    return result
+
+
+def _wait_label(client: ServingClient, name: str, label: str, version: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.label_version(name, label) == version:
+            return
+        time.sleep(0.2)
+    raise RolloutError(f"Label {label} of {name} never pointed at version {version}.")
+
+
+def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
+    reg, store = Registry(settings.mlflow), open_store(settings.store)
+    run_id = reg.version_run_id(version)
+    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
+    test = read_split(store, manifest, "test")
+    return to_instances(test, load_run_model(reg, run_id))
+
+
+# -- canary ----------------------------------------------------------------------------------
+def _replay(
+    router_url: str,
+    name: str,
+    rows: list[tuple[str, dict[str, Any]]],
+    n: int,
+    rate: float,
+    concurrency: int,
+    start: int,
+) -> int:
+    """Send ``n`` held-out rows through the router at ``rate`` req/s; returns the next offset."""
+    session_local = threading.local()
+
+    def send(i: int) -> None:
+        if not hasattr(session_local, "s"):
+            session_local.s = requests.Session()
+        key, inst = rows[(start + i) % len(rows)]
+        try:
+            session_local.s.post(
+                f"{router_url}/v1/models/{name}:predict",
+                json={"instances": [inst]},
+                headers={"X-Request-Key": key},
+                timeout=15,
+            )
+        except requests.RequestException:
+            pass  # the router records backend failures; a dead router shows as no samples
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = []
+        for i in range(n):
+            wait = t0 + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            futures.append(pool.submit(send, i))
+        for f in futures:
+            f.result()
+    return start + n
+
+
+def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
+    """Step the canary weight, judge each window against stable, and return the verdict."""
+    store, name, cfg = open_store(settings.store), settings.mlflow.model_name, settings.canary
+    config_file, _, weights = _paths(settings)
+    entry = model_config.entry(config_file, name)
+    if entry is None or entry.labels.get("canary") != int(version):
+        raise RolloutError(f"Version {version} is not staged as canary; run stage_canary first.")
+    first = entry.labels.get("stable") == int(version)
+    windows: list[dict[str, Any]] = []
+    if first:
+        verdict = {
+            "decision": "promote",
+            "reason": "first deployment: no stable to compare against; staging smoke test passed",
+            "windows": windows,
+        }
+        _save_state(store, settings, version, phase="judged", verdict=verdict)
+        return verdict
+    url = serving_url(settings)
+    reg = Registry(settings.mlflow)
+    run_id = reg.version_run_id(version)
+    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
+    test = read_split(store, manifest, "test")
+    model = load_run_model(reg, run_id)
+    rows = list(zip(test[manifest.data["key"]].astype(str), to_instances(test, model), strict=True))
+    router = Router(url, name, weights, cfg.admin_token)
+    server, router_url = start_router(router)
+    failed, inconclusive_run, offset = 0, 0, 0
+    decision, reason = "promote", "every window passed"
+    try:
+        for step in cfg.steps:
+            weights.set(step)
+            for _ in range(cfg.windows_per_step):
+                start = time.time()
+                offset = _replay(
+                    router_url,
+                    name,
+                    rows,
+                    requests_for(step, cfg.min_samples),
+                    cfg.replay_rate,
+                    cfg.replay_concurrency,
+                    offset,
+                )
+                win = router.stats.window(start)
+                v: WindowVerdict = judge_window(win["canary"], win["stable"], cfg)
+                windows.append({"weight": step, **v.to_dict()})
+                log.info("canary weight %d%%: %s", step, v.explain())
+                if v.outcome == "critical":
+                    decision, reason = (
+                        "rollback",
+                        f"critical check failed at {step}%: {v.explain()}",
+                    )
+                    break
+                if v.outcome == "inconclusive":
+                    inconclusive_run += 1
+                    if inconclusive_run >= 3:
+                        decision, reason = "rollback", "3 inconclusive windows in a row"
+                        break
+                    continue
+                inconclusive_run = 0
+                failed += sum(not c.passed for c in v.checks)
+                if failed >= cfg.failure_limit:
+                    decision, reason = (
+                        "rollback",
+                        f"{failed} failed checks (limit "
+                        f"{cfg.failure_limit}); last window: {v.explain()}",
+                    )
+                    break
+            if decision == "rollback":
+                break
+        if decision == "promote" and (not windows or windows[-1]["outcome"] != "pass"):
+            decision, reason = "rollback", "the final window did not pass"
+    except Exception as exc:
+        log.exception("canary monitoring failed")
+        decision, reason = "rollback", f"monitoring failed: {exc}"
+    finally:
+        if decision == "rollback":
+            weights.set(0)  # stop canary traffic at once; labels change in the rollback task
+        server.shutdown()
+        server.server_close()
+    verdict = {"decision": decision, "reason": reason, "windows": windows}
+    _save_state(store, settings, version, phase="judged", verdict=verdict)
+    reg.set_version_tags(version, {"canary_verdict": decision, "canary_reason": reason[:4000]})
+    log.info("canary verdict for version %s: %s (%s)", version, decision, reason)
+    return verdict
+
+
+# -- promote / rollback ----------------------------------------------------------------------
+def promote(settings: Settings, version: str) -> dict[str, Any]:
+    """Canary becomes stable: weight 100, labels, weight 0, then the ``champion`` alias."""
+    store, name = open_store(settings.store), settings.mlflow.model_name
+    config_file, model_dir, weights = _paths(settings)
+    entry = model_config.entry(config_file, name)
+    v = int(version)
+    if entry is None or v not in entry.versions:
+        raise RolloutError(f"Version {version} is not loaded; nothing to promote.")
+    old = entry.labels.get("stable")
+    weights.set(100)
+    # Keep the old stable loaded (unlabelled) for a fast manual rollback until the next rollout.
+    model_config.upsert(
+        config_file,
+        model_config.ModelEntry(
+            name, str(model_dir), sorted({v, *([old] if old else [])}), {"stable": v, "canary": v}
+        ),
+    )
+    _wait_label(
+        ServingClient(serving_url(settings)), name, "stable", v, settings.serving.load_timeout_s
+    )
+    weights.set(0)
+    reg = Registry(settings.mlflow)
+    reg.set_alias(CHAMPION, version)
+    if reg.alias_version(CHALLENGER) == str(version):
+        reg.delete_alias(CHALLENGER)
+    reg.set_version_tags(version, {"rollout": "promoted", "promoted_at": int(time.time())})
+    result = {"decision": "promoted", "stable": v, "previous_stable": old, "aliases": reg.aliases()}
+    _save_state(store, settings, version, phase="promoted", **result)
+    return result
+
+
+def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
+    """Weight 0 first, then labels back to stable, then unload the canary version."""
+    store, name = open_store(settings.store), settings.mlflow.model_name
+    config_file, model_dir, weights = _paths(settings)
+    weights.set(0)
+    entry = model_config.entry(config_file, name)
+    v = int(version)
+    stable = entry.labels.get("stable") if entry else None
+    if stable is not None and stable != v:
+        model_config.upsert(
+            config_file,
+            model_config.ModelEntry(
+                name, str(model_dir), [stable], {"stable": stable, "canary": stable}
+            ),
+        )
+    elif entry is not None:  # a failed first deployment: nothing was serving before
+        model_config.write(
+            config_file, [e for e in model_config.read(config_file) if e.name != name]
+        )
+    reg = Registry(settings.mlflow)
+    if reg.alias_version(CHALLENGER) == str(version):
+        reg.delete_alias(CHALLENGER)
+    reg.set_version_tags(version, {"rollout": "rolled_back", "rollback_reason": reason[:4000]})
+    result = {
+        "decision": "rolled_back",
+        "stable": stable,
+        "reason": reason,
+        "aliases": reg.aliases(),
+    }
+    _save_state(store, settings, version, phase="rolled_back", **result)
+    return result
+
+
+def serving_labels(settings: Settings) -> dict[str, Any]:
+    config_file, _, weights = _paths(settings)
+    entry = model_config.entry(config_file, settings.mlflow.model_name)
+    return {
+        "versions": entry.versions if entry else [],
+        "labels": entry.labels if entry else {},
+        "canary_weight": weights.get(),
+    }

@@ -1,0 +1,498 @@
+"""A TF-Serving-compatible model server for dev, tests and the demo (``mlops serve``).
+
+Speaks TF Serving's REST API (status, metadata, ``:predict`` by version or label, its error
+bodies and status codes), reads and polls a ``model_config_list`` file with version labels
+(labels may only point at AVAILABLE versions), and exposes Prometheus metrics at
+``/monitoring/prometheus/metrics``. Production runs the real tensorflow/serving image instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pipelines.serving import model_config
+
+log = logging.getLogger(__name__)
+
+# gRPC status name -> HTTP status, as TF Serving's http_server.cc maps them.
+HTTP_CODES = {
+    "OK": 200,
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNKNOWN": 500,
+}
+MAX_BODY = 8 << 20
+
+
+class ServingError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_CODES.get(self.code, 500)
+
+
+@dataclass
+class Servable:
+    version: int
+    state: str = "START"
+    error_code: str = "OK"
+    error_message: str = ""
+    signature: Any = None
+    signature_defs: dict[str, Any] = field(default_factory=dict)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": str(self.version),
+            "state": self.state,
+            "status": {"error_code": self.error_code, "error_message": self.error_message},
+        }
+
+
+@dataclass
+class ModelState:
+    name: str
+    base_path: str
+    servables: dict[int, Servable] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _local_path(base_path: str) -> Path:
+    return Path(base_path.removeprefix("file://"))
+
+
+def _load_signature_defs(path: Path) -> dict[str, Any]:
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    for mg in sm.meta_graphs:
+        if "serve" in mg.meta_info_def.tags:
+            return {
+                k: json_format.MessageToDict(v, preserving_proto_field_name=True)
+                for k, v in mg.signature_def.items()
+            }
+    raise ServingError("NOT_FOUND", f"SavedModel at {path} has no 'serve' MetaGraph")
+
+
+class ModelManager:
+    """Loads the versions a config lists, applies labels, answers status and predict."""
+
+    def __init__(self, config_file: str | Path | None = None, poll_seconds: float = 1.0):
+        self.config_file = Path(config_file) if config_file else None
+        self.poll_seconds = poll_seconds
+        self.models: dict[str, ModelState] = {}
+        self.lock = threading.RLock()
+        self._last_text: str | None = None
+        self._stop = threading.Event()
+        self.counters: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, list[float]] = {}
+
+    # -- config ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.poll_once()
+        if self.config_file and self.poll_seconds > 0:
+            threading.Thread(target=self._poll_loop, daemon=True, name="config-poll").start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("config poll failed")
+
+    def poll_once(self) -> None:
+        """Re-apply the config file. Like TF Serving, every poll re-applies; failures log."""
+        if self.config_file is None or not self.config_file.exists():
+            return
+        text = self.config_file.read_text()
+        try:
+            self.apply(model_config.parse(text))
+        except ServingError as exc:
+            if text != self._last_text:
+                log.error("config %s not applied: %s", self.config_file, exc.message)
+        self._last_text = text
+
+    def apply(self, entries: list[model_config.ModelEntry]) -> None:
+        with self.lock:
+            # Labels are checked before any version is added (server_core.cc order), so a
+            # config that adds a version and labels it in one step is rejected whole.
+            for e in entries:
+                current = self.models.get(e.name)
+                for v in e.labels.values():
+                    s = current.servables.get(v) if current else None
+                    if s is None or s.state != "AVAILABLE":
+                        raise ServingError(
+                            "FAILED_PRECONDITION",
+                            f"Request to assign label to version {v} of model {e.name}, which "
+                            "is not currently available for inference",
+                        )
+            wanted = {e.name for e in entries}
+            for name in list(self.models):
+                if name not in wanted:
+                    for s in self.models[name].servables.values():
+                        s.state = "END"
+                    del self.models[name]
+            for e in entries:
+                state = self.models.setdefault(e.name, ModelState(e.name, e.base_path))
+                state.base_path = e.base_path
+                versions = e.versions or self._latest_on_disk(e.base_path)
+                for v in list(state.servables):
+                    if v not in versions:
+                        state.servables.pop(v).state = "END"
+                for v in versions:
+                    if v not in state.servables:
+                        state.servables[v] = Servable(v, state="LOADING")
+                        threading.Thread(target=self._load, args=(state, v), daemon=True).start()
+                state.labels = dict(e.labels)
+
+    @staticmethod
+    def _latest_on_disk(base_path: str) -> list[int]:
+        base = _local_path(base_path)
+        versions = (
+            sorted(int(p.name) for p in base.iterdir() if p.name.isdigit()) if base.exists() else []
+        )
+        return versions[-1:]
+
+    def _load(self, state: ModelState, version: int) -> None:
+        servable = state.servables[version]
+        path = _local_path(state.base_path) / str(version)
+        try:
+            import tensorflow as tf
+
+            if not (path / "saved_model.pb").exists():
+                raise FileNotFoundError(f"no SavedModel at {path}")
+            loaded = tf.saved_model.load(str(path), tags=["serve"])
+            servable.signature_defs = _load_signature_defs(path)
+            servable.signature = loaded.signatures
+            servable._loaded = loaded  # type: ignore[attr-defined]  # keep the object alive
+            servable.state = "AVAILABLE"
+            log.info("model %s version %d AVAILABLE", state.name, version)
+        except Exception as exc:  # noqa: BLE001 - a failed load is a version state, not a crash
+            servable.state, servable.error_code = "END", "UNKNOWN"
+            servable.error_message = f"Failed to load {path}: {exc}"
+            log.error("model %s version %d failed to load: %s", state.name, version, exc)
+
+    # -- lookups --------------------------------------------------------------------------
+    def _model(self, name: str) -> ModelState:
+        with self.lock:
+            if name not in self.models:
+                raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+            return self.models[name]
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        m = self._model(name)
+        with self.lock:
+            if label is not None:
+                if label not in m.labels:
+                    raise ServingError(
+                        "INVALID_ARGUMENT", f"Unrecognized servable version label: {label}"
+                    )
+                version = m.labels[label]
+            if version is None:
+                live = [s for s in m.servables.values() if s.state == "AVAILABLE"]
+                if not live:
+                    raise ServingError(
+                        "NOT_FOUND", f"Servable not found for request: Latest({name})"
+                    )
+                return max(live, key=lambda s: s.version)
+            s = m.servables.get(version)
+            if s is None or s.state != "AVAILABLE":
+                raise ServingError(
+                    "NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
+                )
+            return s
+
+    def status(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> dict[str, Any]:
+        m = self._model(name)
+        with self.lock:
+            if label is not None:
+                if label not in m.labels:
+                    raise ServingError(
+                        "INVALID_ARGUMENT", f"Unrecognized servable version label: {label}"
+                    )
+                version = m.labels[label]
+            if version is not None:
+                if version not in m.servables:
+                    raise ServingError(
+                        "NOT_FOUND", f"Could not find version {version} of model {name}"
+                    )
+                return {"model_version_status": [m.servables[version].status()]}
+            return {
+                "model_version_status": [
+                    s.status() for _, s in sorted(m.servables.items(), reverse=True)
+                ]
+            }
+
+    def metadata(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> dict[str, Any]:
+        s = self.resolve(name, version, label)
+        return {
+            "model_spec": {"name": name, "signature_name": "", "version": str(s.version)},
+            "metadata": {"signature_def": {"signature_def": s.signature_defs}},
+        }
+
+    # -- predict --------------------------------------------------------------------------
+    def predict(
+        self, name: str, body: dict[str, Any], version: int | None = None, label: str | None = None
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return self._predict(name, body, version, label)
+        except ServingError as exc:
+            code = exc.code
+            raise
+        finally:
+            with self.lock:
+                key = (name, code)
+                self.counters[key] = self.counters.get(key, 0) + 1
+                self.latency.setdefault(name, []).append((time.perf_counter() - started) * 1e6)
+                if len(self.latency[name]) > 100_000:
+                    del self.latency[name][:50_000]
+
+    def _predict(
+        self, name: str, body: dict[str, Any], version: int | None, label: str | None
+    ) -> dict[str, Any]:
+        import numpy as np
+        import tensorflow as tf
+
+        if not isinstance(body, dict):
+            raise ServingError("INVALID_ARGUMENT", "JSON Value: request body is not an object")
+        if ("instances" in body) == ("inputs" in body):
+            raise ServingError(
+                "INVALID_ARGUMENT", "Missing 'instances' or 'inputs' key, or both are present"
+            )
+        s = self.resolve(name, version, label)
+        sig_name = body.get("signature_name") or "serving_default"
+        if sig_name not in s.signature:
+            raise ServingError(
+                "FAILED_PRECONDITION",
+                f'Serving signature name: "{sig_name}" not found in signature def',
+            )
+        fn = s.signature[sig_name]
+        specs = fn.structured_input_signature[1]
+        row_format = "instances" in body
+        columns = _columns(body["instances"] if row_format else body["inputs"], specs, row_format)
+        try:
+            tensors = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in columns.items()}
+        except (TypeError, ValueError) as exc:
+            raise ServingError("INVALID_ARGUMENT", f"Could not parse input values: {exc}") from exc
+        try:
+            out = fn(**tensors)
+        except tf.errors.InvalidArgumentError as exc:
+            raise ServingError("INVALID_ARGUMENT", exc.message) from exc
+        outputs = {k: _to_json(np.asarray(v.numpy())) for k, v in out.items()}
+        if row_format:
+            if len(outputs) == 1:
+                return {"predictions": next(iter(outputs.values()))}
+            n = len(next(iter(outputs.values())))
+            return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(n)]}
+        return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
+
+    def prometheus(self) -> str:
+        lines = ["# TYPE :tensorflow:serving:request_count counter"]
+        with self.lock:
+            for (model, status), n in sorted(self.counters.items()):
+                lines.append(
+                    f':tensorflow:serving:request_count{{model_name="{model}",'
+                    f'status="{status}"}} {n}'
+                )
+            lines.append("# TYPE :tensorflow:serving:request_latency histogram")
+            bounds = [10 * 1.8**i for i in range(33)]
+            for model, values in sorted(self.latency.items()):
+                for b in bounds:
+                    c = sum(1 for v in values if v <= b)
+                    lines.append(
+                        f':tensorflow:serving:request_latency_bucket{{model_name="{model}"'
+                        f',API="predict",entrypoint="REST",le="{b:.0f}"}} {c}'
+                    )
+                lines.append(
+                    f':tensorflow:serving:request_latency_bucket{{model_name="{model}",'
+                    f'API="predict",entrypoint="REST",le="+Inf"}} {len(values)}'
+                )
+                lines.append(
+                    f':tensorflow:serving:request_latency_count{{model_name="{model}",'
+                    f'API="predict",entrypoint="REST"}} {len(values)}'
+                )
+                lines.append(
+                    f':tensorflow:serving:request_latency_sum{{model_name="{model}",'
+                    f'API="predict",entrypoint="REST"}} {sum(values):.0f}'
+                )
+        return "\n".join(lines) + "\n"
+
+
+def _columns(payload: Any, specs: dict[str, Any], row_format: bool) -> dict[str, list[Any]]:
+    names = list(specs)
+    if row_format:
+        if not isinstance(payload, list) or not payload:
+            raise ServingError("INVALID_ARGUMENT", "'instances' must be a non-empty JSON list")
+        cols: dict[str, list[Any]] = {n: [] for n in names}
+        for i, inst in enumerate(payload):
+            if len(names) == 1 and not isinstance(inst, dict):
+                cols[names[0]].append(inst)
+                continue
+            if not isinstance(inst, dict):
+                raise ServingError(
+                    "INVALID_ARGUMENT", f"instances[{i}] must be a JSON object keyed by input name"
+                )
+            missing = [n for n in names if n not in inst]
+            if missing:
+                raise ServingError(
+                    "INVALID_ARGUMENT", f"instances[{i}] is missing named input(s): {missing}"
+                )
+            for n in names:
+                cols[n].append(inst[n])
+        return cols
+    if len(names) == 1 and not isinstance(payload, dict):
+        return {names[0]: payload}
+    if not isinstance(payload, dict):
+        raise ServingError("INVALID_ARGUMENT", "'inputs' must be a JSON object keyed by name")
+    missing = [n for n in names if n not in payload]
+    if missing:
+        raise ServingError("INVALID_ARGUMENT", f"'inputs' is missing named input(s): {missing}")
+    return {n: payload[n] for n in names}
+
+
+def _to_json(arr: Any) -> Any:
+    if arr.dtype.kind in ("S", "O"):
+        return [v.decode() if isinstance(v, bytes) else v for v in arr.tolist()]
+    return arr.tolist()
+
+
+_ROUTE = re.compile(
+    r"^/v1/models/(?P<model>[^/:]+)"
+    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<tail>/metadata|:predict|:classify|:regress)?$"
+)
+
+
+class RestHandler(BaseHTTPRequestHandler):
+    manager: ModelManager
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:  # quiet access log
+        log.debug(fmt, *args)
+
+    def _send(
+        self, status: int, body: dict[str, Any] | str, ctype: str = "application/json"
+    ) -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, exc: ServingError) -> None:
+        self._send(exc.http_status, {"error": exc.message})
+
+    def _match(self) -> re.Match[str] | None:
+        return _ROUTE.match(self.path.split("?", 1)[0])
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/monitoring/prometheus/metrics"):
+            self._send(200, self.manager.prometheus(), "text/plain; version=0.0.4")
+            return
+        m = self._match()
+        if m is None or (m["tail"] and m["tail"] != "/metadata"):
+            self._send(404, {"error": f"Malformed request: GET {self.path}"})
+            return
+        version = int(m["version"]) if m["version"] else None
+        try:
+            if m["tail"] == "/metadata":
+                self._send(200, self.manager.metadata(m["model"], version, m["label"]))
+            else:
+                self._send(200, self.manager.status(m["model"], version, m["label"]))
+        except ServingError as exc:
+            self._error(exc)
+
+    def do_POST(self) -> None:
+        m = self._match()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._send(413, {"error": f"Request body larger than {MAX_BODY} bytes"})
+            return
+        raw = self.rfile.read(length) if length else b""
+        if m is None or m["tail"] not in (":predict", ":classify", ":regress"):
+            self._send(404, {"error": f"Malformed request: POST {self.path}"})
+            return
+        if m["tail"] != ":predict":
+            self._error(
+                ServingError(
+                    "UNIMPLEMENTED",
+                    f"{m['tail'][1:]} needs a Classify/Regress signature; "
+                    "this model exports serving_default (predict) only",
+                )
+            )
+            return
+        try:
+            body = json.loads(raw or b"null")
+        except json.JSONDecodeError as exc:
+            self._error(ServingError("INVALID_ARGUMENT", f"JSON Parse error: {exc}"))
+            return
+        version = int(m["version"]) if m["version"] else None
+        try:
+            self._send(200, self.manager.predict(m["model"], body, version, m["label"]))
+        except ServingError as exc:
+            self._error(exc)
+
+
+def make_server(
+    manager: ModelManager, host: str = "127.0.0.1", port: int = 8501
+) -> ThreadingHTTPServer:
+    handler = type("BoundRestHandler", (RestHandler,), {"manager": manager})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(
+    config_file: str | Path,
+    host: str = "127.0.0.1",
+    rest_port: int = 8501,
+    poll_seconds: float = 1.0,
+    port_file: str | Path | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. Writes the bound port to ``port_file`` when given."""
+    manager = ModelManager(config_file, poll_seconds)
+    manager.start()
+    server = make_server(manager, host, rest_port)
+    port = server.server_address[1]
+    if port_file:
+        tmp = Path(f"{port_file}.tmp")
+        tmp.write_text(json.dumps({"rest_port": port, "host": host}))
+        tmp.replace(port_file)
+    log.info("serving REST on http://%s:%d (config %s)", host, port, config_file)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        manager.stop()
+        server.server_close()

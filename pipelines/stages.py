@@ -1,0 +1,160 @@
+"""The composition root: one function per pipeline stage, settings in, a small JSON-able dict out.
+
+DAG tasks, Kubernetes pods, the ``mlops`` CLI and tests all call these, so a stage behaves the
+same everywhere. Heavy libraries are imported by the stage modules, only when a stage runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.config import Settings
+
+
+def _data(settings: Settings, dataset: str | None):  # type: ignore[no-untyped-def]
+    from pipelines.data.spec import load_spec
+    from pipelines.store import open_store
+
+    return open_store(settings.store), load_spec(
+        dataset or settings.data.dataset, settings.data.spec_dir
+    )
+
+
+def generate_data(
+    settings: Settings,
+    date: str,
+    dataset: str | None = None,
+    rows: int | None = None,
+    drift: float = 0.0,
+    defect: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    from pipelines.data.generate import generate_partition
+
+    store, spec = _data(settings, dataset)
+    uri = generate_partition(
+        store, spec, date, rows or settings.data.rows_per_day, drift, defect, seed
+    )
+    return {"landing_uri": uri}
+
+
+def validate_data(settings: Settings, date: str, dataset: str | None = None) -> dict[str, Any]:
+    """Raises :class:`pipelines.data.validate.ValidationBlocked` when the batch is blocked."""
+    from pipelines.data.validate import validate_partition
+
+    store, spec = _data(settings, dataset)
+    summary = validate_partition(store, spec, date)
+    return {
+        "status": summary.status,
+        "rows": summary.rows,
+        "report_uri": summary.report_uri,
+        "warnings": [f"{c.check}:{c.column}" for c in summary.failures],
+    }
+
+
+def shard_data(settings: Settings, date: str, dataset: str | None = None) -> dict[str, Any]:
+    from pipelines.data.shard import shard_dataset
+
+    store, spec = _data(settings, dataset)
+    m = shard_dataset(
+        store,
+        spec,
+        date,
+        settings.data.shard_target_rows,
+        settings.train.nodes,
+        settings.data.split_fractions,
+    )
+    return {
+        "manifest_uri": m.uri,
+        "data_version": m.data_version,
+        "rows": {s: m.rows(s) for s in ("train", "val", "test")},
+        "shards": sum(len(m.shards(s)) for s in ("train", "val", "test")),
+    }
+
+
+def train(
+    settings: Settings,
+    manifest_uri: str,
+    run_key: str | None = None,
+    tags: dict[str, Any] | None = None,
+    sink: Any = None,
+) -> dict[str, Any]:
+    from pipelines.train.run import train_model
+
+    return train_model(settings, manifest_uri, run_key, tags, sink)
+
+
+def evaluate(
+    settings: Settings, run_id: str, force: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
+    from pipelines.evaluate.run import evaluate_candidate
+
+    r = evaluate_candidate(settings, run_id, force, reason)
+    return {
+        "run_id": run_id,
+        "blessed": r["blessed"],
+        "report_uri": r["report_uri"],
+        "roc_auc": r["candidate"].get("roc_auc"),
+        "champion_version": (r.get("champion") or {}).get("version"),
+        "auc_delta": ((r.get("deltas") or {}).get("roc_auc") or {}).get("delta"),
+        "auc_delta_ci": [
+            ((r.get("deltas") or {}).get("roc_auc") or {}).get(k) for k in ("ci_low", "ci_high")
+        ],
+        "reasons": [
+            f"{'PASS' if x['passed'] else 'FAIL'} {x['name']}: {x['detail']}"
+            for x in r["blessing"]["rules"]
+        ],
+        "override": r["blessing"].get("override"),
+    }
+
+
+def register(
+    settings: Settings, run_id: str, lineage: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    from pipelines.evaluate.run import register_candidate
+    from pipelines.registry import Registry
+
+    version = register_candidate(settings, run_id, lineage)
+    return {"model_version": version, "aliases": Registry(settings.mlflow).aliases()}
+
+
+def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    return rollout.export_and_infra_validate(settings, version)
+
+
+def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    return rollout.stage_canary(settings, version)
+
+
+def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    v = rollout.monitor_canary(settings, version)
+    return {
+        "decision": v["decision"],
+        "reason": v["reason"],
+        "windows": len(v["windows"]),
+        "last_window": v["windows"][-1] if v["windows"] else None,
+    }
+
+
+def promote(settings: Settings, version: str) -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    return rollout.promote(settings, version)
+
+
+def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    return rollout.rollback(settings, version, reason)
+
+
+def serving_state(settings: Settings) -> dict[str, Any]:
+    from pipelines.serving import rollout
+
+    return rollout.serving_labels(settings)

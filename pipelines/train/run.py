@@ -1,0 +1,108 @@
+"""The train stage: an MLflow run around a multi-node launch (local agents here; pods on k8s)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.config import Settings
+from pipelines.data.shard import load_manifest
+from pipelines.registry import Registry, git_sha
+from pipelines.store import open_store
+from pipelines.train.launch import launch_local
+
+log = logging.getLogger(__name__)
+
+
+def entry_args(settings: Settings, manifest_uri: str, run_id: str) -> list[str]:
+    """Arguments of ``python -m pipelines.train`` for these settings (local and k8s alike)."""
+    t = settings.train
+    return [
+        "--manifest",
+        manifest_uri,
+        "--run-id",
+        run_id,
+        "--epochs",
+        str(t.epochs),
+        "--batch-size",
+        str(t.batch_size),
+        "--lr",
+        str(t.lr),
+        "--seed",
+        str(t.seed),
+        "--checkpoint-every",
+        str(t.checkpoint_every),
+        "--hidden",
+        ",".join(str(h) for h in t.hidden),
+        "--embedding-dim",
+        str(t.embedding_dim),
+    ]
+
+
+def start_training_run(
+    settings: Settings, manifest_uri: str, run_key: str | None, tags: dict[str, Any] | None = None
+) -> tuple[str, bool]:
+    """(run id, already finished). A retried task with the same key reuses its run, so it
+    resumes from that run's checkpoints instead of starting from step 0."""
+    reg = Registry(settings.mlflow)
+    if run_key:
+        prior = reg.find_run(run_key)
+        if prior is not None:
+            done = prior.info.status == "FINISHED"
+            log.info(
+                "reusing MLflow run %s for %s (status %s)",
+                prior.info.run_id,
+                run_key,
+                prior.info.status,
+            )
+            return str(prior.info.run_id), done
+    manifest = load_manifest(open_store(settings.store), manifest_uri)
+    run_tags = {
+        "data_version": manifest.data_version,
+        "manifest_uri": manifest_uri,
+        "dataset": manifest.data["dataset"],
+        "data_date": manifest.data["date"],
+        "git_sha": git_sha(),
+        **({"run_key": run_key} if run_key else {}),
+        **(tags or {}),
+    }
+    run_id = reg.create_run(f"train-{manifest.data['dataset']}-{manifest.data['date']}", run_tags)
+    reg.log_params(
+        run_id,
+        {
+            **settings.train.model_dump(exclude={"image", "namespace"}),
+            "world_size": settings.train.nodes * settings.train.procs_per_node,
+        },
+    )
+    return run_id, False
+
+
+def train_model(
+    settings: Settings,
+    manifest_uri: str,
+    run_key: str | None = None,
+    tags: dict[str, Any] | None = None,
+    sink: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train on a published data set with the local launcher; returns run id and metrics."""
+    reg = Registry(settings.mlflow)
+    run_id, done = start_training_run(settings, manifest_uri, run_key, tags)
+    if done:
+        return {"run_id": run_id, "metrics": dict(reg.get_run(run_id).data.metrics), "reused": True}
+    t = settings.train
+    try:
+        result = launch_local(
+            entry_args(settings, manifest_uri, run_id),
+            nodes=t.nodes,
+            procs_per_node=t.procs_per_node,
+            max_restarts=t.max_restarts,
+            rdzv_port=t.rdzv_port,
+            sink=sink,
+        )
+    except BaseException:
+        reg.end_run(run_id, ok=False)
+        raise
+    reg.log_metrics(run_id, result)
+    reg.end_run(run_id, ok=True)
+    return {"run_id": run_id, "metrics": result, "reused": False}

@@ -1,0 +1,241 @@
+"""The training entrypoint run by torchrun on every node: DDP, checkpoints, MLflow from rank 0.
+
+``python -m pipelines.train --manifest URI --run-id MLFLOW_RUN_ID [--epochs E ...]``
+Each node reads only the training shards the manifest assigns to it (data locality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipelines.config import load_settings
+from pipelines.data import layout
+from pipelines.data.shard import Manifest, load_manifest, read_shards, read_split
+from pipelines.store import ObjectStore, open_store
+from pipelines.train.checkpoint import Checkpoint, CheckpointManager
+from pipelines.train.model import (
+    TabularMLP,
+    encode_frame,
+    model_from_manifest,
+    predict_proba,
+    save_model_bytes,
+)
+
+log = logging.getLogger("pipelines.train")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    manifest: str
+    run_id: str
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    checkpoint_every: int
+    hidden: tuple[int, ...]
+    embedding_dim: int
+
+
+def ddp_setup() -> tuple[int, int, int, int]:
+    """Init the process group (nccl on GPU, gloo on CPU); returns rank, world, node, nnodes."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    return rank, world, node, max(world // local_world, 1)
+
+
+def node_shards(manifest: Manifest, node: int, nnodes: int) -> list[dict]:
+    """The manifest's assignment when it was built for this many nodes, else round-robin."""
+    shards = manifest.shards("train")
+    if int(manifest.data.get("nodes", 0)) == nnodes:
+        return [s for s in shards if s["node"] == node]
+    return shards[node::nnodes]
+
+
+class Trainer:
+    def __init__(
+        self, args: TrainArgs, store: ObjectStore, rank: int, world: int, node: int, nnodes: int
+    ):
+        self.args, self.store, self.rank, self.world = args, store, rank, world
+        torch.manual_seed(args.seed)
+        self.manifest = load_manifest(store, args.manifest)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        frame = read_shards(store, self.manifest, node_shards(self.manifest, node, nnodes))
+        frame = frame.iloc[local_rank::local_world]
+        m = self.manifest.data
+        feats = m["features"]
+        self.x = torch.from_numpy(
+            encode_frame(frame, feats["numeric"], feats["categorical"], m["stats"])
+        )
+        self.y = torch.from_numpy(frame[m["label"]].to_numpy(dtype="float32"))
+        self.model: TabularMLP = model_from_manifest(m, args.hidden, args.embedding_dim)
+        self.ddp = DDP(self.model)
+        self.opt = torch.optim.Adam(self.ddp.parameters(), lr=args.lr)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        # Every rank runs the same number of steps, or DDP's all-reduce would hang.
+        steps = torch.tensor([max(len(self.y) // args.batch_size, 1)])
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        self.steps_per_epoch = int(steps.item())
+        self.ckpt = CheckpointManager(store, layout.checkpoints(args.run_id))
+        self.step, self.start_epoch, self.start_step_in_epoch = 0, 0, 0
+        self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self._load_snapshot()
+
+    def _load_snapshot(self) -> None:
+        snap = self.ckpt.latest()
+        if snap is None:
+            return
+        self.model.load_state_dict(snap.model)
+        self.opt.load_state_dict(snap.optimizer)
+        torch.set_rng_state(snap.rng["torch"])
+        self.step, self.start_epoch = snap.step, snap.epoch
+        self.start_step_in_epoch = snap.step_in_epoch
+        if self.rank == 0:
+            log.info("resumed from checkpoint at step %d (epoch %d)", snap.step, snap.epoch)
+
+    def _save_snapshot(self, epoch: int, step_in_epoch: int) -> None:
+        if self.rank != 0:
+            return
+        self.ckpt.save(
+            Checkpoint(
+                self.step,
+                epoch,
+                step_in_epoch,
+                self.model.state_dict(),
+                self.opt.state_dict(),
+                {"torch": torch.get_rng_state()},
+                self.world,
+            )
+        )
+
+    def _run_batch(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.ddp(xb), yb)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+    def _run_epoch(self, epoch: int, metrics: list[tuple[str, float, int]]) -> float:
+        g = torch.Generator().manual_seed(self.args.seed * 1000 + epoch * 31 + self.rank)
+        order = torch.randperm(len(self.y), generator=g)
+        bs = self.args.batch_size
+        first = self.start_step_in_epoch if epoch == self.start_epoch else 0
+        losses = []
+        for i in range(first, self.steps_per_epoch):
+            idx = order[i * bs : (i + 1) * bs]
+            losses.append(self._run_batch(self.x[idx], self.y[idx]))
+            self.step += 1
+            if self.step % 10 == 0:
+                metrics.append(("loss", float(np.mean(losses[-10:])), self.step))
+            if self.step % self.args.checkpoint_every == 0:
+                self._save_snapshot(epoch, i + 1)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def train(self) -> dict[str, float]:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(load_settings().mlflow.tracking_uri) if self.rank == 0 else None
+        started, samples = time.perf_counter(), 0
+        epoch_loss = float("nan")
+        for epoch in range(self.start_epoch, self.args.epochs):
+            metrics: list[tuple[str, float, int]] = []
+            done_before = self.step
+            epoch_loss = self._run_epoch(epoch, metrics)
+            samples += (self.step - done_before) * self.args.batch_size * self.world
+            self._save_snapshot(epoch + 1, 0)
+            if client is not None:
+                now = int(time.time() * 1000)
+                batch = [Metric(k, v, now, s) for k, v, s in metrics]
+                batch.append(Metric("epoch_loss", epoch_loss, now, epoch))
+                client.log_batch(self.args.run_id, metrics=batch)
+                log.info("epoch %d loss %.5f step %d", epoch, epoch_loss, self.step)
+        elapsed = time.perf_counter() - started
+        result = {
+            "train_loss": epoch_loss,
+            "samples_per_s": samples / max(elapsed, 1e-9),
+            "world_size": float(self.world),
+            "steps": float(self.step),
+            "restarts": float(self.restarts),
+        }
+        if self.rank == 0:
+            result.update(self._finish(client))
+        return result
+
+    def _finish(self, client) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        """Rank 0: validation metrics, the final model to MLflow, summary metrics."""
+        from sklearn.metrics import roc_auc_score
+
+        self.model.eval()
+        val = read_split(self.store, self.manifest, "val")
+        label = self.manifest.data["label"]
+        p = predict_proba(self.model, val)
+        val_auc = float(roc_auc_score(val[label], p)) if val[label].nunique() > 1 else float("nan")
+        data = save_model_bytes(self.model)
+        key = f"{layout.checkpoints(self.args.run_id)}/final/model.pt"
+        self.store.write_bytes(key, data)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.pt")
+            with open(path, "wb") as fh:
+                fh.write(data)
+            client.log_artifact(self.args.run_id, path, artifact_path="model")
+        return {"val_auc": val_auc}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    s = load_settings().train
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
+    p.add_argument("--manifest", required=True, help="URI of the data set's manifest.json")
+    p.add_argument("--run-id", required=True, help="MLflow run that receives metrics and model")
+    p.add_argument("--epochs", type=int, default=s.epochs)
+    p.add_argument("--batch-size", type=int, default=s.batch_size)
+    p.add_argument("--lr", type=float, default=s.lr)
+    p.add_argument("--seed", type=int, default=s.seed)
+    p.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every)
+    p.add_argument("--hidden", type=lambda v: tuple(int(x) for x in v.split(",")), default=s.hidden)
+    p.add_argument("--embedding-dim", type=int, default=s.embedding_dim)
+    a = p.parse_args(argv)
+    return TrainArgs(
+        a.manifest,
+        a.run_id,
+        a.epochs,
+        a.batch_size,
+        a.lr,
+        a.seed,
+        a.checkpoint_every,
+        tuple(a.hidden),
+        a.embedding_dim,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    rank, world, node, nnodes = ddp_setup()
+    try:
+        trainer = Trainer(args, open_store(load_settings().store), rank, world, node, nnodes)
+        result = trainer.train()
+        if rank == 0:
+            import json
+
+            print("MLOPS_TRAIN_RESULT " + json.dumps(result), flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0

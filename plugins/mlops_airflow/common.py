@@ -1,0 +1,79 @@
+"""Airflow glue shared by the DAGs: per-run settings, the interval's date, run reports.
+
+Imports of ``pipelines`` happen inside functions so DAG parsing stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OWNER = "ml-platform"
+TRAINING_POOL = "mlops_training"
+
+
+def run_settings(params: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """Settings of this run: the profile from the environment plus the trigger form's params."""
+    from pipelines.config import settings, with_overrides
+
+    base = settings()
+    overrides: dict[str, dict[str, Any]] = {}
+    if params.get("dataset"):
+        overrides["data"] = {"dataset": params["dataset"]}
+    train = {k: params[k] for k in ("nodes", "epochs") if params.get(k)}
+    if train:
+        overrides["train"] = train
+    if params.get("canary_steps"):
+        overrides["canary"] = {"steps": tuple(int(s) for s in params["canary_steps"])}
+    return with_overrides(base, **overrides) if overrides else base
+
+
+def interval_date(context: dict[str, Any]) -> str:
+    """The partition this run processes: the ``date`` param, else the data interval's start."""
+    explicit = (context.get("params") or {}).get("date")
+    if explicit:
+        return str(explicit)[:10]
+    start = context.get("data_interval_start") or context.get("logical_date")
+    if start is None:
+        raise ValueError("This run has no data interval and no 'date' param; pass a date.")
+    return start.date().isoformat()
+
+
+def is_backfill(context: dict[str, Any]) -> bool:
+    dag_run = context.get("dag_run")
+    return str(getattr(dag_run, "run_type", "")).lower().endswith("backfill")
+
+
+def run_key(context: dict[str, Any], stage: str) -> str:
+    """Idempotency key: a retry of the same task in the same DAG run reuses its work."""
+    return f"{context['dag'].dag_id}/{context['run_id']}/{stage}"
+
+
+def record(context: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """Store the task's result under ``reports/<dag>/<date>/<run>/<task>.json`` and log it."""
+    from pipelines.data import layout
+    from pipelines.store import open_store
+
+    settings = run_settings(context.get("params") or {})
+    key = (
+        f"{layout.run_report(context['dag'].dag_id, interval_date(context))}/"
+        f"{context['run_id']}/{context['task'].task_id}.json"
+    )
+    open_store(settings.store).write_text(key, json.dumps(payload, indent=2, default=str))
+    log.info("%s: %s", context["task"].task_id, json.dumps(payload, default=str))
+    return payload
+
+
+def on_failure(context: dict[str, Any]) -> None:
+    """Failure callback: one short, clear line in the task log (and in the run report)."""
+    ti = context.get("task_instance")
+    err = context.get("exception")
+    summary = {"failed_task": getattr(ti, "task_id", "?"), "error": str(err)[:2000]}
+    log.error("mlops_training_pipeline failed in %s: %s", summary["failed_task"], summary["error"])
+    try:
+        record(context, summary)
+    except Exception:
+        log.exception("could not write the failure report")
