@@ -93,7 +93,8 @@ def summarize(
 
     def validation(r: dict[str, Any]) -> str:
         v = r["validate_data"]
-        return f"{v['rows']} rows, {v['status']}"
+        warned = sorted({w.split(":", 1)[1] for w in v.get("warnings", [])})
+        return f"{v['rows']} rows, {v['status']}" + (f" ({', '.join(warned)})" if warned else "")
 
     def blocked(r: dict[str, Any]) -> str:
         v = r["validate_data"]
@@ -202,7 +203,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
     first = dt.date.fromisoformat(start)
     plan = [
         ("day 1", first, 0.0, None),
-        ("day 2 (drift)", first + dt.timedelta(days=1), 0.3, None),
+        ("day 2 (drift)", first + dt.timedelta(days=1), 1.0, None),
         ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii"),
     ]
     store = open_store(settings.store)

@@ -178,7 +178,12 @@ class ObjectStore:
             os.makedirs(posixpath.dirname(dst_path), exist_ok=True)
             os.replace(self._path(src), dst_path)
         else:
-            self.fs.mv(self._path(src), dst_path, recursive=True)
+            # Object stores have no rename: copy each object server-side, then delete.
+            src_path = self._path(src)
+            files = self.fs.find(src_path) or [src_path]
+            for f in files:
+                self.fs.copy(f, dst_path + f[len(src_path) :])
+            self.fs.rm(files)
 
     def delete(self, key: str, recursive: bool = False) -> None:
         path = self._path(key)

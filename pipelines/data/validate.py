@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import logging
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +37,16 @@ _PANDAS_TYPES = {
     "timestamp": ["datetime64[ns]", "datetime64[us]", "datetime64[ms]", "datetime64[s]"],
 }
 PSI_BINS = 10
+_PII_RE = [re.compile(p) for p in PII_PATTERNS]
+
+
+def mask_pii(value: Any) -> Any:
+    """Mask e-mails and card numbers so reports and logs never repeat them."""
+    if not isinstance(value, str):
+        return value
+    for rx, token in zip(_PII_RE, ("<email>", "<card-number>"), strict=True):
+        value = rx.sub(token, value)
+    return value
 
 
 class ValidationBlocked(RuntimeError):
@@ -198,7 +209,6 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
         .add_batch_definition_whole_dataframe("batch")
     )
     suite = gx.ExpectationSuite(name=f"{spec.name}_suite")
-    severities: dict[str, str] = {}
     for exp, severity in _expectations(spec):
         exp.meta = {"severity": severity}
         suite.add_expectation(exp)
@@ -209,7 +219,7 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
     for res in result.results:
         d = res.to_json_dict()
         cfg = d["expectation_config"]
-        severity = (cfg.get("meta") or {}).get("severity", severities.get(cfg["type"], "block"))
+        severity = (cfg.get("meta") or {}).get("severity", "block")
         r = d.get("result") or {}
         exc = d.get("exception_info") or {}
         if exc.get("raised_exception"):
@@ -220,6 +230,9 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
                 detail += f" (observed {r['observed_value']})"
         else:
             detail = f"observed {r.get('observed_value')}"
+        mismatched = (r.get("details") or {}).get("mismatched")
+        if mismatched:
+            detail = f"columns differ from the spec: {mismatched}"
         checks.append(
             CheckResult(
                 check=cfg["type"],
@@ -227,7 +240,9 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
                 severity=severity,
                 success=bool(d["success"]),
                 detail=detail if not d["success"] else "",
-                examples=[_jsonable(v) for v in (r.get("partial_unexpected_list") or [])][:10],
+                examples=[mask_pii(_jsonable(v)) for v in r.get("partial_unexpected_list") or []][
+                    :10
+                ],
             )
         )
     html = ""
@@ -235,7 +250,8 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
         from great_expectations.render.renderer import ValidationResultsPageRenderer
         from great_expectations.render.view import DefaultJinjaPageView
 
-        html = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+        page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+        html = mask_pii(page)  # offending values are shown; personal data must not be
     except Exception as exc:  # noqa: BLE001 - the JSON summary is the contract; HTML is a view
         log.warning("Could not render GE Data Docs page: %s", exc)
     return checks, html

@@ -173,6 +173,7 @@ def _validate(body: bytes) -> str | None:
 class RouterHandler(BaseHTTPRequestHandler):
     router: Router
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def log_message(self, fmt: str, *args: Any) -> None:
         pass

@@ -397,6 +397,7 @@ _ROUTE = re.compile(
 class RestHandler(BaseHTTPRequestHandler):
     manager: ModelManager
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet access log
         log.debug(fmt, *args)

@@ -82,6 +82,16 @@ def _pump(
     stream.close()
 
 
+def _die_with_parent() -> None:
+    """Linux: the agent gets SIGTERM if the launching process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _kill(nodes: list[_Node]) -> None:
     for n in nodes:
         if n.proc.poll() is None:
@@ -130,6 +140,7 @@ def launch_local(
                 text=True,
                 env=child_env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
             tail: deque[str] = deque(maxlen=40)
             t = threading.Thread(

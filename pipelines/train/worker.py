@@ -7,10 +7,12 @@ Each node reads only the training shards the manifest assigns to it (data locali
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -50,7 +52,10 @@ class TrainArgs:
 def ddp_setup() -> tuple[int, int, int, int]:
     """Init the process group (nccl on GPU, gloo on CPU); returns rank, world, node, nnodes."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    # A bounded collective timeout: a peer that died mid-step fails this rank instead of
+    # hanging it, so the elastic agent can restart the group.
+    timeout = timedelta(seconds=float(os.environ.get("MLOPS_DIST_TIMEOUT_S", "300")))
+    dist.init_process_group(backend=backend, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     node = int(os.environ.get("GROUP_RANK", "0"))
@@ -74,8 +79,17 @@ class Trainer:
         self.manifest = load_manifest(store, args.manifest)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        frame = read_shards(store, self.manifest, node_shards(self.manifest, node, nnodes))
+        mine = node_shards(self.manifest, node, nnodes)
+        frame = read_shards(store, self.manifest, mine)
         frame = frame.iloc[local_rank::local_world]
+        log.info(
+            "rank %d/%d on node %d reads %d rows from shards %s",
+            rank,
+            world,
+            node,
+            len(frame),
+            [s["path"] for s in mine],
+        )
         m = self.manifest.data
         feats = m["features"]
         self.x = torch.from_numpy(
@@ -90,6 +104,7 @@ class Trainer:
         steps = torch.tensor([max(len(self.y) // args.batch_size, 1)])
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
         self.steps_per_epoch = int(steps.item())
+        self.log_every = max(1, min(10, self.steps_per_epoch // 4))
         self.ckpt = CheckpointManager(store, layout.checkpoints(args.run_id))
         self.step, self.start_epoch, self.start_step_in_epoch = 0, 0, 0
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -139,8 +154,8 @@ class Trainer:
             idx = order[i * bs : (i + 1) * bs]
             losses.append(self._run_batch(self.x[idx], self.y[idx]))
             self.step += 1
-            if self.step % 10 == 0:
-                metrics.append(("loss", float(np.mean(losses[-10:])), self.step))
+            if self.step % self.log_every == 0:
+                metrics.append(("loss", float(np.mean(losses[-self.log_every :])), self.step))
             if self.step % self.args.checkpoint_every == 0:
                 self._save_snapshot(epoch, i + 1)
         return float(np.mean(losses)) if losses else float("nan")
@@ -229,13 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     rank, world, node, nnodes = ddp_setup()
-    try:
-        trainer = Trainer(args, open_store(load_settings().store), rank, world, node, nnodes)
-        result = trainer.train()
-        if rank == 0:
-            import json
-
-            print("MLOPS_TRAIN_RESULT " + json.dumps(result), flush=True)
-    finally:
-        dist.destroy_process_group()
+    trainer = Trainer(args, open_store(load_settings().store), rank, world, node, nnodes)
+    result = trainer.train()
+    if rank == 0:
+        print("MLOPS_TRAIN_RESULT " + json.dumps(result), flush=True)
+    # Only a healthy group is torn down: after a failure, destroy_process_group can block on
+    # peers that are gone; the process exits with the exception and the agent handles it.
+    dist.destroy_process_group()
     return 0

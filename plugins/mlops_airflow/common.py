@@ -52,7 +52,9 @@ def run_key(context: dict[str, Any], stage: str) -> str:
     return f"{context['dag'].dag_id}/{context['run_id']}/{stage}"
 
 
-def record(context: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+def record(
+    context: dict[str, Any], payload: dict[str, Any], name: str | None = None
+) -> dict[str, Any]:
     """Store the task's result under ``reports/<dag>/<date>/<run>/<task>.json`` and log it."""
     from pipelines.data import layout
     from pipelines.store import open_store
@@ -60,7 +62,7 @@ def record(context: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     settings = run_settings(context.get("params") or {})
     key = (
         f"{layout.run_report(context['dag'].dag_id, interval_date(context))}/"
-        f"{context['run_id']}/{context['task'].task_id}.json"
+        f"{context['run_id']}/{name or context['task'].task_id}.json"
     )
     open_store(settings.store).write_text(key, json.dumps(payload, indent=2, default=str))
     log.info("%s: %s", context["task"].task_id, json.dumps(payload, default=str))
@@ -74,6 +76,6 @@ def on_failure(context: dict[str, Any]) -> None:
     summary = {"failed_task": getattr(ti, "task_id", "?"), "error": str(err)[:2000]}
     log.error("mlops_training_pipeline failed in %s: %s", summary["failed_task"], summary["error"])
     try:
-        record(context, summary)
+        record(context, summary, name=f"{summary['failed_task']}.failed")
     except Exception:
         log.exception("could not write the failure report")

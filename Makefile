@@ -1,0 +1,51 @@
+# One Makefile for humans and CI. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export MLOPS_HOME ?= $(CURDIR)/.mlops
+AIRFLOW_ENV = AIRFLOW_HOME=$(MLOPS_HOME)/airflow \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__API__HOST=127.0.0.1 \
+	PATH=$(CURDIR)/$(BIN):$$PATH
+
+.PHONY: install demo test test-fast lint airflow lock clean
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## the main job end to end on embedded defaults, with a summary
+	$(BIN)/mlops demo --reset
+
+test: $(STAMP)  ## lint, type-check and the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+airflow: $(STAMP)  ## airflow standalone with this project's DAGs on http://127.0.0.1:8080
+	$(AIRFLOW_ENV) $(BIN)/airflow db migrate
+	$(AIRFLOW_ENV) $(BIN)/airflow pools set mlops_training 4 "concurrent training jobs"
+	@echo "Login: admin, password in $(MLOPS_HOME)/airflow/simple_auth_manager_passwords.json.generated"
+	$(AIRFLOW_ENV) $(BIN)/airflow standalone
+
+lock:  ## re-pin requirements.txt from the current venv
+	{ head -n 2 requirements.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock && mv requirements.lock requirements.txt
+
+clean:
+	rm -rf $(MLOPS_HOME) .pytest_cache .mypy_cache .ruff_cache

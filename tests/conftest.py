@@ -1,0 +1,100 @@
+"""Shared fixtures: isolated MLOPS_HOME and settings, a moto S3 server, an Airflow metadata DB.
+
+Airflow reads its configuration at import, so its environment is set here, before any test
+module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="mlops-airflow-test-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+    os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.pop("AWS_PROFILE", None)
+    if str(ROOT / "plugins") not in sys.path:
+        sys.path.insert(0, str(ROOT / "plugins"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh MLOPS_HOME, serving on a free port; the process-wide settings see it."""
+    from pipelines.config import settings
+
+    home = tmp_path / "mlops"
+    monkeypatch.setenv("MLOPS_HOME", str(home))
+    monkeypatch.setenv("MLOPS__SERVING__REST_PORT", "0")
+    monkeypatch.delenv("MLOPS_PROFILE", raising=False)
+    monkeypatch.delenv("MLOPS_CONFIG", raising=False)
+    settings.cache_clear()
+    yield home
+    from pipelines.serving.client import LocalServer
+
+    LocalServer(home / "serving").stop()
+    settings.cache_clear()
+
+
+@pytest.fixture
+def local_settings(mlops_env: Path):  # type: ignore[no-untyped-def]
+    from pipelines.config import settings
+
+    return settings()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 endpoint (moto's server mode) on 127.0.0.1, stopped after the session."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server: str) -> Iterator[str]:
+    """An empty bucket on the moto server; state is reset after the test."""
+    import boto3
+    import requests
+    import s3fs
+
+    name = "mlops-test"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
+    yield name
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """A migrated SQLite metadata DB in a temporary AIRFLOW_HOME (once per session)."""
+    from airflow.utils import db
+
+    db.resetdb()
