@@ -100,6 +100,21 @@ class ServingClient:
             return False
 
 
+def _alive(pid: int) -> bool:
+    """True while the process runs; reaps it when it is our exited child (no zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: its own parent reaps it
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 class LocalServer:
     """``mlops serve`` as a background process owned by MLOPS_HOME (pid and port files)."""
 
@@ -125,10 +140,9 @@ class LocalServer:
     def _pid(self) -> int | None:
         try:
             pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        return pid if _alive(pid) else None
 
     def url(self) -> str | None:
         if self._pid() is None or not self.port_file.exists():
@@ -193,9 +207,7 @@ class LocalServer:
             except (ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
             for _ in range(50):
-                try:
-                    os.kill(pid, 0)
-                except OSError:
+                if not _alive(pid):
                     break
                 time.sleep(0.1)
             else:
@@ -203,6 +215,7 @@ class LocalServer:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
+                _alive(pid)
         self.pid_file.unlink(missing_ok=True)
         self.port_file.unlink(missing_ok=True)
 

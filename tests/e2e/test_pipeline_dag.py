@@ -1,0 +1,94 @@
+"""Whole DAG runs with ``dag.test()`` on embedded defaults: deploy, canary, and a blocked batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pendulum
+import pytest
+
+from pipelines import stages
+from pipelines.config import Settings
+from pipelines.data import layout
+from pipelines.registry import Registry
+from pipelines.store import open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+DAG_ID = "mlops_training_pipeline"
+
+
+def run_day(date: str, **conf: object):  # type: ignore[no-untyped-def]
+    from airflow.models import DagBag
+
+    dag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).dags[DAG_ID]
+    return dag.test(logical_date=pendulum.parse(f"{date}T00:00:00+00:00"),
+                    run_conf={"date": date, "epochs": 4, **conf})
+
+
+def reports(settings: Settings, date: str, run_id: str) -> dict:
+    store = open_store(settings.store)
+    prefix = f"{layout.run_report(DAG_ID, date)}/{run_id}"
+    return {k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))
+            for k in store.list(prefix)}
+
+
+def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -> None:
+    from airflow.utils.state import DagRunState
+
+    s = local_settings
+    store = open_store(s.store)
+    reg = Registry(s.mlflow)
+
+    # Day 1: the first model is trained, registered and deployed as stable.
+    stages.generate_data(s, "2026-11-01", rows=20000)
+    dr = run_day("2026-11-01")
+    assert dr.state == DagRunState.SUCCESS
+    r1 = reports(s, "2026-11-01", dr.run_id)
+    assert r1["validate_data"]["status"] == "accepted"
+    assert store.exists(store.key_of(r1["validate_data"]["report_uri"]))
+    manifest = r1["shard_dataset"]["manifest_uri"]
+    assert store.exists(store.key_of(manifest))
+    run = reg.get_run(r1["train_model"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["world_size"] == 2.0
+    assert store.exists(store.key_of(r1["evaluate_model"]["report_uri"]))
+    assert r1["register_model"]["model_version"] == "1"
+    version = reg.version("1")
+    for tag in ("data_version", "git_sha", "run_id", "manifest_uri", "dag_run_id"):
+        assert version.tags.get(f"mlops.{tag}"), tag
+    assert store.exists(store.key_of(r1["export_and_infra_validate"]["export_uri"])
+                        + "/saved_model.pb")
+    assert r1["monitor_canary"]["decision"] == "promote"
+    assert r1["promote"]["decision"] == "promoted"
+    assert reg.alias_version("champion") == "1"
+    assert stages.serving_state(s)["labels"] == {"stable": 1, "canary": 1}
+
+    # Day 2: drifted data; a challenger goes through evaluation, registration and the canary.
+    stages.generate_data(s, "2026-11-02", rows=20000, drift=0.5)
+    dr = run_day("2026-11-02")
+    assert dr.state == DagRunState.SUCCESS
+    r2 = reports(s, "2026-11-02", dr.run_id)
+    assert r2["shard_dataset"]["data_version"] != r1["shard_dataset"]["data_version"]
+    assert r2["evaluate_model"]["champion_version"] == "1"
+    assert r2["register_model"]["model_version"] == "2"
+    assert r2["monitor_canary"]["windows"] >= 4
+    assert r2["promote"]["decision"] == "promoted", r2["monitor_canary"]
+    assert reg.alias_version("champion") == "2"
+    assert stages.serving_state(s)["labels"] == {"stable": 2, "canary": 2}
+    assert stages.serving_state(s)["canary_weight"] == 0
+
+    # Day 3: a batch with PII is blocked; nothing downstream changes.
+    config_before = (Path(s.serving.base_dir) / "models.config").read_text()
+    shards_before = store.list(layout.shards("transactions"))
+    stages.generate_data(s, "2026-11-03", rows=4000, defect="pii")
+    dr = run_day("2026-11-03")
+    assert dr.state == DagRunState.FAILED
+    r3 = reports(s, "2026-11-03", dr.run_id)
+    assert r3["validate_data"]["status"] == "blocked"
+    assert "shard_dataset" not in r3 and "train_model" not in r3
+    assert store.list(layout.quarantine("transactions", "2026-11-03"))
+    assert not store.exists(layout.landing("transactions", "2026-11-03"))
+    assert store.list(layout.shards("transactions")) == shards_before
+    assert (Path(s.serving.base_dir) / "models.config").read_text() == config_before
+    assert reg.alias_version("champion") == "2"
+    assert len(reg.client.search_model_versions(f"name = '{s.mlflow.model_name}'")) == 2

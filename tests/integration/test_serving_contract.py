@@ -1,0 +1,198 @@
+"""TF Serving REST contract, run against our server, or a real TF Serving.
+
+Set ``TF_SERVING_URL`` (and ``TF_SERVING_MODEL_CONFIG``, the config file that server polls,
+with ``TF_SERVING_BASE`` its model base path) to run the same tests against tensorflow/serving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from pipelines.data.generate import transactions
+from pipelines.data.shard import feature_stats
+from pipelines.data.spec import load_spec
+from pipelines.serving import model_config
+from pipelines.serving.client import LocalServer, ServingClient
+from pipelines.serving.export import export_saved_model, to_instances
+from pipelines.serving.server import ModelManager, make_server
+from pipelines.train.model import TabularMLP, predict_proba
+
+pytestmark = pytest.mark.integration
+MODEL = "fraud_detector"
+
+
+def small_model(seed: int) -> TabularMLP:
+    import datetime as dt
+
+    import torch
+
+    spec = load_spec("transactions")
+    df = transactions(dt.date(2026, 11, 1), 500)
+    torch.manual_seed(seed)
+    return TabularMLP(spec.numeric_features,
+                      {c: spec.vocab(c) for c in spec.categorical_features},
+                      feature_stats(df, spec), (16,), 3, spec.log_features)
+
+
+@pytest.fixture(scope="module")
+def rows():  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    return transactions(dt.date(2026, 11, 3), 64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, rows) -> dict:  # type: ignore[no-untyped-def]
+    base = Path(os.environ.get("TF_SERVING_BASE") or tmp_path_factory.mktemp("serving")) / MODEL
+    out = {}
+    for version, seed in ((1, 1), (2, 2)):
+        m = small_model(seed)
+        export_saved_model(m, base / str(version), warmup_rows=rows)
+        out[version] = m
+    return {"base": base, "models": out}
+
+
+@pytest.fixture(scope="module")
+def server(models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(base URL, config file) of a server polling its config file every 0.2 s."""
+    if os.environ.get("TF_SERVING_URL"):
+        yield os.environ["TF_SERVING_URL"], Path(os.environ["TF_SERVING_MODEL_CONFIG"])
+        return
+    config = tmp_path_factory.mktemp("cfg") / "models.config"
+    model_config.write(config, [model_config.ModelEntry(MODEL, str(models["base"]), [1])])
+    manager = ModelManager(config, poll_seconds=0.2)
+    manager.start()
+    httpd = make_server(manager, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    ServingClient(url).wait_available(MODEL, 1, timeout=60)
+    try:
+        yield url, config
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        manager.stop()
+
+
+def set_config(config: Path, base: Path, versions: list[int], labels: dict[str, int]) -> None:
+    model_config.write(config, [model_config.ModelEntry(MODEL, str(base), versions, labels)])
+
+
+def test_status_reports_available_version(server: tuple[str, Path]) -> None:
+    url, _ = server
+    r = requests.get(f"{url}/v1/models/{MODEL}", timeout=10)
+    assert r.status_code == 200
+    st = r.json()["model_version_status"]
+    assert {"version": "1", "state": "AVAILABLE"}.items() <= st[0].items()
+    assert st[0]["status"]["error_code"] == "OK"
+
+
+def test_predict_row_and_columnar_formats_match_torch(server, models, rows) -> None:  # type: ignore[no-untyped-def]
+    url, _ = server
+    model = models["models"][1]
+    instances = to_instances(rows, model)
+    r = requests.post(f"{url}/v1/models/{MODEL}/versions/1:predict",
+                      json={"instances": instances}, timeout=10)
+    assert r.status_code == 200, r.text
+    served = np.asarray(r.json()["predictions"])
+    assert np.max(np.abs(served - predict_proba(model, rows))) <= 1e-5
+    columns = {k: [i[k] for i in instances] for k in instances[0]}
+    r2 = requests.post(f"{url}/v1/models/{MODEL}:predict",
+                       json={"signature_name": "serving_default", "inputs": columns}, timeout=10)
+    assert r2.status_code == 200, r2.text
+    assert np.allclose(r2.json()["outputs"], served, atol=1e-6)
+
+
+def test_metadata_describes_the_raw_feature_signature(server: tuple[str, Path]) -> None:
+    url, _ = server
+    r = requests.get(f"{url}/v1/models/{MODEL}/versions/1/metadata", timeout=10)
+    assert r.status_code == 200
+    sig = r.json()["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["inputs"]["channel"]["dtype"] == "DT_STRING"
+    assert sig["inputs"]["amount"]["dtype"] == "DT_FLOAT"
+    assert "probability" in sig["outputs"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "fragment"),
+    [
+        ("get", "/v1/models/nope", None, 404, "Servable not found"),
+        ("post", "/v1/models/nope:predict", {"instances": [{}]}, 404, "Servable not found"),
+        ("post", f"/v1/models/{MODEL}/versions/9:predict", {"instances": [{}]}, 404,
+         "Servable not found"),
+        ("post", f"/v1/models/{MODEL}/labels/nope:predict", {"instances": [{}]}, 400,
+         "Unrecognized servable version label: nope"),
+        ("post", f"/v1/models/{MODEL}:predict", {"instances": [{"amount": 1.0}]}, 400, ""),
+        ("post", f"/v1/models/{MODEL}:predict", {"instances": [], "inputs": {}}, 400, ""),
+    ],
+)
+def test_errors_use_tf_serving_codes_and_bodies(server, method, path, body, status,  # type: ignore[no-untyped-def]
+                                                fragment) -> None:
+    url, _ = server
+    r = getattr(requests, method)(f"{url}{path}", json=body, timeout=10)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]
+
+
+def test_malformed_json_is_a_400(server: tuple[str, Path]) -> None:
+    url, _ = server
+    r = requests.post(f"{url}/v1/models/{MODEL}:predict", data=b"{not json", timeout=10)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_labels_only_point_at_available_versions(server, models) -> None:  # type: ignore[no-untyped-def]
+    """One step that adds version 2 and labels it is refused whole; two phases work."""
+    url, config = server
+    client = ServingClient(url)
+    set_config(config, models["base"], [1], {"stable": 1})
+    deadline = time.monotonic() + 30
+    while client.label_version(MODEL, "stable") != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})
+    time.sleep(1.5)
+    assert client.label_version(MODEL, "canary") is None
+    assert client.version_state(MODEL, 2)[0] in ("UNKNOWN", "END")
+    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 1})  # phase 1
+    client.wait_available(MODEL, 2, timeout=60)
+    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})  # phase 2
+    deadline = time.monotonic() + 30
+    while client.label_version(MODEL, "canary") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.label_version(MODEL, "canary") == 2
+    inst = to_instances(_rows(), models["models"][2])[:3]
+    via_label = client.predict(MODEL, inst, label="canary")
+    via_version = client.predict(MODEL, inst, version=2)
+    assert via_label == via_version
+
+
+def _rows():  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    return transactions(dt.date(2026, 11, 4), 8)
+
+
+def test_prometheus_endpoint_counts_requests(server: tuple[str, Path]) -> None:
+    url, _ = server
+    r = requests.get(f"{url}/monitoring/prometheus/metrics", timeout=10)
+    assert r.status_code == 200
+    assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in r.text
+
+
+def test_local_server_process_starts_and_stops(tmp_path: Path) -> None:
+    server = LocalServer(tmp_path / "serving", port=0)
+    url = server.ensure_running(timeout=120)
+    assert ServingClient(url).healthy()
+    assert server.ensure_running() == url  # reused, not restarted
+    pid = int(server.pid_file.read_text())
+    server.stop()
+    assert not ServingClient(url).healthy()
+    with pytest.raises(OSError):
+        os.kill(pid, 0)
