@@ -10,12 +10,15 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.config import Settings
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from pipelines.config import settings
 
     return settings()

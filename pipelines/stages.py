@@ -6,12 +6,16 @@ same everywhere. Heavy libraries are imported by the stage modules, only when a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Settings
 
+if TYPE_CHECKING:
+    from pipelines.data.spec import DatasetSpec
+    from pipelines.store import ObjectStore
 
-def _data(settings: Settings, dataset: str | None):  # type: ignore[no-untyped-def]
+
+def _data(settings: Settings, dataset: str | None) -> tuple[ObjectStore, DatasetSpec]:
     from pipelines.data.spec import load_spec
     from pipelines.store import open_store
 

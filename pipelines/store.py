@@ -40,7 +40,7 @@ def storage_options(cfg: StoreSettings) -> dict[str, Any]:
     if cfg.key and cfg.secret:
         opts["key"], opts["secret"] = cfg.key, cfg.secret
     if cfg.sse:
-        extra = {"ServerSideEncryption": cfg.sse}
+        extra: dict[str, str] = {"ServerSideEncryption": cfg.sse}
         if cfg.sse == "aws:kms" and cfg.sse_kms_key_id:
             extra["SSEKMSKeyId"] = cfg.sse_kms_key_id
         opts["s3_additional_kwargs"] = extra

@@ -217,7 +217,7 @@ def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckRes
     )
     checks = []
     for res in result.results:
-        d = res.to_json_dict()
+        d: dict[str, Any] = dict(res.to_json_dict())
         cfg = d["expectation_config"]
         severity = (cfg.get("meta") or {}).get("severity", "block")
         r = d.get("result") or {}
@@ -268,7 +268,7 @@ def _jsonable(v: Any) -> Any:
 # -- custom checks: leakage and drift -----------------------------------------------------
 def leakage_checks(df: pd.DataFrame, spec: DatasetSpec) -> list[CheckResult]:
     """A feature almost perfectly correlated with the label is leakage, not signal."""
-    out = []
+    out: list[CheckResult] = []
     if spec.label not in df or df[spec.label].nunique() < 2:
         return out
     y = pd.to_numeric(df[spec.label], errors="coerce")
@@ -298,8 +298,8 @@ def profile(df: pd.DataFrame, spec: DatasetSpec, sample: int = 2000) -> dict[str
     rng = np.random.default_rng(0)
     for name in spec.numeric_features:
         x = df[name].astype(float).dropna().to_numpy()
-        edges = np.unique(np.quantile(x, np.linspace(0, 1, PSI_BINS + 1))) if len(x) else []
-        pick = rng.choice(len(x), size=min(sample, len(x)), replace=False) if len(x) else []
+        edges = np.unique(np.quantile(x, np.linspace(0, 1, PSI_BINS + 1))) if len(x) else x[:0]
+        pick = rng.choice(len(x), size=min(sample, len(x)), replace=False)
         prof["numeric"][name] = {
             "edges": list(map(float, edges)),
             "sample": list(map(float, np.sort(x[pick]))),
@@ -424,8 +424,9 @@ def validate_partition(store: ObjectStore, spec: DatasetSpec, date: str) -> Vali
         log.error("%s", summary.message())
         raise ValidationBlocked(summary)
     store.write_text(f"{report_prefix}/summary.json", json.dumps(summary.to_dict(), indent=2))
+    assert df is not None  # an unreadable batch is always blocked above
     store.write_text(
         f"{layout.reference(spec.name, date)}/profile.json", json.dumps(profile(df, spec))
-    )  # type: ignore[arg-type]
+    )
     log.info("%s", summary.message())
     return summary

@@ -104,7 +104,7 @@ def to_instances(df: pd.DataFrame, model: TabularMLP) -> list[dict[str, Any]]:
     cols = [*model.numeric, *model.categorical]
     out = []
     for rec in df[cols].to_dict("records"):
-        row = {}
+        row: dict[str, Any] = {}
         for n in model.numeric:
             v = rec[n]
             row[n] = None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)

@@ -129,7 +129,7 @@ class Router:
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "s"):
             self._local.s = requests.Session()
-        return self._local.s  # type: ignore[no-any-return]
+        return self._local.s
 
     def forward(self, body: bytes, key: str) -> tuple[int, bytes, str]:
         label = route(key, self.weights.get())

@@ -17,6 +17,10 @@ from torch import nn
 
 
 class TabularMLP(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_mask: torch.Tensor
+
     def __init__(
         self,
         numeric: list[str],

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class Trainer:
             result.update(self._finish(client))
         return result
 
-    def _finish(self, client) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    def _finish(self, client: Any) -> dict[str, float]:
         """Rank 0: validation metrics, the final model to MLflow, summary metrics."""
         from sklearn.metrics import roc_auc_score
 

@@ -38,8 +38,14 @@ def test_parse_is_fast_and_imports_no_heavy_module() -> None:
         "                  'modules': sorted(m for m in sys.modules)}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     loaded = {m.split(".")[0] for m in result["modules"]}
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
@@ -83,8 +89,16 @@ def test_defaults_retries_owner_and_timeouts(dagbag) -> None:  # type: ignore[no
 def test_params_form(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["mlops_training_pipeline"]
     params = dag.params
-    assert {"date", "dataset", "nodes", "epochs", "force", "force_reason", "skip_rollout",
-            "canary_steps"} <= set(params.keys())
+    assert {
+        "date",
+        "dataset",
+        "nodes",
+        "epochs",
+        "force",
+        "force_reason",
+        "skip_rollout",
+        "canary_steps",
+    } <= set(params.keys())
     assert params["nodes"] == 2
     assert params["force"] == "none"
     assert dag.doc_md and "mlops_training_pipeline" in dag.doc_md

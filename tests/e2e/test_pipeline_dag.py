@@ -22,15 +22,19 @@ def run_day(date: str, **conf: object):  # type: ignore[no-untyped-def]
     from airflow.models import DagBag
 
     dag = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).dags[DAG_ID]
-    return dag.test(logical_date=pendulum.parse(f"{date}T00:00:00+00:00"),
-                    run_conf={"date": date, "epochs": 4, **conf})
+    return dag.test(
+        logical_date=pendulum.parse(f"{date}T00:00:00+00:00"),
+        run_conf={"date": date, "epochs": 4, **conf},
+    )
 
 
 def reports(settings: Settings, date: str, run_id: str) -> dict:
     store = open_store(settings.store)
     prefix = f"{layout.run_report(DAG_ID, date)}/{run_id}"
-    return {k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))
-            for k in store.list(prefix)}
+    return {
+        k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))
+        for k in store.list(prefix)
+    }
 
 
 def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -> None:
@@ -56,8 +60,9 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     version = reg.version("1")
     for tag in ("data_version", "git_sha", "run_id", "manifest_uri", "dag_run_id"):
         assert version.tags.get(f"mlops.{tag}"), tag
-    assert store.exists(store.key_of(r1["export_and_infra_validate"]["export_uri"])
-                        + "/saved_model.pb")
+    assert store.exists(
+        store.key_of(r1["export_and_infra_validate"]["export_uri"]) + "/saved_model.pb"
+    )
     assert r1["monitor_canary"]["decision"] == "promote"
     assert r1["promote"]["decision"] == "promoted"
     assert reg.alias_version("champion") == "1"

@@ -37,9 +37,14 @@ def small_model(seed: int) -> TabularMLP:
     spec = load_spec("transactions")
     df = transactions(dt.date(2026, 11, 1), 500)
     torch.manual_seed(seed)
-    return TabularMLP(spec.numeric_features,
-                      {c: spec.vocab(c) for c in spec.categorical_features},
-                      feature_stats(df, spec), (16,), 3, spec.log_features)
+    return TabularMLP(
+        spec.numeric_features,
+        {c: spec.vocab(c) for c in spec.categorical_features},
+        feature_stats(df, spec),
+        (16,),
+        3,
+        spec.log_features,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +104,18 @@ def test_predict_row_and_columnar_formats_match_torch(server, models, rows) -> N
     url, _ = server
     model = models["models"][1]
     instances = to_instances(rows, model)
-    r = requests.post(f"{url}/v1/models/{MODEL}/versions/1:predict",
-                      json={"instances": instances}, timeout=10)
+    r = requests.post(
+        f"{url}/v1/models/{MODEL}/versions/1:predict", json={"instances": instances}, timeout=10
+    )
     assert r.status_code == 200, r.text
     served = np.asarray(r.json()["predictions"])
     assert np.max(np.abs(served - predict_proba(model, rows))) <= 1e-5
     columns = {k: [i[k] for i in instances] for k in instances[0]}
-    r2 = requests.post(f"{url}/v1/models/{MODEL}:predict",
-                       json={"signature_name": "serving_default", "inputs": columns}, timeout=10)
+    r2 = requests.post(
+        f"{url}/v1/models/{MODEL}:predict",
+        json={"signature_name": "serving_default", "inputs": columns},
+        timeout=10,
+    )
     assert r2.status_code == 200, r2.text
     assert np.allclose(r2.json()["outputs"], served, atol=1e-6)
 
@@ -126,16 +135,32 @@ def test_metadata_describes_the_raw_feature_signature(server: tuple[str, Path]) 
     [
         ("get", "/v1/models/nope", None, 404, "Servable not found"),
         ("post", "/v1/models/nope:predict", {"instances": [{}]}, 404, "Servable not found"),
-        ("post", f"/v1/models/{MODEL}/versions/9:predict", {"instances": [{}]}, 404,
-         "Servable not found"),
-        ("post", f"/v1/models/{MODEL}/labels/nope:predict", {"instances": [{}]}, 400,
-         "Unrecognized servable version label: nope"),
+        (
+            "post",
+            f"/v1/models/{MODEL}/versions/9:predict",
+            {"instances": [{}]},
+            404,
+            "Servable not found",
+        ),
+        (
+            "post",
+            f"/v1/models/{MODEL}/labels/nope:predict",
+            {"instances": [{}]},
+            400,
+            "Unrecognized servable version label: nope",
+        ),
         ("post", f"/v1/models/{MODEL}:predict", {"instances": [{"amount": 1.0}]}, 400, ""),
         ("post", f"/v1/models/{MODEL}:predict", {"instances": [], "inputs": {}}, 400, ""),
     ],
 )
-def test_errors_use_tf_serving_codes_and_bodies(server, method, path, body, status,  # type: ignore[no-untyped-def]
-                                                fragment) -> None:
+def test_errors_use_tf_serving_codes_and_bodies(
+    server,
+    method,
+    path,
+    body,
+    status,  # type: ignore[no-untyped-def]
+    fragment,
+) -> None:
     url, _ = server
     r = getattr(requests, method)(f"{url}{path}", json=body, timeout=10)
     assert r.status_code == status, r.text

@@ -11,8 +11,15 @@ from pipelines.serving.router import Sample, route
 CFG = CanarySettings()
 
 
-def window(n: int, label: str, seed: int, latency: float = 5.0, error_rate: float = 0.0,
-           shift: float = 0.0, nan: bool = False) -> list[Sample]:
+def window(
+    n: int,
+    label: str,
+    seed: int,
+    latency: float = 5.0,
+    error_rate: float = 0.0,
+    shift: float = 0.0,
+    nan: bool = False,
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -60,8 +67,11 @@ def test_shifted_scores_fail_drift() -> None:
 
 
 def test_aa_windows_rarely_fail() -> None:
-    fails = sum(judge_window(window(300, "canary", s), window(900, "stable", s + 1000),
-                             CFG).outcome != "pass" for s in range(40))
+    fails = sum(
+        judge_window(window(300, "canary", s), window(900, "stable", s + 1000), CFG).outcome
+        != "pass"
+        for s in range(40)
+    )
     assert fails <= 2
 
 

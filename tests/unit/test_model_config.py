@@ -7,8 +7,9 @@ from pipelines.serving import model_config
 
 def test_render_parse_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "models.config"
-    entry = model_config.ModelEntry("fraud_detector", "/models/fraud_detector", [41, 42],
-                                    {"stable": 41, "canary": 42})
+    entry = model_config.ModelEntry(
+        "fraud_detector", "/models/fraud_detector", [41, 42], {"stable": 41, "canary": 42}
+    )
     model_config.write(path, [entry])
     text = path.read_text()
     assert "model_config_list" in text and 'model_platform: "tensorflow"' in text
