@@ -138,6 +138,7 @@ def mlops_training_pipeline() -> None:
         )
         out["roll_out"] = (
             bool(out["model_version"])
+            and out["newer_than_champion"]
             and not is_backfill(ctx)
             and not ctx["params"]["skip_rollout"]
         )
@@ -145,7 +146,7 @@ def mlops_training_pipeline() -> None:
 
     @task.short_circuit
     def should_roll_out(registered: dict) -> bool:
-        """Only blessed, registered, non-backfill runs go to serving."""
+        """Only blessed, registered runs on data newer than the champion's, not backfills."""
         return bool(registered["roll_out"])
 
     @task

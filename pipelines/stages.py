@@ -118,8 +118,19 @@ def register(
     from pipelines.evaluate.run import register_candidate
     from pipelines.registry import Registry
 
+    reg = Registry(settings.mlflow)
     version = register_candidate(settings, run_id, lineage)
-    return {"model_version": version, "aliases": Registry(settings.mlflow).aliases()}
+    champion = reg.alias_version("champion")
+    data_date = reg.run_tag(run_id, "data_date")
+    champion_date = reg.run_tag(reg.version_run_id(champion), "data_date") if champion else None
+    return {
+        "model_version": version,
+        "aliases": reg.aliases(),
+        "data_date": data_date,
+        "champion_data_date": champion_date,
+        # An older interval (a late rerun) never replaces a model trained on newer data.
+        "newer_than_champion": champion_date is None or (data_date or "") >= champion_date,
+    }
 
 
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:

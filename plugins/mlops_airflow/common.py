@@ -44,7 +44,8 @@ def interval_date(context: dict[str, Any]) -> str:
 
 def is_backfill(context: dict[str, Any]) -> bool:
     dag_run = context.get("dag_run")
-    return str(getattr(dag_run, "run_type", "")).lower().endswith("backfill")
+    run_type = getattr(dag_run, "run_type", None)
+    return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
 def run_key(context: dict[str, Any], stage: str) -> str:

@@ -1,0 +1,37 @@
+"""The Airflow glue: which partition a run processes, backfill detection, per-run settings."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pendulum
+import pytest
+from mlops_airflow.common import interval_date, is_backfill, run_settings
+
+
+def test_interval_date_prefers_the_param_then_the_interval_start() -> None:
+    start = pendulum.datetime(2026, 3, 1, tz="UTC")
+    assert interval_date({"params": {"date": "2026-02-14"}, "data_interval_start": start}) == (
+        "2026-02-14"
+    )
+    assert interval_date({"params": {"date": None}, "data_interval_start": start}) == "2026-03-01"
+    with pytest.raises(ValueError, match="no data interval"):
+        interval_date({"params": {}})
+
+
+def test_backfill_runs_are_recognised() -> None:
+    from airflow.utils.types import DagRunType
+
+    assert is_backfill({"dag_run": SimpleNamespace(run_type=DagRunType.BACKFILL_JOB)})
+    assert is_backfill({"dag_run": SimpleNamespace(run_type="backfill")})
+    assert not is_backfill({"dag_run": SimpleNamespace(run_type=DagRunType.SCHEDULED)})
+    assert not is_backfill({"dag_run": SimpleNamespace(run_type=DagRunType.MANUAL)})
+    assert not is_backfill({})
+
+
+def test_run_settings_apply_the_trigger_form(mlops_env) -> None:  # type: ignore[no-untyped-def]
+    s = run_settings({"nodes": 3, "epochs": 2, "canary_steps": [10, 100], "dataset": "x"})
+    assert (s.train.nodes, s.train.epochs) == (3, 2)
+    assert s.canary.steps == (10, 100)
+    assert s.data.dataset == "x"
+    assert str(mlops_env) in s.home
