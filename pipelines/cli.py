@@ -130,6 +130,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         config,
         a.host or s.serving.host,
         s.serving.rest_port if a.rest_port is None else a.rest_port,
+        s.serving.grpc_port if a.grpc_port is None else (a.grpc_port if a.grpc_port >= 0 else None),
         a.poll_seconds or s.serving.poll_seconds,
         a.port_file,
     )
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="TF-Serving-compatible REST server (foreground)")
     s.add_argument("--host")
-    s.add_argument("--rest-port", type=int)
+    s.add_argument("--rest-port", type=int, help="REST port (default 8501; 0 = a free port)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 8500; 0 = free; -1 = off)")
     s.add_argument("--model-config", help="model_config_list file (default: MLOPS_HOME's)")
     s.add_argument("--poll-seconds", type=float)
     s.add_argument("--port-file", help="write the bound port here (used with --rest-port 0)")

@@ -86,6 +86,7 @@ class ServingSettings(_Section):
     url: str | None = Field(None, description="TF Serving REST base URL when mode=remote")
     host: str = Field("127.0.0.1", description="bind address of the local server")
     rest_port: int = Field(8501, ge=0, description="REST port (TF Serving default 8501; 0 = free)")
+    grpc_port: int = Field(8500, ge=0, description="gRPC port (TF Serving default 8500; 0 = free)")
     base_dir: str = Field(description="local directory holding <model>/<version>/ and the config")
     poll_seconds: float = Field(1.0, gt=0, description="model config file poll interval")
     load_timeout_s: float = Field(300.0, gt=0, description="wait for AVAILABLE before failing")

@@ -45,6 +45,7 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     home = tmp_path / "mlops"
     monkeypatch.setenv("MLOPS_HOME", str(home))
     monkeypatch.setenv("MLOPS__SERVING__REST_PORT", "0")
+    monkeypatch.setenv("MLOPS__SERVING__GRPC_PORT", "0")
     monkeypatch.delenv("MLOPS_PROFILE", raising=False)
     monkeypatch.delenv("MLOPS_CONFIG", raising=False)
     settings.cache_clear()

@@ -124,9 +124,11 @@ class LocalServer:
         host: str = "127.0.0.1",
         port: int = 8501,
         poll_seconds: float = 1.0,
+        grpc_port: int = 8500,
     ):
         self.dir = Path(base_dir)
         self.host, self.port, self.poll_seconds = host, port, poll_seconds
+        self.grpc_port = grpc_port
         self.config_file = self.dir / "models.config"
         self.pid_file = self.dir / "server.pid"
         self.port_file = self.dir / "server.json"
@@ -135,7 +137,7 @@ class LocalServer:
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalServer:
         s = settings.serving
-        return cls(s.base_dir, s.host, s.rest_port, s.poll_seconds)
+        return cls(s.base_dir, s.host, s.rest_port, s.poll_seconds, s.grpc_port)
 
     def _pid(self) -> int | None:
         try:
@@ -143,6 +145,13 @@ class LocalServer:
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
+
+    def grpc_target(self) -> str | None:
+        """``host:port`` of the gRPC API while the server runs."""
+        if self.url() is None:
+            return None
+        info = json.loads(self.port_file.read_text())
+        return f"{info['host']}:{info['grpc_port']}" if info.get("grpc_port") else None
 
     def url(self) -> str | None:
         if self._pid() is None or not self.port_file.exists():
@@ -168,6 +177,8 @@ class LocalServer:
             self.host,
             "--rest-port",
             str(self.port),
+            "--grpc-port",
+            str(self.grpc_port),
             "--model-config",
             str(self.config_file),
             "--poll-seconds",

@@ -8,11 +8,14 @@ bodies and status codes), reads and polls a ``model_config_list`` file with vers
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -82,17 +85,14 @@ def _local_path(base_path: str) -> Path:
 
 
 def _load_signature_defs(path: Path) -> dict[str, Any]:
-    from google.protobuf import json_format
+    """The ``serve`` MetaGraph's SignatureDef protos, read from ``saved_model.pb``."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
     sm.ParseFromString((path / "saved_model.pb").read_bytes())
     for mg in sm.meta_graphs:
         if "serve" in mg.meta_info_def.tags:
-            return {
-                k: json_format.MessageToDict(v, preserving_proto_field_name=True)
-                for k, v in mg.signature_def.items()
-            }
+            return dict(mg.signature_def)
     raise ServingError("NOT_FOUND", f"SavedModel at {path} has no 'serve' MetaGraph")
 
 
@@ -253,20 +253,26 @@ class ModelManager:
     def metadata(
         self, name: str, version: int | None = None, label: str | None = None
     ) -> dict[str, Any]:
+        from google.protobuf import json_format
+
         s = self.resolve(name, version, label)
+        defs = {
+            k: json_format.MessageToDict(v, preserving_proto_field_name=True)
+            for k, v in s.signature_defs.items()
+        }
         return {
             "model_spec": {"name": name, "signature_name": "", "version": str(s.version)},
-            "metadata": {"signature_def": {"signature_def": s.signature_defs}},
+            "metadata": {"signature_def": {"signature_def": defs}},
         }
 
     # -- predict --------------------------------------------------------------------------
-    def predict(
-        self, name: str, body: dict[str, Any], version: int | None = None, label: str | None = None
-    ) -> dict[str, Any]:
+    @contextmanager
+    def metered(self, name: str, entrypoint: str) -> Iterator[None]:
+        """Count the request by status and record its latency (TF Serving's two series)."""
         started = time.perf_counter()
         code = "OK"
         try:
-            return self._predict(name, body, version, label)
+            yield
         except ServingError as exc:
             code = exc.code
             raise
@@ -274,24 +280,25 @@ class ModelManager:
             with self.lock:
                 key = (name, code)
                 self.counters[key] = self.counters.get(key, 0) + 1
-                self.latency.setdefault(name, []).append((time.perf_counter() - started) * 1e6)
-                if len(self.latency[name]) > 100_000:
-                    del self.latency[name][:50_000]
+                series = self.latency.setdefault(f"{name}|{entrypoint}", [])
+                series.append((time.perf_counter() - started) * 1e6)
+                if len(series) > 100_000:
+                    del series[:50_000]
 
-    def _predict(
-        self, name: str, body: dict[str, Any], version: int | None, label: str | None
-    ) -> dict[str, Any]:
+    def run_signature(
+        self,
+        name: str,
+        columns: dict[str, Any],
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "",
+    ) -> tuple[Servable, dict[str, Any]]:
+        """Run a signature on named inputs (lists or arrays); returns numpy outputs."""
         import numpy as np
         import tensorflow as tf
 
-        if not isinstance(body, dict):
-            raise ServingError("INVALID_ARGUMENT", "JSON Value: request body is not an object")
-        if ("instances" in body) == ("inputs" in body):
-            raise ServingError(
-                "INVALID_ARGUMENT", "Missing 'instances' or 'inputs' key, or both are present"
-            )
         s = self.resolve(name, version, label)
-        sig_name = body.get("signature_name") or "serving_default"
+        sig_name = signature_name or "serving_default"
         if sig_name not in s.signature:
             raise ServingError(
                 "FAILED_PRECONDITION",
@@ -299,52 +306,68 @@ class ModelManager:
             )
         fn = s.signature[sig_name]
         specs = fn.structured_input_signature[1]
-        row_format = "instances" in body
-        columns = _columns(body["instances"] if row_format else body["inputs"], specs, row_format)
+        missing = [n for n in specs if n not in columns]
+        if missing:
+            raise ServingError("INVALID_ARGUMENT", f"Missing named input(s): {missing}")
         try:
-            tensors = {k: tf.constant(v, dtype=specs[k].dtype) for k, v in columns.items()}
+            tensors = {k: tf.constant(columns[k], dtype=specs[k].dtype) for k in specs}
         except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", f"Could not parse input values: {exc}") from exc
         try:
             out = fn(**tensors)
         except tf.errors.InvalidArgumentError as exc:
             raise ServingError("INVALID_ARGUMENT", exc.message) from exc
-        outputs = {k: _to_json(np.asarray(v.numpy())) for k, v in out.items()}
-        if row_format:
-            if len(outputs) == 1:
-                return {"predictions": next(iter(outputs.values()))}
-            n = len(next(iter(outputs.values())))
-            return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(n)]}
-        return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
+        return s, {k: np.asarray(v.numpy()) for k, v in out.items()}
+
+    def predict(
+        self, name: str, body: dict[str, Any], version: int | None = None, label: str | None = None
+    ) -> dict[str, Any]:
+        """The REST ``:predict`` call: row (``instances``) or columnar (``inputs``) format."""
+        with self.metered(name, "REST"):
+            if not isinstance(body, dict):
+                raise ServingError("INVALID_ARGUMENT", "JSON Value: request body is not an object")
+            if ("instances" in body) == ("inputs" in body):
+                raise ServingError(
+                    "INVALID_ARGUMENT", "Missing 'instances' or 'inputs' key, or both are present"
+                )
+            s = self.resolve(name, version, label)
+            sig = s.signature.get(body.get("signature_name") or "serving_default")
+            specs = sig.structured_input_signature[1] if sig is not None else {}
+            row_format = "instances" in body
+            payload = body["instances"] if row_format else body["inputs"]
+            columns = _columns(payload, specs, row_format) if specs else {}
+            _, out = self.run_signature(
+                name, columns, s.version, None, body.get("signature_name") or ""
+            )
+            outputs = {k: _to_json(v) for k, v in out.items()}
+            if row_format:
+                if len(outputs) == 1:
+                    return {"predictions": next(iter(outputs.values()))}
+                n = len(next(iter(outputs.values())))
+                return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(n)]}
+            return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
 
     def prometheus(self) -> str:
+        """TF Serving's request count and latency series, in Prometheus text format."""
         lines = ["# TYPE :tensorflow:serving:request_count counter"]
         with self.lock:
             for (model, status), n in sorted(self.counters.items()):
-                lines.append(
-                    f':tensorflow:serving:request_count{{model_name="{model}",'
-                    f'status="{status}"}} {n}'
-                )
+                labels = f'model_name="{model}",status="{status}"'
+                lines.append(f":tensorflow:serving:request_count{{{labels}}} {n}")
             lines.append("# TYPE :tensorflow:serving:request_latency histogram")
-            bounds = [10 * 1.8**i for i in range(33)]
-            for model, values in sorted(self.latency.items()):
+            bounds = [*(f"{10 * 1.8**i:.0f}" for i in range(33)), "+Inf"]
+            for key, values in sorted(self.latency.items()):
+                model, entrypoint = key.split("|", 1)
+                labels = f'model_name="{model}",API="predict",entrypoint="{entrypoint}"'
+                ordered = sorted(values)
                 for b in bounds:
-                    c = sum(1 for v in values if v <= b)
+                    c = len(ordered) if b == "+Inf" else bisect.bisect_right(ordered, float(b))
                     lines.append(
-                        f':tensorflow:serving:request_latency_bucket{{model_name="{model}"'
-                        f',API="predict",entrypoint="REST",le="{b:.0f}"}} {c}'
+                        f':tensorflow:serving:request_latency_bucket{{{labels},le="{b}"}} {c}'
                     )
+                lines.append(f":tensorflow:serving:request_latency_count{{{labels}}} {len(values)}")
                 lines.append(
-                    f':tensorflow:serving:request_latency_bucket{{model_name="{model}",'
-                    f'API="predict",entrypoint="REST",le="+Inf"}} {len(values)}'
-                )
-                lines.append(
-                    f':tensorflow:serving:request_latency_count{{model_name="{model}",'
-                    f'API="predict",entrypoint="REST"}} {len(values)}'
-                )
-                lines.append(
-                    f':tensorflow:serving:request_latency_sum{{model_name="{model}",'
-                    f'API="predict",entrypoint="REST"}} {sum(values):.0f}'
+                    f":tensorflow:serving:request_latency_sum{{{labels}}} {sum(values):.0f}"
                 )
         return "\n".join(lines) + "\n"
 
@@ -479,21 +502,36 @@ def serve(
     config_file: str | Path,
     host: str = "127.0.0.1",
     rest_port: int = 8501,
+    grpc_port: int | None = 8500,
     poll_seconds: float = 1.0,
     port_file: str | Path | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. Writes the bound port to ``port_file`` when given."""
+    """Run REST (and gRPC unless ``grpc_port`` is None) until SIGTERM/SIGINT.
+
+    Port 0 picks a free port; the bound ports are written to ``port_file`` when given."""
+    import signal
+
     manager = ModelManager(config_file, poll_seconds)
     manager.start()
     server = make_server(manager, host, rest_port)
+    grpc_server = None
+    bound_grpc = None
+    if grpc_port is not None:
+        from pipelines.serving.grpc_api import make_grpc_server
+
+        grpc_server, bound_grpc = make_grpc_server(manager, host, grpc_port)
     port = server.server_address[1]
     if port_file:
         tmp = Path(f"{port_file}.tmp")
-        tmp.write_text(json.dumps({"rest_port": port, "host": host}))
+        tmp.write_text(json.dumps({"rest_port": port, "grpc_port": bound_grpc, "host": host}))
         tmp.replace(port_file)
-    log.info("serving REST on http://%s:%d (config %s)", host, port, config_file)
+    # SIGTERM (what `mlops serve --stop` and Kubernetes send) shuts down cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    log.info("serving REST on %s:%d, gRPC on %s (config %s)", host, port, bound_grpc, config_file)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         manager.stop()
         server.server_close()
+        if grpc_server is not None:
+            grpc_server.stop(grace=1)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -77,6 +78,10 @@ def server(models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     manager.start()
     httpd = make_server(manager, "127.0.0.1", 0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    from pipelines.serving.grpc_api import make_grpc_server
+
+    grpc_server, grpc_port = make_grpc_server(manager, "127.0.0.1", 0)
+    os.environ["_TEST_GRPC_TARGET"] = f"127.0.0.1:{grpc_port}"
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
     ServingClient(url).wait_available(MODEL, 1, timeout=60)
     try:
@@ -84,7 +89,13 @@ def server(models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     finally:
         httpd.shutdown()
         httpd.server_close()
+        grpc_server.stop(grace=None)
         manager.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_target(server: tuple[str, Path]) -> str:
+    return os.environ.get("TF_SERVING_GRPC") or os.environ["_TEST_GRPC_TARGET"]
 
 
 def set_config(config: Path, base: Path, versions: list[int], labels: dict[str, int]) -> None:
@@ -212,12 +223,121 @@ def test_prometheus_endpoint_counts_requests(server: tuple[str, Path]) -> None:
 
 
 def test_local_server_process_starts_and_stops(tmp_path: Path) -> None:
-    server = LocalServer(tmp_path / "serving", port=0)
+    server = LocalServer(tmp_path / "serving", port=0, grpc_port=0)
     url = server.ensure_running(timeout=120)
     assert ServingClient(url).healthy()
+    target = server.grpc_target()
+    assert target is not None
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        req = get_model_status_pb2.GetModelStatusRequest()
+        req.model_spec.name = MODEL
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetModelStatus(req, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.ensure_running() == url  # reused, not restarted
     pid = int(server.pid_file.read_text())
     server.stop()
     assert not ServingClient(url).healthy()
     with pytest.raises(OSError):
         os.kill(pid, 0)
+
+
+# -- gRPC: the tensorflow-serving-api stubs ----------------------------------------------------
+def _predict_request(instances: list[dict], version: int | None = None, label: str | None = None):  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = MODEL
+    req.model_spec.signature_name = "serving_default"
+    if version is not None:
+        req.model_spec.version.value = version
+    if label is not None:
+        req.model_spec.version_label = label
+    for key in instances[0]:
+        values = [i[key] for i in instances]
+        dtype = tf.string if isinstance(values[0], str) else tf.float32
+        req.inputs[key].CopyFrom(tf.make_tensor_proto(values, dtype=dtype))
+    return req
+
+
+def test_grpc_predict_matches_rest_and_torch(server, grpc_target, models, rows) -> None:  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    url, _ = server
+    model = models["models"][1]
+    instances = to_instances(rows, model)
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        resp = stub.Predict(_predict_request(instances, version=1), timeout=10)
+    assert resp.model_spec.version.value == 1
+    via_grpc = tf.make_ndarray(resp.outputs["probability"])
+    via_rest = np.asarray(ServingClient(url).predict(MODEL, instances, version=1))
+    assert np.allclose(via_grpc, via_rest, atol=1e-7)
+    assert np.max(np.abs(via_grpc - predict_proba(model, rows))) <= 1e-5
+
+
+def test_grpc_errors_use_tf_serving_codes(server, grpc_target, models, rows) -> None:  # type: ignore[no-untyped-def]
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    instances = to_instances(rows.head(2), models["models"][1])
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(_predict_request(instances, version=99), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(_predict_request(instances, label="nope"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Unrecognized servable version label" in info.value.details()
+
+
+def test_grpc_model_status_and_metadata(server, grpc_target) -> None:  # type: ignore[no-untyped-def]
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        prediction_service_pb2_grpc,
+    )
+
+    with grpc.insecure_channel(grpc_target) as channel:
+        req = get_model_status_pb2.GetModelStatusRequest()
+        req.model_spec.name = MODEL
+        req.model_spec.version.value = 1
+        st = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(req, timeout=10)
+        assert st.model_version_status[0].version == 1
+        assert (
+            get_model_status_pb2.ModelVersionStatus.State.Name(st.model_version_status[0].state)
+            == "AVAILABLE"
+        )
+        meta_req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        meta_req.model_spec.name = MODEL
+        meta_req.model_spec.version.value = 1
+        meta = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            meta_req, timeout=10
+        )
+        defs = get_model_metadata_pb2.SignatureDefMap()
+        meta.metadata["signature_def"].Unpack(defs)
+        assert defs.signature_def["serving_default"].inputs["channel"].dtype == 7  # DT_STRING
+
+
+def test_grpc_reload_config_refuses_a_label_on_an_unloaded_version(  # type: ignore[no-untyped-def]
+    server, grpc_target, models
+) -> None:
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+    req = model_management_pb2.ReloadConfigRequest()
+    mc = req.config.model_config_list.config.add()
+    mc.name, mc.base_path, mc.model_platform = MODEL, str(models["base"]), "tensorflow"
+    mc.model_version_policy.specific.versions.extend([1, 3])
+    mc.version_labels["canary"] = 3
+    with grpc.insecure_channel(grpc_target) as channel:
+        resp = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            req, timeout=10
+        )
+    assert resp.status.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "not currently available" in resp.status.error_message

@@ -1,0 +1,151 @@
+"""TF Serving's gRPC API (``tensorflow-serving-api``) over the same :class:`ModelManager`.
+
+``PredictionService``: Predict and GetModelMetadata. ``ModelService``: GetModelStatus and
+HandleReloadConfigRequest. Errors use the gRPC codes TF Serving returns.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Any
+
+import grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
+
+from pipelines.serving import model_config
+from pipelines.serving.server import ModelManager, ServingError
+
+_STATES = {
+    "UNKNOWN": 0,
+    "START": 10,
+    "LOADING": 20,
+    "AVAILABLE": 30,
+    "UNLOADING": 40,
+    "END": 50,
+}
+
+
+def _abort(context: grpc.ServicerContext, exc: ServingError) -> None:
+    context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+
+
+def _spec(spec: Any) -> tuple[str, int | None, str | None]:
+    version = spec.version.value if spec.HasField("version") else None
+    return spec.name, version, spec.version_label or None
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        import tensorflow as tf
+
+        name, version, label = _spec(request.model_spec)
+        try:
+            with self.manager.metered(name, "GRPC"):
+                columns = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                servable, outputs = self.manager.run_signature(
+                    name, columns, version, label, request.model_spec.signature_name
+                )
+        except ServingError as exc:
+            _abort(context, exc)
+            raise  # unreachable: abort raises
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = name
+        response.model_spec.version.value = servable.version
+        response.model_spec.signature_name = request.model_spec.signature_name or (
+            "serving_default"
+        )
+        wanted = set(request.output_filter) or set(outputs)
+        for key, value in outputs.items():
+            if key in wanted:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name, version, label = _spec(request.model_spec)
+        if list(request.metadata_field) != ["signature_def"]:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Metadata field signature_def is the only one supported",
+            )
+        try:
+            servable = self.manager.resolve(name, version, label)
+        except ServingError as exc:
+            _abort(context, exc)
+            raise
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = name
+        response.model_spec.version.value = servable.version
+        defs = get_model_metadata_pb2.SignatureDefMap()
+        for key, proto in servable.signature_defs.items():
+            defs.signature_def[key].CopyFrom(proto)
+        response.metadata["signature_def"].Pack(defs)
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name, version, label = _spec(request.model_spec)
+        try:
+            status = self.manager.status(name, version, label)
+        except ServingError as exc:
+            _abort(context, exc)
+            raise
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for st in status["model_version_status"]:
+            entry = response.model_version_status.add()
+            entry.version = int(st["version"])
+            entry.state = _STATES[st["state"]]
+            entry.status.error_code = 0 if st["status"]["error_code"] == "OK" else 2
+            entry.status.error_message = st["status"]["error_message"]
+        return response
+
+    def HandleReloadConfigRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        entries = [
+            model_config.ModelEntry(
+                c.name,
+                c.base_path,
+                list(c.model_version_policy.specific.versions),
+                dict(c.version_labels),
+            )
+            for c in request.config.model_config_list.config
+        ]
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            self.manager.apply(entries)
+            response.status.CopyFrom(status_pb2.StatusProto(error_code=0))
+        except ServingError as exc:
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN).value[0]
+            response.status.CopyFrom(
+                status_pb2.StatusProto(error_code=code, error_message=exc.message)
+            )
+        return response
+
+
+def make_grpc_server(
+    manager: ModelManager, host: str = "127.0.0.1", port: int = 8500
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server on ``host:port`` (0 = a free port); returns it and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(manager), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"Could not bind gRPC on {host}:{port}")
+    server.start()
+    return server, bound
