@@ -111,6 +111,11 @@ class ModelManager:
 
     # -- config ---------------------------------------------------------------------------
     def start(self) -> None:
+        # Import TensorFlow (and the serving protos) here, in the caller's thread: a first
+        # import racing between loader threads and the gRPC server deadlocks on module locks.
+        import tensorflow  # noqa: F401
+        import tensorflow_serving.apis.predict_pb2  # noqa: F401
+
         self.poll_once()
         if self.config_file and self.poll_seconds > 0:
             threading.Thread(target=self._poll_loop, daemon=True, name="config-poll").start()
@@ -138,6 +143,8 @@ class ModelManager:
         self._last_text = text
 
     def apply(self, entries: list[model_config.ModelEntry]) -> None:
+        import tensorflow  # noqa: F401  # see start(): never first-import TF in a loader thread
+
         with self.lock:
             # Labels are checked before any version is added (server_core.cc order), so a
             # config that adds a version and labels it in one step is rejected whole.
