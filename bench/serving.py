@@ -60,8 +60,12 @@ def _http_load(url: str, instances: list[dict[str, Any]], n: int, conc: int) -> 
 
         s = sessions.setdefault(threading.get_ident(), requests.Session())
         t0 = time.perf_counter()
-        r = s.post(url, json={"instances": [instances[i % len(instances)]]},
-                   headers={"X-Request-Key": str(i)}, timeout=30)
+        r = s.post(
+            url,
+            json={"instances": [instances[i % len(instances)]]},
+            headers={"X-Request-Key": str(i)},
+            timeout=30,
+        )
         r.raise_for_status()
         return (time.perf_counter() - t0) * 1000
 
@@ -103,25 +107,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "serving"
         path = export_saved_model(model, base / MODEL / "1")
-        model_config.write(base / "models.config", [
-            model_config.ModelEntry(MODEL, str(base / MODEL), [1], {})])
+        model_config.write(
+            base / "models.config", [model_config.ModelEntry(MODEL, str(base / MODEL), [1], {})]
+        )
         server = LocalServer(base, port=0, grpc_port=0)
         url = server.ensure_running()
         router = None
         try:
             ServingClient(url).wait_available(MODEL, 1, timeout=120)
-            model_config.write(base / "models.config", [model_config.ModelEntry(
-                MODEL, str(base / MODEL), [1], {"stable": 1, "canary": 1})])
+            model_config.write(
+                base / "models.config",
+                [
+                    model_config.ModelEntry(
+                        MODEL, str(base / MODEL), [1], {"stable": 1, "canary": 1}
+                    )
+                ],
+            )
             while ServingClient(url).label_version(MODEL, "canary") != 1:
                 time.sleep(0.2)
             weights = WeightStore(base / "router.json")
             weights.set(25)
             router, router_url = start_router(Router(url, MODEL, weights, "bench"))
             direct = _direct_load(path, instances, args.requests)
-            alone = _http_load(f"{url}/v1/models/{MODEL}/labels/stable:predict", instances,
-                               args.requests, args.concurrency)
-            routed = _http_load(f"{router_url}/v1/models/{MODEL}:predict", instances,
-                                args.requests, args.concurrency)
+            alone = _http_load(
+                f"{url}/v1/models/{MODEL}/labels/stable:predict",
+                instances,
+                args.requests,
+                args.concurrency,
+            )
+            routed = _http_load(
+                f"{router_url}/v1/models/{MODEL}:predict",
+                instances,
+                args.requests,
+                args.concurrency,
+            )
         finally:
             if router is not None:
                 router.shutdown()

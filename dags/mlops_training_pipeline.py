@@ -31,6 +31,7 @@ DEFAULT_ARGS = {
     "on_failure_callback": on_failure,
 }
 
+_CFG = "Empty: the configured default."
 PARAMS = {
     "date": Param(
         None,
@@ -39,15 +40,26 @@ PARAMS = {
         title="Partition date",
         description="Empty: the run's data interval start.",
     ),
-    "dataset": Param("transactions", type="string", title="Dataset spec"),
-    "nodes": Param(2, type="integer", minimum=1, maximum=64, title="Training nodes"),
-    "epochs": Param(6, type="integer", minimum=1, maximum=500, title="Epochs"),
+    # Empty values fall back to the deployment's configuration (MLOPS_* settings).
+    "dataset": Param(None, type=["null", "string"], title="Dataset spec", description=_CFG),
+    "nodes": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=64,
+        title="Training nodes",
+        description=_CFG,
+    ),
+    "epochs": Param(
+        None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs", description=_CFG
+    ),
     "force": Param("none", enum=["none", "bless", "reject"], title="Override the blessing"),
     "force_reason": Param("", type="string", title="Reason for the override"),
     "skip_rollout": Param(False, type="boolean", title="Register only; no canary"),
     "canary_steps": Param(
-        [5, 25, 50, 100],
-        type="array",
+        None,
+        type=["null", "array"],
+        description="Canary weights in %, e.g. [5, 25, 50, 100]. " + _CFG,
         items={"type": "integer", "minimum": 1, "maximum": 100},
         title="Canary weight steps (%)",
     ),

@@ -133,7 +133,28 @@ def transactions(date: dt.date, rows: int, drift: float = 0.0, seed: int = 0) ->
     )
 
 
-GENERATORS = {"transactions": transactions}
+def breast_cancer(date: dt.date, rows: int, drift: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """scikit-learn's bundled breast-cancer data, resampled for one day with 2% noise.
+
+    ``drift`` scales the measurements up by up to 10%. Columns are the ten ``mean *`` features
+    in snake_case, a patient id (the original row) and the label ``malignant``."""
+    from sklearn.datasets import load_breast_cancer
+
+    rng = np.random.default_rng(_seed("breast_cancer", date.isoformat(), rows, drift, seed))
+    frame = load_breast_cancer(as_frame=True).frame
+    features = [c for c in frame.columns if c.startswith("mean ")]
+    pick = rng.integers(0, len(frame), rows)
+    base = frame[features].to_numpy()[pick]
+    noise = rng.normal(0.0, 0.02, base.shape) * frame[features].std().to_numpy()
+    values = np.clip((base + noise) * (1.0 + 0.1 * drift), 0.0, None)
+    out = pd.DataFrame(values, columns=[c.replace(" ", "_") for c in features])
+    out.insert(0, "patient_id", [f"patient-{i:04d}" for i in pick])
+    out.insert(0, "sample_id", [f"{date:%Y%m%d}-{i:06d}" for i in range(rows)])
+    out["malignant"] = (1 - frame["target"].to_numpy()[pick]).astype("int64")
+    return out
+
+
+GENERATORS = {"transactions": transactions, "breast_cancer": breast_cancer}
 
 
 def inject_defect(df: pd.DataFrame, spec: DatasetSpec, defect: str, seed: int = 0) -> pd.DataFrame:

@@ -99,6 +99,6 @@ def test_params_form(dagbag) -> None:  # type: ignore[no-untyped-def]
         "skip_rollout",
         "canary_steps",
     } <= set(params.keys())
-    assert params["nodes"] == 2
+    assert params["nodes"] is None  # empty: the configured default applies
     assert params["force"] == "none"
     assert dag.doc_md and "mlops_training_pipeline" in dag.doc_md

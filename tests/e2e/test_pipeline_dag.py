@@ -97,3 +97,32 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert (Path(s.serving.base_dir) / "models.config").read_text() == config_before
     assert reg.alias_version("champion") == "2"
     assert len(reg.client.search_model_versions(f"name = '{s.mlflow.model_name}'")) == 2
+
+
+def test_a_second_dataset_runs_through_the_same_dag(
+    airflow_db: None, mlops_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scikit-learn's breast-cancer data (numeric only, another label and keys) with a new spec
+    and a model name from configuration: no code changes."""
+    from airflow.utils.state import DagRunState
+
+    from pipelines.config import settings
+
+    monkeypatch.setenv("MLOPS__MLFLOW__MODEL_NAME", "cancer_classifier")
+    settings.cache_clear()
+    s = settings()
+    stages.generate_data(s, "2026-11-01", dataset="breast_cancer", rows=4000)
+    dr = run_day("2026-11-01", dataset="breast_cancer", canary_steps=[50, 100])
+    assert dr.state == DagRunState.SUCCESS
+    r = reports(s, "2026-11-01", dr.run_id)
+    assert r["validate_data"]["status"] == "accepted"
+    assert r["evaluate_model"]["roc_auc"] > 0.9
+    assert r["register_model"]["model_version"] == "1"
+    assert r["promote"]["decision"] == "promoted"
+    reg = Registry(s.mlflow)
+    assert reg.model_name == "cancer_classifier" and reg.alias_version("champion") == "1"
+    assert stages.serving_state(s)["labels"] == {"stable": 1, "canary": 1}
+    manifest = open_store(s.store).read_text(
+        open_store(s.store).key_of(r["shard_dataset"]["manifest_uri"])
+    )
+    assert '"categorical": {}' in manifest and '"label": "malignant"' in manifest

@@ -50,6 +50,7 @@ def test_clean_batch_is_accepted_and_profiled(store: ObjectStore) -> None:
     ("defect", "check", "column"),
     [
         ("missing_column", "expect_table_columns_to_match_set", None),
+        ("extra_column", "expect_table_columns_to_match_set", None),
         ("wrong_dtype", "expect_column_values_to_be_in_type_list", "amount"),
         ("nulls", "expect_column_values_to_not_be_null", "amount"),
         ("out_of_range", "expect_column_values_to_be_between", "amount"),
