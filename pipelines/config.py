@@ -67,6 +67,9 @@ class TrainSettings(_Section):
     seed: int = Field(7, description="seed for init, shuffling and dropout")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     max_restarts: int = Field(2, ge=0, description="torchrun --max-restarts")
+    min_nodes: int | None = Field(
+        None, ge=1, description="elastic lower bound (--nnodes=MIN:MAX); None = fixed size"
+    )
     rdzv_port: int = Field(0, ge=0, description="c10d rendezvous port on 127.0.0.1; 0 = free port")
     image: str = Field("mlops-trainer:latest", description="trainer image (kubernetes launcher)")
     namespace: str = Field("mlops", description="Kubernetes namespace for training pods")

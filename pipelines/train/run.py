@@ -97,6 +97,7 @@ def train_model(
             nodes=t.nodes,
             procs_per_node=t.procs_per_node,
             max_restarts=t.max_restarts,
+            min_nodes=t.min_nodes,
             rdzv_port=t.rdzv_port,
             sink=sink,
         )

@@ -119,9 +119,17 @@ class Trainer:
         self.opt.load_state_dict(snap.optimizer)
         torch.set_rng_state(snap.rng["torch"])
         self.step, self.start_epoch = snap.step, snap.epoch
-        self.start_step_in_epoch = snap.step_in_epoch
+        # A position inside an epoch only means something for the same world size; after an
+        # elastic resize the data is re-partitioned, so the epoch restarts from its beginning.
+        self.start_step_in_epoch = snap.step_in_epoch if snap.world_size == self.world else 0
         if self.rank == 0:
-            log.info("resumed from checkpoint at step %d (epoch %d)", snap.step, snap.epoch)
+            log.info(
+                "resumed from checkpoint at step %d (epoch %d, world %d -> %d)",
+                snap.step,
+                snap.epoch,
+                snap.world_size,
+                self.world,
+            )
 
     def _save_snapshot(self, epoch: int, step_in_epoch: int) -> None:
         if self.rank != 0:

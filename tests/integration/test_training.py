@@ -72,3 +72,110 @@ def test_unreadable_manifest_fails_before_any_node_starts(local_settings: Settin
     bogus = open_store(local_settings.store).uri("shards/transactions/nope/manifest.json")
     with pytest.raises(ManifestError, match="Cannot read manifest"):
         stages.train(local_settings, bogus)
+
+
+def _wait_for_checkpoint(settings: Settings, run_id: str, timeout: float = 120) -> None:
+    import time
+
+    store = open_store(settings.store)
+    key = f"{layout.checkpoints(run_id)}/latest.json"
+    deadline = time.monotonic() + timeout
+    while not store.exists(key):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no checkpoint for {run_id} within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_elastic_job_survives_a_lost_node_and_resumes_from_checkpoint(
+    local_settings: Settings,
+) -> None:
+    import threading
+
+    from pipelines.train.launch import kill_tree, launch_local
+    from pipelines.train.run import entry_args, start_training_run
+
+    s = with_overrides(
+        local_settings,
+        train={
+            "nodes": 2,
+            "min_nodes": 1,
+            "max_restarts": 3,
+            "epochs": 25,
+            "batch_size": 32,
+            "checkpoint_every": 25,
+        },
+    )
+    manifest = _manifest(s)
+    run_id, _ = start_training_run(s, manifest, None)
+    lines: list[str] = []
+    killed: list[int] = []
+
+    def kill_node_1(pids: list[int]) -> None:
+        def later() -> None:
+            _wait_for_checkpoint(s, run_id)
+            kill_tree(pids[1])  # node 1: its agent and its worker, at once
+            killed.append(pids[1])
+
+        threading.Thread(target=later, daemon=True).start()
+
+    result = launch_local(
+        entry_args(s, manifest, run_id),
+        nodes=2,
+        max_restarts=3,
+        min_nodes=1,
+        sink=lines.append,
+        on_start=kill_node_1,
+    )
+    assert killed, "node 1 was never killed"
+    assert result["restarts"] >= 1, result
+    assert result["world_size"] == 1.0
+    assert result["val_auc"] > 0.75
+    assert any("resumed from checkpoint" in line for line in lines)
+    assert any("node 1 was lost" in line for line in lines)
+
+
+def test_a_retried_task_resumes_its_run_instead_of_starting_over(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    s = with_overrides(
+        local_settings, train={"epochs": 25, "batch_size": 32, "checkpoint_every": 25}
+    )
+    manifest = _manifest(s)
+    for k, v in {"EPOCHS": "25", "BATCH_SIZE": "32", "CHECKPOINT_EVERY": "25"}.items():
+        monkeypatch.setenv(f"MLOPS__TRAIN__{k}", v)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "train",
+            "--manifest",
+            manifest,
+            "--run-key",
+            "dag/run-7/train",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    reg = Registry(s.mlflow)
+    deadline = time.monotonic() + 120
+    while reg.find_run("dag/run-7/train") is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run = reg.find_run("dag/run-7/train")
+    assert run is not None
+    _wait_for_checkpoint(s, run.info.run_id)
+    time.sleep(0.5)
+    first.kill()  # the task process dies; its node agents follow (PDEATHSIG)
+    first.wait()
+    lines: list[str] = []
+    out = stages.train(s, manifest, run_key="dag/run-7/train", sink=lines.append)
+    assert out["run_id"] == run.info.run_id and not out["reused"]
+    resumed = [line for line in lines if "resumed from checkpoint at step" in line]
+    assert resumed, lines[-20:]
+    step = int(resumed[0].split("at step ")[1].split()[0])
+    assert step > 0
+    assert reg.get_run(out["run_id"]).info.status == "FINISHED"
