@@ -66,6 +66,10 @@ class TrainSettings(_Section):
     embedding_dim: int = Field(4, ge=1, description="width of each categorical embedding")
     seed: int = Field(7, description="seed for init, shuffling and dropout")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    sync: Literal["ddp", "local_sgd"] = Field(
+        "ddp", description="ddp: all-reduce every step; local_sgd: average every sync_every steps"
+    )
+    sync_every: int = Field(8, ge=1, description="local SGD: steps between parameter averaging")
     max_restarts: int = Field(2, ge=0, description="torchrun --max-restarts")
     min_nodes: int | None = Field(
         None, ge=1, description="elastic lower bound (--nnodes=MIN:MAX); None = fixed size"

@@ -37,6 +37,10 @@ def entry_args(settings: Settings, manifest_uri: str, run_id: str) -> list[str]:
         ",".join(str(h) for h in t.hidden),
         "--embedding-dim",
         str(t.embedding_dim),
+        "--sync",
+        t.sync,
+        "--sync-every",
+        str(t.sync_every),
     ]
 
 
