@@ -205,7 +205,7 @@ class Trainer:
         if self.averager is not None:  # the final model is the average of all replicas
             from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-            average_parameters(self.model.parameters(), dist.group.WORLD)
+            average_parameters(self.model.parameters(), dist.distributed_c10d._get_default_group())
         elapsed = time.perf_counter() - started
         result = {
             "train_loss": epoch_loss,
