@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -205,7 +205,8 @@ class Trainer:
         if self.averager is not None:  # the final model is the average of all replicas
             from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-            average_parameters(self.model.parameters(), dist.distributed_c10d._get_default_group())
+            world = cast(dist.ProcessGroup, dist.group.WORLD)
+            average_parameters(self.model.parameters(), world)
         elapsed = time.perf_counter() - started
         result = {
             "train_loss": epoch_loss,
