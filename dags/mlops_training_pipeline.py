@@ -21,6 +21,11 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 from mlops_airflow.common import OWNER, TRAINING_POOL, on_failure
 
+from pipelines.config import settings
+
+# The profile decides the training launcher: local torchrun agents or one pod per node.
+TRAIN = settings().train
+
 DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,
@@ -119,6 +124,29 @@ def mlops_training_pipeline() -> None:
             sink=print,
         )
         return record(ctx, out)
+
+    @task
+    def prepare_training(shards: dict) -> dict:
+        """Kubernetes: open the MLflow run, render the rendezvous Service and each rank's pod."""
+        from mlops_airflow.common import run_key, run_settings
+        from mlops_airflow.training import prepare
+
+        ctx = get_current_context()
+        return prepare(
+            run_settings(ctx["params"]),
+            shards["manifest_uri"],
+            run_key(ctx, "train"),
+            {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+        )
+
+    @task
+    def finish_training(prepared: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines.train.run import finish_training_run
+
+        ctx = get_current_context()
+        return record(ctx, finish_training_run(run_settings(ctx["params"]), prepared["run_id"]))
 
     @task
     def evaluate_model(trained: dict) -> dict:
@@ -222,7 +250,15 @@ def mlops_training_pipeline() -> None:
 
     validated = validate_data()
     shards = shard_dataset(validated)
-    trained = train_model(shards)
+    if TRAIN.launcher == "kubernetes":
+        from mlops_airflow.training import kubernetes_training_group
+
+        prepared = prepare_training(shards)
+        _, nodes = kubernetes_training_group(TRAIN, prepared, TRAINING_POOL)
+        trained = finish_training(prepared)
+        nodes >> trained
+    else:
+        trained = train_model(shards)
     registered = register_model(evaluate_model(trained))
     gate = should_roll_out(registered)
     exported = export_and_infra_validate(registered)

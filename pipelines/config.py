@@ -77,6 +77,16 @@ class TrainSettings(_Section):
     rdzv_port: int = Field(0, ge=0, description="c10d rendezvous port on 127.0.0.1; 0 = free port")
     image: str = Field("mlops-trainer:latest", description="trainer image (kubernetes launcher)")
     namespace: str = Field("mlops", description="Kubernetes namespace for training pods")
+    service_account: str = Field("mlops-trainer", description="service account of training pods")
+    cpu: str = Field("2", description="cpu request and limit per training pod")
+    memory: str = Field("8Gi", description="memory request and limit per training pod")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per training pod (0 = CPU, gloo)")
+    node_selector: dict[str, str] = Field({}, description="node selector of training pods")
+    tolerations: list[dict[str, str]] = Field([], description="tolerations of training pods")
+    secret_env: list[str] = Field(
+        [], description="Kubernetes secrets whose keys become env vars (S3, MLflow credentials)"
+    )
+    pod_rdzv_port: int = Field(29500, description="rendezvous port on the rank-0 pod")
 
 
 class EvaluateSettings(_Section):

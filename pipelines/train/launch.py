@@ -43,6 +43,7 @@ def torchrun_command(
     entry_args: list[str],
     min_nodes: int | None = None,
     is_host: bool | None = None,
+    python: str = sys.executable,
 ) -> list[str]:
     """One node agent's command line; the same line runs in a Kubernetes pod.
 
@@ -57,7 +58,7 @@ def torchrun_command(
     if is_host is not None:
         rdzv_conf += f",is_host={'true' if is_host else 'false'}"
     return [
-        sys.executable,
+        python,
         "-m",
         "torch.distributed.run",
         f"--nnodes={lo}:{nodes}" if lo < nodes else f"--nnodes={nodes}",

@@ -108,6 +108,17 @@ def train_model(
     except BaseException:
         reg.end_run(run_id, ok=False)
         raise
-    reg.log_metrics(run_id, result)
     reg.end_run(run_id, ok=True)
     return {"run_id": run_id, "metrics": result, "reused": False}
+
+
+def finish_training_run(settings: Settings, run_id: str) -> dict[str, Any]:
+    """Close a run whose nodes ran elsewhere (pods): it must hold rank 0's summary and model."""
+    reg = Registry(settings.mlflow)
+    metrics = dict(reg.get_run(run_id).data.metrics)
+    if "val_auc" not in metrics:
+        reg.end_run(run_id, ok=False)
+        raise RuntimeError(f"Training run {run_id} has no final metrics: rank 0 did not finish.")
+    reg.read_artifact(run_id, "model/model.pt")  # raises if the model is missing
+    reg.end_run(run_id, ok=True)
+    return {"run_id": run_id, "metrics": metrics, "reused": False}

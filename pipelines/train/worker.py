@@ -215,8 +215,13 @@ class Trainer:
             "steps": float(self.step),
             "restarts": float(self.restarts),
         }
-        if self.rank == 0:
+        if client is not None:  # rank 0
             result.update(self._finish(client))
+            # Rank 0 records the run's summary itself: on Kubernetes no launcher reads stdout.
+            now = int(time.time() * 1000)
+            client.log_batch(
+                self.args.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.items()]
+            )
         return result
 
     def _finish(self, client: Any) -> dict[str, float]:

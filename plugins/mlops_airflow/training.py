@@ -1,0 +1,151 @@
+"""Multi-node training on Kubernetes: one KubernetesPodOperator per node, torchrun rendezvous.
+
+A headless Service selecting only the rank-0 pod gives it a stable DNS name
+(``<job>-0.<job>.<namespace>.svc``); every pod runs the same ``torchrun ... -m pipelines.train``
+line as the local launcher. The Service is created before the pods and deleted after them,
+on failure too. All ranks sit in the training pool and are never retried alone (a lone rank
+cannot rejoin a finished rendezvous): clearing the group from ``prepare_training`` re-runs it,
+and the MLflow run's checkpoints make it resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+RANK_LABEL = "mlops.io/rank"
+JOB_LABEL = "mlops.io/job"
+
+
+def job_name(run_id: str) -> str:
+    """A DNS-1123 name for the job, stable for one MLflow run (so a re-run reuses it)."""
+    return "ddp-" + hashlib.sha1(run_id.encode()).hexdigest()[:10]
+
+
+def rendezvous_service(job: str, namespace: str, port: int) -> dict[str, Any]:
+    """Headless Service whose selector matches the rank-0 pod only."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": job, "namespace": namespace, "labels": {JOB_LABEL: job}},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_LABEL: job, RANK_LABEL: "0"},
+            "ports": [{"name": "c10d", "port": port, "targetPort": port, "protocol": "TCP"}],
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def node_pod_kwargs(train: Any, job: str, rank: int, entry_args: list[str]) -> dict[str, Any]:
+    """The per-rank KubernetesPodOperator arguments (JSON-able, for ``expand_kwargs``)."""
+    from pipelines.train.launch import torchrun_command
+
+    endpoint = f"{job}-0.{job}:{train.pod_rdzv_port}"
+    cmd = torchrun_command(
+        train.nodes,
+        train.procs_per_node,
+        endpoint,
+        job,
+        train.max_restarts,
+        entry_args,
+        train.min_nodes,
+        is_host=(rank == 0),
+        python="python",
+    )
+    return {
+        "name": f"{job}-{rank}",
+        "hostname": f"{job}-{rank}",
+        "subdomain": job,
+        "labels": {JOB_LABEL: job, RANK_LABEL: str(rank)},
+        "cmds": cmd[:1],
+        "arguments": cmd[1:],
+        "env_vars": {
+            "MLOPS_PROFILE": "kubernetes",
+            "MLOPS_NODE_RANK": str(rank),
+            "PYTHONUNBUFFERED": "1",
+        },
+    }
+
+
+def pod_defaults(train: Any) -> dict[str, Any]:
+    """Arguments shared by every rank: image, namespace, resources, scheduling, secrets."""
+    from kubernetes.client import models as k8s
+
+    resources = {"cpu": train.cpu, "memory": train.memory}
+    if train.gpus:
+        resources["nvidia.com/gpu"] = str(train.gpus)
+    return {
+        "image": train.image,
+        "namespace": train.namespace,
+        "service_account_name": train.service_account,
+        "container_resources": k8s.V1ResourceRequirements(requests=resources, limits=resources),
+        "node_selector": dict(train.node_selector),
+        "tolerations": [k8s.V1Toleration(**t) for t in train.tolerations],
+        "env_from": [
+            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s)) for s in train.secret_env
+        ],
+        "ports": [k8s.V1ContainerPort(container_port=train.pod_rdzv_port, name="c10d")],
+        "random_name_suffix": False,
+        "get_logs": True,
+        "deferrable": True,
+        "on_finish_action": "delete_pod",
+        "startup_timeout_seconds": 600,
+    }
+
+
+def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> Any:
+    """Service -> one pod per node (mapped) -> Service deleted; returns the mapped pods task.
+
+    ``prepared`` is the XCom of a task returning ``{"job", "service_yaml", "pods": [...]}``."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.cncf.kubernetes.operators.resource import (
+        KubernetesCreateResourceOperator,
+        KubernetesDeleteResourceOperator,
+    )
+    from airflow.sdk import TaskGroup, task
+
+    with TaskGroup("train_on_kubernetes") as group:
+        create_rendezvous_service = KubernetesCreateResourceOperator(
+            task_id="create_rendezvous_service",
+            yaml_conf="{{ ti.xcom_pull(task_ids='prepare_training')['service_yaml'] }}",
+            namespace=train.namespace,
+        )
+
+        @task
+        def node_specs(p: dict) -> list[dict]:
+            return list(p["pods"])
+
+        nodes = KubernetesPodOperator.partial(
+            task_id="train_node", pool=pool, retries=0, **pod_defaults(train)
+        ).expand_kwargs(node_specs(prepared))
+        delete_rendezvous_service = KubernetesDeleteResourceOperator(
+            task_id="delete_rendezvous_service",
+            yaml_conf="{{ ti.xcom_pull(task_ids='prepare_training')['service_yaml'] }}",
+            namespace=train.namespace,
+            trigger_rule="all_done",
+        )
+        create_rendezvous_service >> nodes >> delete_rendezvous_service
+    prepared >> group
+    return group, nodes
+
+
+def prepare(settings: Any, manifest_uri: str, run_key: str, tags: dict[str, Any]) -> dict:
+    """Open (or reuse) the MLflow run and render the Service and every rank's pod arguments."""
+    from pipelines.train.run import entry_args, start_training_run
+
+    run_id, done = start_training_run(settings, manifest_uri, run_key, tags)
+    job = job_name(run_id)
+    args = entry_args(settings, manifest_uri, run_id)
+    service = rendezvous_service(job, settings.train.namespace, settings.train.pod_rdzv_port)
+    return {
+        "run_id": run_id,
+        "done": done,
+        "job": job,
+        "service_yaml": yaml.safe_dump(service),
+        "pods": [
+            node_pod_kwargs(settings.train, job, r, args) for r in range(settings.train.nodes)
+        ],
+    }

@@ -1,0 +1,150 @@
+"""Kubernetes training without a cluster: render the pods with the provider's own
+``build_pod_request_obj``, validate them against the Kubernetes models, check the Service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlops_airflow.training import (
+    RANK_LABEL,
+    job_name,
+    node_pod_kwargs,
+    pod_defaults,
+    rendezvous_service,
+)
+
+from pipelines.config import load_settings, with_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def train(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = load_settings({"MLOPS_HOME": str(tmp_path), "MLOPS_PROFILE": "kubernetes"})
+    return with_overrides(
+        s,
+        train={
+            "nodes": 3,
+            "min_nodes": 2,
+            "gpus": 1,
+            "cpu": "4",
+            "memory": "16Gi",
+            "node_selector": {"pool": "gpu"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "secret_env": ["mlops-s3", "mlops-mlflow"],
+        },
+    ).train
+
+
+def render(train, rank: int, job: str):  # type: ignore[no-untyped-def]
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    args = ["--manifest", "s3://lake/shards/t/v/manifest.json", "--run-id", "abc"]
+    kpo = KubernetesPodOperator(
+        task_id=f"train_node_{rank}",
+        **pod_defaults(train),
+        **node_pod_kwargs(train, job, rank, args),
+    )
+    return kpo.build_pod_request_obj(dry_run=True)
+
+
+def test_three_node_pods_carry_ranks_rendezvous_and_resources(train) -> None:  # type: ignore[no-untyped-def]
+    from kubernetes.client import ApiClient
+
+    job = job_name("abc")
+    api = ApiClient()
+    for rank in range(3):
+        pod = render(train, rank, job)
+        # Round-trip through the Kubernetes models: the spec is well-formed.
+        data = api.sanitize_for_serialization(pod)
+        again = api._ApiClient__deserialize(data, "V1Pod")
+        assert api.sanitize_for_serialization(again) == data
+        spec = pod.spec
+        assert (spec.hostname, spec.subdomain) == (f"{job}-{rank}", job)
+        assert pod.metadata.labels[RANK_LABEL] == str(rank)
+        assert pod.metadata.namespace == train.namespace
+        assert spec.service_account_name == train.service_account
+        assert spec.node_selector == {"pool": "gpu"}
+        assert spec.tolerations[0].key == "nvidia.com/gpu"
+        c = spec.containers[0]
+        assert c.image == train.image
+        assert c.command == ["python"]
+        line = " ".join(c.args)
+        assert "-m torch.distributed.run --nnodes=2:3 --nproc-per-node=1" in line
+        assert f"--rdzv-endpoint={job}-0.{job}:29500" in line and f"--rdzv-id={job}" in line
+        assert f"is_host={'true' if rank == 0 else 'false'}" in line
+        assert line.endswith(
+            "-m pipelines.train --manifest s3://lake/shards/t/v/manifest.json --run-id abc"
+        )
+        env = {e.name: e.value for e in c.env}
+        assert env["MLOPS_PROFILE"] == "kubernetes" and env["MLOPS_NODE_RANK"] == str(rank)
+        assert [e.secret_ref.name for e in c.env_from] == ["mlops-s3", "mlops-mlflow"]
+        assert c.resources.limits == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+        assert c.resources.requests == c.resources.limits
+
+
+def test_headless_service_selects_only_the_rank_zero_pod(train) -> None:  # type: ignore[no-untyped-def]
+    from kubernetes.client import ApiClient
+
+    job = job_name("abc")
+    svc = ApiClient()._ApiClient__deserialize(
+        rendezvous_service(job, train.namespace, train.pod_rdzv_port), "V1Service"
+    )
+    assert svc.spec.cluster_ip == "None" and svc.metadata.name == job
+    assert svc.spec.ports[0].port == 29500
+    selected = [
+        r
+        for r in range(3)
+        if svc.spec.selector.items() <= render(train, r, job).metadata.labels.items()
+    ]
+    assert selected == [0]
+
+
+def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(tmp_path: Path) -> None:
+    code = (
+        "import json\n"
+        "from airflow.models import DagBag\n"
+        f"bag = DagBag(dag_folder={str(ROOT / 'dags')!r})\n"
+        "dag = bag.dags['mlops_training_pipeline']\n"
+        "t = {x.task_id: x for x in dag.tasks}\n"
+        "node = t['train_on_kubernetes.train_node']\n"
+        "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},\n"
+        "  'tasks': sorted(t), 'pool': node.partial_kwargs.get('pool'),\n"
+        "  'retries': node.partial_kwargs.get('retries'),\n"
+        "  'delete_rule': t['train_on_kubernetes.delete_rendezvous_service'].trigger_rule.value,\n"
+        "  'up': sorted(t['finish_training'].upstream_task_ids)}))\n"
+    )
+    env = {
+        **os.environ,
+        "MLOPS_PROFILE": "kubernetes",
+        "MLOPS_HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT / "plugins"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["errors"] == {}
+    assert {
+        "prepare_training",
+        "train_on_kubernetes.create_rendezvous_service",
+        "train_on_kubernetes.train_node",
+        "train_on_kubernetes.delete_rendezvous_service",
+        "finish_training",
+    } <= set(r["tasks"])
+    assert "train_model" not in r["tasks"]
+    assert r["pool"] == "mlops_training" and r["retries"] == 0
+    assert r["delete_rule"] == "all_done"
+    assert "train_on_kubernetes.train_node" in r["up"]
