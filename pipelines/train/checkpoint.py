@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,42 @@ class CheckpointManager:
 
     def __init__(self, store: ObjectStore, prefix: str, keep: int = 2):
         self.store, self.prefix, self.keep = store, prefix.strip("/"), keep
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save_async(self, ckpt: Checkpoint) -> None:
+        """Snapshot tensors now (a copy), write in the background; one write in flight.
+
+        Training continues while serialisation and I/O happen; a failed write surfaces at the
+        next save or at :meth:`wait`."""
+        self.wait()
+        snapshot = Checkpoint(
+            ckpt.step,
+            ckpt.epoch,
+            ckpt.step_in_epoch,
+            _copy(ckpt.model),
+            _copy(ckpt.optimizer),
+            _copy(ckpt.rng),
+            ckpt.world_size,
+        )
+
+        def write() -> None:
+            try:
+                self.save(snapshot)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+                self._error = exc
+
+        self._pending = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        self._pending.start()
+
+    def wait(self) -> None:
+        """Block until the background write is durable; re-raise its failure."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"Checkpoint write under {self.prefix} failed: {err}") from err
 
     def save(self, ckpt: Checkpoint) -> str:
         buf = io.BytesIO()
@@ -59,3 +97,14 @@ class CheckpointManager:
             weights_only=False,
         )
         return Checkpoint(**blob)
+
+
+def _copy(state: Any) -> Any:
+    """Deep copy of a (nested) state dict with tensors cloned, so training can go on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy(v) for v in state)
+    return copy.copy(state)

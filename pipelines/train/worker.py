@@ -103,7 +103,11 @@ class Trainer:
         self.model: TabularMLP = model_from_manifest(m, args.hidden, args.embedding_dim)
         # Local SGD trains each rank's replica alone and averages parameters every
         # `sync_every` steps (PeriodicModelAverager): far less communication than DDP.
-        self.forward: nn.Module = DDP(self.model) if args.sync == "ddp" else self.model
+        # A world of one has nothing to all-reduce: DDP's hooks would only add latency.
+        ddp = args.sync == "ddp" and world > 1
+        self.forward: nn.Module = (
+            DDP(self.model, gradient_as_bucket_view=True) if ddp else self.model
+        )
         self.averager = None
         if args.sync == "local_sgd":
             from torch.distributed.algorithms.model_averaging.averagers import (
@@ -146,7 +150,7 @@ class Trainer:
     def _save_snapshot(self, epoch: int, step_in_epoch: int) -> None:
         if self.rank != 0:
             return
-        self.ckpt.save(
+        self.ckpt.save_async(
             Checkpoint(
                 self.step,
                 epoch,
@@ -190,6 +194,7 @@ class Trainer:
         client = MlflowClient(load_settings().mlflow.tracking_uri) if self.rank == 0 else None
         started, samples = time.perf_counter(), 0
         epoch_loss = float("nan")
+        pending_logs = []  # MLflow writes happen off the training thread
         for epoch in range(self.start_epoch, self.args.epochs):
             metrics: list[tuple[str, float, int]] = []
             done_before = self.step
@@ -200,8 +205,14 @@ class Trainer:
                 now = int(time.time() * 1000)
                 batch = [Metric(k, v, now, s) for k, v, s in metrics]
                 batch.append(Metric("epoch_loss", epoch_loss, now, epoch))
-                client.log_batch(self.args.run_id, metrics=batch)
+                pending_logs.append(
+                    client.log_batch(self.args.run_id, metrics=batch, synchronous=False)
+                )
                 log.info("epoch %d loss %.5f step %d", epoch, epoch_loss, self.step)
+        self.ckpt.wait()  # the last checkpoint is durable before the run reports success
+        for op in pending_logs:
+            if op is not None:
+                op.wait()
         if self.averager is not None:  # the final model is the average of all replicas
             from torch.distributed.algorithms.model_averaging.utils import average_parameters
 

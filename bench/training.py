@@ -1,0 +1,148 @@
+"""Training throughput: the real trainer reading shards from the store vs a bare in-memory loop.
+
+Both run in this process on the same model, batch size, data and number of optimizer steps:
+
+- ``bare``: the same ``TabularMLP``, Adam and loss over pre-encoded in-memory tensors, no DDP,
+  no logging, no checkpoints (the ceiling);
+- ``trainer``: ``pipelines.train.worker.Trainer`` in a world of one (gloo), reading and
+  checksumming its shards from the object store, DDP-wrapped, logging to MLflow, with
+  ``checkpoint_every`` steps between atomic checkpoints; its rate includes reading the shards;
+- ``trainer_no_ckpt``: the same with checkpoints off, to isolate the checkpoint share.
+
+    .venv/bin/python bench/training.py [--rows 100000] [--epochs 4] [--checkpoint-every 200]
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--checkpoint-every", type=int, default=200)
+    args = ap.parse_args()
+    home = tempfile.mkdtemp(prefix="bench-training-")
+    os.environ.update(
+        MLOPS_HOME=home,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        GROUP_RANK="0",
+    )
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from pipelines import stages
+    from pipelines.config import load_settings
+    from pipelines.data.shard import load_manifest, read_split
+    from pipelines.store import open_store
+    from pipelines.train.model import encode_frame, model_from_manifest
+    from pipelines.train.run import start_training_run
+    from pipelines.train.worker import TrainArgs, Trainer
+
+    torch.set_num_threads(1)
+    settings = load_settings()
+    stages.generate_data(settings, "2026-11-01", rows=args.rows)
+    manifest_uri = stages.shard_data(settings, "2026-11-01")["manifest_uri"]
+    store = open_store(settings.store)
+    manifest = load_manifest(store, manifest_uri)
+    dist.init_process_group("gloo")
+
+    def trainer(checkpoint_every: int) -> dict[str, float]:
+        run_id, _ = start_training_run(settings, manifest_uri, None)  # fresh: no resume
+        targs = TrainArgs(
+            manifest_uri,
+            run_id,
+            args.epochs,
+            args.batch_size,
+            3e-3,
+            7,
+            checkpoint_every,
+            (64, 32),
+            4,
+        )
+        t0 = time.perf_counter()
+        tr = Trainer(targs, store, 0, 1, 0, 1)
+        load_s = time.perf_counter() - t0
+        result = tr.train()
+        loop_s = result["steps"] * args.batch_size / result["samples_per_s"]
+        return {
+            "steps": result["steps"],
+            "load_s": load_s,
+            "loop_s": loop_s,
+            "samples_per_s": result["steps"] * args.batch_size / (load_s + loop_s),
+        }
+
+    def bare(steps: int) -> dict[str, float]:
+        m = manifest.data
+        train = read_split(store, manifest, "train")
+        x = torch.from_numpy(
+            encode_frame(train, m["features"]["numeric"], m["features"]["categorical"], m["stats"])
+        )
+        y = torch.from_numpy(train[m["label"]].to_numpy(dtype="float32"))
+        torch.manual_seed(7)
+        model = model_from_manifest(m, (64, 32), 4)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        loss_fn = nn.BCEWithLogitsLoss()
+        per_epoch = len(y) // args.batch_size
+        t0 = time.perf_counter()
+        done = 0
+        while done < steps:
+            order = torch.randperm(len(y))
+            for i in range(min(per_epoch, steps - done)):
+                idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x[idx]), y[idx]).backward()
+                opt.step()
+                done += 1
+        return {
+            "steps": float(steps),
+            "samples_per_s": steps * args.batch_size / (time.perf_counter() - t0),
+        }
+
+    trainer(10**9)  # warm-up: imports, MLflow tables, allocator
+    with_ckpt = trainer(args.checkpoint_every)
+    no_ckpt = trainer(10**9)
+    base = bare(int(with_ckpt["steps"]))
+    dist.destroy_process_group()
+    ckpt_share = max(with_ckpt["loop_s"] - no_ckpt["loop_s"], 0.0) / with_ckpt["loop_s"]
+    result = {
+        "bench": "training",
+        "rows": args.rows,
+        "train_rows": manifest.rows("train"),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "steps": int(with_ckpt["steps"]),
+        "checkpoint_every": args.checkpoint_every,
+        "bare_samples_per_s": round(base["samples_per_s"]),
+        "trainer_samples_per_s": round(with_ckpt["samples_per_s"]),
+        "trainer_over_bare": round(with_ckpt["samples_per_s"] / base["samples_per_s"], 3),
+        "shard_read_s": round(with_ckpt["load_s"], 3),
+        "checkpoint_share_of_step_time": round(ckpt_share, 4),
+        "trainer_no_ckpt_samples_per_s": round(no_ckpt["samples_per_s"]),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
