@@ -58,9 +58,7 @@ def run_reports(store: Any, date: str) -> dict[str, Any]:
         return {}
     latest = max(
         runs,
-        key=lambda k: max(
-            (store.fs.modified(store._path(f)).timestamp() for f in store.list(k)), default=0
-        ),
+        key=lambda k: max((store.modified(f) for f in store.list(k)), default=0),
     )
     return {
         k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))

@@ -112,6 +112,10 @@ class ObjectStore:
         root = self.root_path + "/"
         return sorted(p[len(root) :] if p.startswith(root) else p for p in paths)
 
+    def modified(self, key: str) -> float:
+        """Last-modified time of an object (epoch seconds)."""
+        return float(self.fs.modified(self._path(key)).timestamp())
+
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         with self.open(key) as fh:

@@ -93,6 +93,47 @@ def s3_bucket(moto_server: str) -> Iterator[str]:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The object store twice: on local files, and on the moto S3 server with SSE on."""
+    from pipelines.config import StoreSettings
+    from pipelines.store import ObjectStore
+
+    if request.param == "file":
+        return ObjectStore(f"file://{tmp_path}/lake")
+    cfg = StoreSettings(
+        root=f"s3://{request.getfixturevalue('s3_bucket')}/lake",
+        endpoint_url=request.getfixturevalue("moto_server"),
+        key="testing",
+        secret="testing",
+        sse="AES256",
+    )
+    return ObjectStore.from_settings(cfg)
+
+
+def _run_python(code: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (as Airflow's parser would); its last stdout line
+    is JSON."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "plugins"), **env},
+        timeout=300,
+        check=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture
+def run_python():  # type: ignore[no-untyped-def]
+    """``run_python(code, **env) -> dict``: code in a fresh interpreter, JSON on its last line."""
+    return _run_python
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
     """A migrated SQLite metadata DB in a temporary AIRFLOW_HOME (once per session)."""

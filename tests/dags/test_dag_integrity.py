@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +23,7 @@ def test_dagbag_imports_without_errors(dagbag) -> None:  # type: ignore[no-untyp
     assert "mlops_training_pipeline" in dagbag.dag_ids
 
 
-def test_parse_is_fast_and_imports_no_heavy_module() -> None:
+def test_parse_is_fast_and_imports_no_heavy_module(run_python) -> None:  # type: ignore[no-untyped-def]
     """Parse the DAG file in a fresh interpreter, as the dag-processor does."""
     code = (
         "import sys, time, runpy, json\n"
@@ -37,16 +33,7 @@ def test_parse_is_fast_and_imports_no_heavy_module() -> None:
         "print(json.dumps({'seconds': time.perf_counter() - t,\n"
         "                  'modules': sorted(m for m in sys.modules)}))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_python(code)
     loaded = {m.split(".")[0] for m in result["modules"]}
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
     assert result["seconds"] < 2.0, result["seconds"]

@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -107,7 +103,9 @@ def test_headless_service_selects_only_the_rank_zero_pod(train) -> None:  # type
     assert selected == [0]
 
 
-def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(tmp_path: Path) -> None:
+def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(  # type: ignore[no-untyped-def]
+    tmp_path: Path, run_python
+) -> None:
     code = (
         "import json\n"
         "from airflow.models import DagBag\n"
@@ -121,21 +119,7 @@ def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(tmp_path: Path) 
         "  'delete_rule': t['train_on_kubernetes.delete_rendezvous_service'].trigger_rule.value,\n"
         "  'up': sorted(t['finish_training'].upstream_task_ids)}))\n"
     )
-    env = {
-        **os.environ,
-        "MLOPS_PROFILE": "kubernetes",
-        "MLOPS_HOME": str(tmp_path),
-        "PYTHONPATH": str(ROOT / "plugins"),
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_python(code, MLOPS_PROFILE="kubernetes", MLOPS_HOME=str(tmp_path))
     assert r["errors"] == {}
     assert {
         "prepare_training",

@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines.config import StoreSettings
 from pipelines.data import layout
 from pipelines.data.generate import generate_partition
 from pipelines.data.shard import SPLITS, load_manifest, read_split, shard_dataset
@@ -18,21 +17,6 @@ from pipelines.store import ObjectStore
 
 pytestmark = pytest.mark.integration
 SPEC = load_spec("transactions")
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
-    if request.param == "file":
-        return ObjectStore(f"file://{tmp_path}/lake")
-    bucket = request.getfixturevalue("s3_bucket")
-    cfg = StoreSettings(
-        root=f"s3://{bucket}/lake",
-        endpoint_url=request.getfixturevalue("moto_server"),
-        key="testing",
-        secret="testing",
-        sse="AES256",
-    )
-    return ObjectStore.from_settings(cfg)
 
 
 def test_clean_batch_is_accepted_and_profiled(store: ObjectStore) -> None:

@@ -11,22 +11,6 @@ from pipelines.config import StoreSettings
 from pipelines.store import ObjectStore, StoreError, storage_options
 
 
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
-    if request.param == "file":
-        return ObjectStore(f"file://{tmp_path}/lake")
-    bucket = request.getfixturevalue("s3_bucket")
-    endpoint = request.getfixturevalue("moto_server")
-    cfg = StoreSettings(
-        root=f"s3://{bucket}/lake",
-        endpoint_url=endpoint,
-        key="testing",
-        secret="testing",
-        sse="AES256",
-    )
-    return ObjectStore.from_settings(cfg)
-
-
 def test_write_read_list_delete(store: ObjectStore) -> None:
     uri = store.write_text("a/b/one.txt", "1")
     store.write_bytes("a/b/two.bin", b"\x00\x01")
