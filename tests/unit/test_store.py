@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def test_write_read_list_delete(store: ObjectStore) -> None:
     store.write_bytes("a/b/two.bin", b"\x00\x01")
     assert uri == store.uri("a/b/one.txt")
     assert store.read_text("a/b/one.txt") == "1"
+    assert abs(store.modified("a/b/one.txt") - time.time()) < 300
     assert store.read_bytes("a/b/two.bin") == b"\x00\x01"
     assert store.list("a/b") == ["a/b/one.txt", "a/b/two.bin"]
     assert store.list("a", recursive=True) == ["a/b/one.txt", "a/b/two.bin"]
