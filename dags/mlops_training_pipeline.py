@@ -18,13 +18,30 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    CronDataIntervalTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
 from mlops_airflow.common import OWNER, TRAINING_POOL, on_failure
 
 from pipelines.config import settings
 
 # The profile decides the training launcher: local torchrun agents or one pod per node.
 TRAIN = settings().train
+# Assets other DAGs can schedule on (for example batch scoring). URIs are logical and stable
+# across deployments; each event's extra carries the concrete manifest URI / model version.
+DATASET_ASSET = Asset(
+    name=f"{settings().data.dataset}_shards",
+    uri=f"mlops://datasets/{settings().data.dataset}/shards",
+)
+MODEL_ASSET = Asset(
+    name=f"{settings().mlflow.model_name}_registered",
+    uri=f"mlflow://models/{settings().mlflow.model_name}",
+)
 
 DEFAULT_ARGS = {
     "owner": OWNER,
@@ -100,26 +117,32 @@ def mlops_training_pipeline() -> None:
             raise AirflowFailException(str(exc)) from exc
         return record(ctx, out)
 
-    @task
+    @task(outlets=[DATASET_ASSET])
     def shard_dataset(_: dict) -> dict:
         from mlops_airflow.common import interval_date, record, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
-        return record(ctx, stages.shard_data(run_settings(ctx["params"]), interval_date(ctx)))
+        out = stages.shard_data(run_settings(ctx["params"]), interval_date(ctx))
+        ctx["outlet_events"][DATASET_ASSET].extra = {
+            "manifest_uri": out["manifest_uri"],
+            "data_version": out["data_version"],
+        }
+        return record(ctx, out)
 
     @task(pool=TRAINING_POOL, retries=1)
     def train_model(shards: dict) -> dict:
-        from mlops_airflow.common import record, run_key, run_settings
+        from mlops_airflow.common import record, run_settings, training_key
 
         from pipelines import stages
 
         ctx = get_current_context()
+        cfg = run_settings(ctx["params"])
         out = stages.train(
-            run_settings(ctx["params"]),
+            cfg,
             shards["manifest_uri"],
-            run_key=run_key(ctx, "train"),
+            run_key=training_key(ctx, cfg, shards["data_version"]),
             tags={"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
             sink=print,
         )
@@ -128,14 +151,15 @@ def mlops_training_pipeline() -> None:
     @task
     def prepare_training(shards: dict) -> dict:
         """Kubernetes: open the MLflow run, render the rendezvous Service and each rank's pod."""
-        from mlops_airflow.common import run_key, run_settings
+        from mlops_airflow.common import run_settings, training_key
         from mlops_airflow.training import prepare
 
         ctx = get_current_context()
+        cfg = run_settings(ctx["params"])
         return prepare(
-            run_settings(ctx["params"]),
+            cfg,
             shards["manifest_uri"],
-            run_key(ctx, "train"),
+            training_key(ctx, cfg, shards["data_version"]),
             {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
         )
 
@@ -164,7 +188,7 @@ def mlops_training_pipeline() -> None:
             ),
         )
 
-    @task
+    @task(outlets=[MODEL_ASSET])
     def register_model(evaluation: dict) -> dict:
         from mlops_airflow.common import is_backfill, record, run_settings
 
@@ -179,9 +203,14 @@ def mlops_training_pipeline() -> None:
         out["roll_out"] = (
             bool(out["model_version"])
             and out["newer_than_champion"]
+            and not out["is_champion"]  # a rerun of the serving model's run: nothing to roll out
             and not is_backfill(ctx)
             and not ctx["params"]["skip_rollout"]
         )
+        ctx["outlet_events"][MODEL_ASSET].extra = {
+            "model_version": out["model_version"],
+            "run_id": evaluation["run_id"],
+        }
         return record(ctx, out)
 
     @task.short_circuit

@@ -130,6 +130,7 @@ def register(
         "champion_data_date": champion_date,
         # An older interval (a late rerun) never replaces a model trained on newer data.
         "newer_than_champion": champion_date is None or (data_date or "") >= champion_date,
+        "is_champion": version is not None and version == champion,
     }
 
 

@@ -48,9 +48,18 @@ def is_backfill(context: dict[str, Any]) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
-def run_key(context: dict[str, Any], stage: str) -> str:
-    """Idempotency key: a retry of the same task in the same DAG run reuses its work."""
-    return f"{context['dag'].dag_id}/{context['run_id']}/{stage}"
+def training_key(context: dict[str, Any], settings: Any, data_version: str) -> str:
+    """Idempotency key of a training run: DAG, data version, code version and training config.
+
+    A retry, a rerun of the same interval or a backfill over it finds the same key, so it
+    resumes (or reuses) that run instead of training, and registering, a duplicate."""
+    import hashlib
+
+    from pipelines.registry import git_sha
+
+    cfg = settings.train.model_dump_json(exclude={"image", "namespace"})
+    digest = hashlib.sha256(f"{git_sha()}|{cfg}".encode()).hexdigest()[:12]
+    return f"{context['dag'].dag_id}/{data_version}/{digest}"
 
 
 def record(

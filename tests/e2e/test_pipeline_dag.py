@@ -28,6 +28,24 @@ def run_day(date: str, **conf: object):  # type: ignore[no-untyped-def]
     )
 
 
+def asset_events() -> dict[str, list[dict]]:
+    """Asset name -> extras of its events, read from the metadata DB (the test is no task)."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    out: dict[str, list[dict]] = {}
+    with create_session() as session:
+        rows = session.execute(
+            select(AssetModel.name, AssetEvent.extra).join(
+                AssetModel, AssetModel.id == AssetEvent.asset_id
+            )
+        ).all()
+    for name, extra in rows:
+        out.setdefault(name, []).append(dict(extra or {}))
+    return out
+
+
 def reports(settings: Settings, date: str, run_id: str) -> dict:
     store = open_store(settings.store)
     prefix = f"{layout.run_report(DAG_ID, date)}/{run_id}"
@@ -81,6 +99,28 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert reg.alias_version("champion") == "2"
     assert stages.serving_state(s)["labels"] == {"stable": 2, "canary": 2}
     assert stages.serving_state(s)["canary_weight"] == 0
+
+    # A rerun of day 2 (same data, code and config) reuses the training run: no new version,
+    # no rollout, the champion stays.
+    dr = run_day("2026-11-02")
+    assert dr.state == DagRunState.SUCCESS
+    rerun = reports(s, "2026-11-02", dr.run_id)
+    assert rerun["train_model"]["reused"] is True
+    assert rerun["train_model"]["run_id"] == r2["train_model"]["run_id"]
+    assert rerun["register_model"]["model_version"] == "2"
+    assert rerun["register_model"]["roll_out"] is False
+    assert "stage_canary" not in rerun
+    assert reg.alias_version("champion") == "2"
+
+    # Other DAGs can subscribe: the run emitted Asset events with the data and model versions.
+    events = asset_events()
+    assert {
+        "data_version": r2["shard_dataset"]["data_version"],
+        "manifest_uri": r2["shard_dataset"]["manifest_uri"],
+    } in events["transactions_shards"]
+    assert {"model_version": "2", "run_id": r2["train_model"]["run_id"]} in events[
+        "fraud_detector_registered"
+    ]
 
     # Day 3: a batch with PII is blocked; nothing downstream changes.
     config_before = (Path(s.serving.base_dir) / "models.config").read_text()
