@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import requests
 
 from pipelines.config import Settings
 from pipelines.data import layout
-from pipelines.data.shard import load_manifest, read_split
+from pipelines.data.shard import Manifest, load_manifest, read_split
 from pipelines.evaluate.run import load_run_model
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
@@ -82,13 +83,20 @@ def _latency_probe(
     return times, preds
 
 
+def _held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFrame, Any]:
+    """(run id, manifest, test split, torch model) of a registered version: the rows every
+    serving check sends are the ones the version was evaluated on."""
+    reg, store = Registry(settings.mlflow), open_store(settings.store)
+    run_id = reg.version_run_id(version)
+    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
+    return run_id, manifest, read_split(store, manifest, "test"), load_run_model(reg, run_id)
+
+
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
     """SavedModel for a registered version: parity with torch, then load-and-query in a server."""
     reg, store = Registry(settings.mlflow), open_store(settings.store)
-    run_id = reg.version_run_id(version)
-    model = load_run_model(reg, run_id)
-    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
-    test = read_split(store, manifest, "test").head(500)
+    run_id, _, test, model = _held_out(settings, version)
+    test = test.head(500)
     name = settings.mlflow.model_name
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         base = Path(tmp) / name
@@ -233,11 +241,8 @@ def _wait_label(client: ServingClient, name: str, label: str, version: int, time
 
 
 def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
-    reg, store = Registry(settings.mlflow), open_store(settings.store)
-    run_id = reg.version_run_id(version)
-    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
-    test = read_split(store, manifest, "test")
-    return to_instances(test, load_run_model(reg, run_id))
+    _, _, test, model = _held_out(settings, version)
+    return to_instances(test, model)
 
 
 # -- canary ----------------------------------------------------------------------------------
@@ -299,10 +304,7 @@ def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
         return verdict
     url = serving_url(settings)
     reg = Registry(settings.mlflow)
-    run_id = reg.version_run_id(version)
-    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
-    test = read_split(store, manifest, "test")
-    model = load_run_model(reg, run_id)
+    _, manifest, test, model = _held_out(settings, version)
     rows = list(zip(test[manifest.data["key"]].astype(str), to_instances(test, model), strict=True))
     router = Router(url, name, weights, cfg.admin_token)
     server, router_url = start_router(router)
