@@ -6,7 +6,9 @@ HandleReloadConfigRequest. Errors use the gRPC codes TF Serving returns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -33,8 +35,13 @@ _STATES = {
 }
 
 
-def _abort(context: grpc.ServicerContext, exc: ServingError) -> None:
-    context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message)
+@contextmanager
+def _grpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn a :class:`ServingError` into the gRPC status TF Serving would return."""
+    try:
+        yield
+    except ServingError as exc:
+        context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), exc.message)
 
 
 def _spec(spec: Any) -> tuple[str, int | None, str | None]:
@@ -50,15 +57,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         import tensorflow as tf
 
         name, version, label = _spec(request.model_spec)
-        try:
-            with self.manager.metered(name, "GRPC"):
-                columns = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-                servable, outputs = self.manager.run_signature(
-                    name, columns, version, label, request.model_spec.signature_name
-                )
-        except ServingError as exc:
-            _abort(context, exc)
-            raise  # unreachable: abort raises
+        with _grpc_errors(context), self.manager.metered(name, "GRPC"):
+            columns = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            servable, outputs = self.manager.run_signature(
+                name, columns, version, label, request.model_spec.signature_name
+            )
         response = predict_pb2.PredictResponse()
         response.model_spec.name = name
         response.model_spec.version.value = servable.version
@@ -78,11 +81,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "Metadata field signature_def is the only one supported",
             )
-        try:
+        with _grpc_errors(context):
             servable = self.manager.resolve(name, version, label)
-        except ServingError as exc:
-            _abort(context, exc)
-            raise
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = name
         response.model_spec.version.value = servable.version
@@ -99,11 +99,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         name, version, label = _spec(request.model_spec)
-        try:
+        with _grpc_errors(context):
             status = self.manager.status(name, version, label)
-        except ServingError as exc:
-            _abort(context, exc)
-            raise
         response = get_model_status_pb2.GetModelStatusResponse()
         for st in status["model_version_status"]:
             entry = response.model_version_status.add()
