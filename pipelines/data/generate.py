@@ -51,6 +51,9 @@ _COUNTRIES = ["US", "GB", "DE", "FR", "BR", "IN", "NG", "OTHER"]
 _COUNTRY_P = np.array([0.5, 0.12, 0.1, 0.08, 0.06, 0.06, 0.03, 0.05])
 
 
+ROW_GROUP_ROWS = 131_072
+
+
 class GenerateError(ValueError):
     """Raised for an unknown dataset or defect."""
 
@@ -205,7 +208,9 @@ def inject_defect(df: pd.DataFrame, spec: DatasetSpec, defect: str, seed: int = 
 
 def to_parquet_bytes(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    # Row groups of 128Ki rows: readers can stream the file a row group at a time.
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
 
 

@@ -19,15 +19,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from pipelines.data import layout
+from pipelines.data.batches import (
+    DEFAULT_BATCH_ROWS,
+    Moments,
+    PartitionUnreadable,
+    iter_partition,
+    partition_rows,
+    stable_hash,
+)
 from pipelines.data.spec import DatasetSpec
-from pipelines.data.validate import read_partition
 from pipelines.store import ObjectStore, StoreError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+Fractions = tuple[float, float, float]
 
 
 class ManifestError(ValueError):
@@ -56,37 +66,79 @@ class Manifest:
         return int(self.data["splits"][split]["rows"])
 
 
-def split_of(entities: pd.Series, fractions: tuple[float, float, float]) -> np.ndarray:
-    """Split name per row from a stable hash of its entity (the same entity, the same split)."""
-    uniq = pd.unique(entities.astype(str))
-    buckets = np.array(
-        [
-            int.from_bytes(hashlib.blake2b(e.encode(), digest_size=8).digest(), "little") % 10_000
-            for e in uniq
-        ]
-    )
+def split_of(entities: pd.Series | pa.Array | pa.ChunkedArray, fractions: Fractions) -> np.ndarray:
+    """Split index per row (0 train, 1 val, 2 test) from a stable hash of its entity."""
+    buckets = stable_hash(entities) % np.uint64(10_000)
     edges = np.cumsum(np.asarray(fractions) / sum(fractions)) * 10_000
-    names = np.array(SPLITS)[np.searchsorted(edges, buckets, side="right").clip(0, 2)]
-    mapping = dict(zip(uniq, names, strict=True))
-    return entities.astype(str).map(mapping).to_numpy()
+    return np.searchsorted(edges, buckets.astype(np.float64), side="right").clip(0, 2)
 
 
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
-    return buf.getvalue()
+class _FeatureStats:
+    """Normalisation statistics of the training split, accumulated batch by batch."""
+
+    def __init__(self, spec: DatasetSpec):
+        self.spec = spec
+        self.moments = {n: Moments() for n in spec.numeric_features}
+
+    def add(self, df: pd.DataFrame) -> None:
+        for name, m in self.moments.items():
+            x = df[name].to_numpy(dtype="float64")
+            m.add(np.log1p(np.clip(x, 0, None)) if name in self.spec.log_features else x)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            n: {"mean": m.mean, "std": m.std if m.std > 0 else 1.0} for n, m in self.moments.items()
+        }
 
 
 def feature_stats(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
     """Normalisation statistics from the training split (stored with data and model)."""
-    out: dict[str, Any] = {}
-    for name in spec.numeric_features:
-        x = df[name].astype("float64")
-        if name in spec.log_features:
-            x = np.log1p(x.clip(lower=0))
-        std = float(x.std(ddof=0)) if len(x) else 1.0
-        out[name] = {"mean": float(x.mean()) if len(x) else 0.0, "std": std if std > 0 else 1.0}
-    return out
+    acc = _FeatureStats(spec)
+    acc.add(df)
+    return acc.result()
+
+
+def _shard_counts(total_rows: int, fractions: Fractions, target_rows: int, nodes: int) -> list[int]:
+    """Shards per split from the footer row count: known before any row is read, and the same
+    for the same input (a shard holds about ``target_rows``; train has at least one per node)."""
+    shares = np.asarray(fractions) / sum(fractions)
+    return [
+        max(math.ceil(total_rows * float(share) / target_rows), nodes if i == 0 else 1, 1)
+        for i, share in enumerate(shares)
+    ]
+
+
+class _Spill:
+    """Pass 1: each input batch, grouped by output shard, written as one Arrow IPC file with a
+    record batch per shard present. Pass 2 reads a shard's pieces back: at most a shard of rows
+    is in memory at any time."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.files: list[tuple[Path, dict[int, int]]] = []
+
+    def add(self, table: pa.Table, group: np.ndarray) -> None:
+        if not table.num_rows:
+            return
+        order = np.argsort(group, kind="stable")
+        table, group = table.take(pa.array(order)), group[order]
+        starts: list[int] = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]).tolist()
+        path = self.tmp / f"spill-{len(self.files):05d}.arrow"
+        index: dict[int, int] = {}
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            bounds = [*starts, len(group)]
+            for i, start in enumerate(bounds[:-1]):
+                index[int(group[start])] = i
+                writer.write_table(table.slice(start, bounds[i + 1] - start))
+        self.files.append((path, index))
+
+    def read(self, g: int, schema: pa.Schema) -> pa.Table:
+        pieces = []
+        for path, index in self.files:
+            if g in index:
+                with pa.OSFile(str(path), "rb") as src:
+                    pieces.append(pa.ipc.open_file(src).get_batch(index[g]))
+        return pa.Table.from_batches(pieces, schema=schema)
 
 
 def shard_dataset(
@@ -95,20 +147,97 @@ def shard_dataset(
     date: str,
     target_rows: int,
     nodes: int = 1,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    fractions: Fractions = (0.7, 0.15, 0.15),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> Manifest:
-    """Shard the validated landing partition of ``date`` and publish its manifest."""
-    df, error = read_partition(store, layout.landing(spec.name, date))
-    if df is None or df.empty:
+    """Shard the validated landing partition of ``date`` and publish its manifest.
+
+    Rows go to a split by their entity's hash and to a shard of that split by their key's hash,
+    then each shard is sorted by key: the bytes depend on the rows only, not on file or row
+    order. Two passes over ``batch_rows``-row batches keep memory bounded by a batch or a shard."""
+    prefix = layout.landing(spec.name, date)
+    try:
+        total = partition_rows(store, prefix) if store.exists(prefix) else 0
+    except PartitionUnreadable as exc:
+        raise ManifestError(f"{exc}; validate it first.") from exc
+    if total == 0:
         raise ManifestError(
-            f"Landing partition {store.uri(layout.landing(spec.name, date))} is "
-            f"{'unreadable' if df is None else 'empty'}; validate it first. {error or ''}".strip()
+            f"Landing partition {store.uri(prefix)} is missing or empty; validate it first."
         )
-    df = df[spec.column_names]
-    split = split_of(df[spec.entity], fractions)
-    schema = pa.Schema.from_pandas(df, preserve_index=False)
-    manifest: dict[str, Any] = {
-        "format": 1,
+    counts = _shard_counts(total, fractions, target_rows, nodes)
+    first_group = np.cumsum([0, *counts])
+    stats = _FeatureStats(spec)
+    rows, positives = [0, 0, 0], [0, 0, 0]
+    schema = canonical_schema(spec)
+    digest = hashlib.sha256(spec.fingerprint().encode())
+    with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
+        spill = _Spill(Path(tmp))
+        for table in iter_partition(store, prefix, batch_rows):
+            table = table.select(spec.column_names)
+            split = split_of(table.column(spec.entity), fractions)
+            shard = stable_hash(table.column(spec.key)) % np.asarray(counts, np.uint64)[split]
+            spill.add(table.cast(schema, safe=False), first_group[split] + shard.astype(np.int64))
+            label = table.column(spec.label).to_numpy(zero_copy_only=False)
+            for i in range(3):
+                rows[i] += int((split == i).sum())
+                positives[i] += int(label[split == i].sum())
+            stats.add(table.filter(pa.array(split == 0)).to_pandas())
+        manifest = _manifest_head(spec, date, schema, nodes)
+        manifest["stats"] = stats.result()
+        files: list[tuple[Path, str]] = []
+        for i, name in enumerate(SPLITS):
+            shards = []
+            for k in range(counts[i]):
+                part = spill.read(int(first_group[i]) + k, schema)
+                order = pc.sort_indices(part, [(spec.key, "ascending")])
+                part = part.take(order).combine_chunks()  # chunking must not shape the bytes
+                data = _parquet_bytes(part)
+                sha = hashlib.sha256(data).hexdigest()
+                rel = f"{name}/part-{k:05d}.parquet"
+                local = Path(tmp) / rel
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(data)
+                files.append((local, rel))
+                digest.update(sha.encode())
+                shards.append(
+                    {"path": rel, "rows": part.num_rows, "sha256": sha, "node": k % nodes}
+                )
+            manifest["splits"][name] = {
+                "rows": rows[i],
+                "positives": positives[i],
+                "shards": shards,
+            }
+        version = digest.hexdigest()[:16]
+        manifest["data_version"] = version
+        out = layout.shards(spec.name, version)
+        manifest_key = f"{out}/{MANIFEST}"
+        body = json.dumps(manifest, indent=2, sort_keys=True)
+        if store.exists(manifest_key) and store.read_text(manifest_key) == body:
+            return Manifest(store.uri(manifest_key), manifest)  # same content already published
+        for local, rel in files:
+            store.put_file(local, f"{out}/{rel}")
+        store.write_text(manifest_key, body)  # publish last
+    return Manifest(store.uri(manifest_key), manifest)
+
+
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "category": pa.string(),
+    "float": pa.float64(),
+    "int": pa.int64(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+
+
+def canonical_schema(spec: DatasetSpec) -> pa.Schema:
+    """The shards' schema, from the spec alone: how a writer typed the landing files (string or
+    large_string, ns or us, pandas metadata) must not change the shards' bytes."""
+    return pa.schema([pa.field(c.name, _ARROW_TYPES[c.type]) for c in spec.columns])
+
+
+def _manifest_head(spec: DatasetSpec, date: str, schema: pa.Schema, nodes: int) -> dict[str, Any]:
+    return {
+        "format": 2,
         "dataset": spec.name,
         "date": date[:10],
         "spec_fingerprint": spec.fingerprint(),
@@ -125,43 +254,12 @@ def shard_dataset(
         "nodes": nodes,
         "splits": {},
     }
-    digest = hashlib.sha256(spec.fingerprint().encode())
-    with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
-        files: list[tuple[Path, str]] = []
-        for name in SPLITS:
-            part = df[split == name].sort_values(spec.key, kind="stable").reset_index(drop=True)
-            if name == "train":
-                manifest["stats"] = feature_stats(part, spec)
-            k = max(math.ceil(len(part) / target_rows), nodes if name == "train" else 1, 1)
-            bounds = np.linspace(0, len(part), k + 1).astype(int)
-            shards = []
-            for i in range(k):
-                chunk = part.iloc[bounds[i] : bounds[i + 1]]
-                data = _parquet_bytes(chunk)
-                sha = hashlib.sha256(data).hexdigest()
-                rel = f"{name}/part-{i:05d}.parquet"
-                local = Path(tmp) / rel
-                local.parent.mkdir(parents=True, exist_ok=True)
-                local.write_bytes(data)
-                files.append((local, rel))
-                digest.update(sha.encode())
-                shards.append({"path": rel, "rows": len(chunk), "sha256": sha, "node": i % nodes})
-            manifest["splits"][name] = {
-                "rows": len(part),
-                "positives": int(part[spec.label].sum()),
-                "shards": shards,
-            }
-        version = digest.hexdigest()[:16]
-        manifest["data_version"] = version
-        prefix = layout.shards(spec.name, version)
-        manifest_key = f"{prefix}/{MANIFEST}"
-        body = json.dumps(manifest, indent=2, sort_keys=True)
-        if store.exists(manifest_key) and store.read_text(manifest_key) == body:
-            return Manifest(store.uri(manifest_key), manifest)  # same content already published
-        for local, rel in files:
-            store.put_file(local, f"{prefix}/{rel}")
-        store.write_text(manifest_key, body)  # publish last
-    return Manifest(store.uri(manifest_key), manifest)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
 def load_manifest(store: ObjectStore, uri: str) -> Manifest:

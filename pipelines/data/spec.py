@@ -84,6 +84,10 @@ class DatasetSpec:
         return self.numeric_features + self.categorical_features
 
     @property
+    def pii_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.pii]
+
+    @property
     def log_features(self) -> list[str]:
         return [c.name for c in self.columns if c.feature and c.transform == "log1p"]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data import layout
@@ -97,10 +100,8 @@ def test_unseen_country_only_warns(tmp_path: Path) -> None:
     prefix = layout.landing("transactions", "2026-11-01")
     key = f"{prefix}/part-00000.parquet"
     from pipelines.data.generate import to_parquet_bytes
-    from pipelines.data.validate import read_partition
 
-    df, _ = read_partition(store, prefix)
-    assert df is not None
+    df = pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
     df.loc[:5, "country"] = "XX"
     store.write_bytes(key, to_parquet_bytes(df))
     summary = validate_partition(store, SPEC, "2026-11-01")
@@ -157,3 +158,70 @@ def test_tampered_shard_fails_its_checksum(tmp_path: Path) -> None:
     store.write_bytes(key, to_parquet_bytes(pd.concat([df, df.head(1)])))
     with pytest.raises(ManifestError, match="sha256"):
         read_split(store, m, "test")
+
+
+def _landing_frame(store: ObjectStore, date: str) -> pd.DataFrame:
+    key = f"{layout.landing('transactions', date)}/part-00000.parquet"
+    return pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+
+
+def _write_landing(store: ObjectStore, date: str, parts: list[pd.DataFrame]) -> None:
+    from pipelines.data.generate import to_parquet_bytes
+
+    prefix = layout.landing("transactions", date)
+    store.delete(prefix, recursive=True)
+    for i, part in enumerate(parts):
+        store.write_bytes(f"{prefix}/part-{i:05d}.parquet", to_parquet_bytes(part))
+
+
+def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
+    """Checks merged over 400-row batches equal one pass over the whole partition, including a
+    duplicate key whose two rows sit in different batches (only the hash check can see it)."""
+    one, many = (ObjectStore(f"file://{tmp_path}/{n}") for n in ("one", "many"))
+    generate_partition(one, SPEC, "2026-11-03", 3000)
+    df = _landing_frame(one, "2026-11-03")
+    df.loc[2900, "transaction_id"] = df.loc[10, "transaction_id"]
+    df.loc[[5, 1500, 2999], "amount"] = None
+    df.loc[[7, 2200], "memo"] = "write to jane.doe@example.com"
+    for store in (one, many):
+        _write_landing(store, "2026-11-03", [df])
+    verdicts = []
+    for store, batch_rows in ((one, 1_000_000), (many, 400)):
+        with pytest.raises(ValidationBlocked) as info:
+            validate_partition(store, SPEC, "2026-11-03", batch_rows=batch_rows)
+        verdicts.append(
+            sorted(
+                (c.check, c.column, c.detail, tuple(c.examples))
+                for c in info.value.summary.failures
+            )
+        )
+    assert verdicts[0] == verdicts[1]
+    failed = {(check, column): detail for check, column, detail, _ in verdicts[1]}
+    assert failed[("expect_column_values_to_be_unique", "transaction_id")].startswith(
+        "2 unexpected"
+    )
+    assert failed[("expect_column_values_to_not_be_null", "amount")].startswith("3 unexpected")
+    assert failed[("expect_column_values_to_not_match_regex_list", "memo")].startswith(
+        "2 unexpected"
+    )
+
+
+def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -> None:
+    """The same rows in one file or in two reversed files, read in any batch size, give the
+    same shards and data version (rows are placed by hash and sorted by key within a shard)."""
+    store = ObjectStore(f"file://{tmp_path}/lake")
+    generate_partition(store, SPEC, "2026-11-01", 5000)
+    whole = shard_dataset(store, SPEC, "2026-11-01", target_rows=800, nodes=2)
+    small = shard_dataset(store, SPEC, "2026-11-01", 800, nodes=2, batch_rows=333)
+    df = _landing_frame(store, "2026-11-01")
+    _write_landing(store, "2026-11-01", [df.iloc[2500:].iloc[::-1], df.iloc[:2500]])
+    split_files = shard_dataset(store, SPEC, "2026-11-01", 800, nodes=2, batch_rows=1000)
+    assert whole.data_version == small.data_version == split_files.data_version
+    sizes = [s["rows"] for s in whole.shards("train")]
+    assert len(sizes) == 5 and min(sizes) > 0.5 * 800 and max(sizes) < 1.5 * 800
+    assert sum(whole.rows(s) for s in SPLITS) == 5000
+    train = read_split(store, whole, "train")
+    assert whole.data["splits"]["train"]["positives"] == int(train["is_fraud"].sum())
+    expected = np.log1p(train["amount"].clip(lower=0))
+    assert whole.data["stats"]["amount"]["mean"] == pytest.approx(expected.mean(), rel=1e-9)
+    assert whole.data["stats"]["amount"]["std"] == pytest.approx(expected.std(ddof=0), rel=1e-9)
