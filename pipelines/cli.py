@@ -1,7 +1,8 @@
 """``mlops``: every pipeline stage from a terminal, a pod or a test, with the DAG's configuration.
 
 Exit codes: 0 success; 1 a gate said no (batch blocked, candidate rejected, canary rolled
-back); 2 bad usage, input or configuration; 3 the stage failed at run time.
+back) or `audit verify` found the chain broken; 2 bad usage, input or configuration; 3 the
+stage failed at run time.
 """
 
 from __future__ import annotations
@@ -137,6 +138,33 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_verify(a: argparse.Namespace) -> int:
+    from pipelines.audit import AuditLog
+    from pipelines.store import open_store
+
+    result = AuditLog(open_store(_settings().store)).verify()
+    print(result.summary())
+    return EXIT_OK if result.ok else EXIT_GATE
+
+
+def cmd_audit_show(a: argparse.Namespace) -> int:
+    from pipelines.audit import AuditLog
+    from pipelines.store import open_store
+
+    if a.last is not None and a.last < 1:
+        raise ValueError(f"--last must be at least 1, got {a.last}.")
+    for e in AuditLog(open_store(_settings().store)).entries(a.last):
+        if a.json:
+            print(json.dumps(e, sort_keys=True))
+        else:
+            details = json.dumps(e.get("details"), sort_keys=True)
+            print(
+                f"{e.get('seq')} {e.get('time')} {e.get('event')} {e.get('subject')} "
+                f"by {e.get('actor')} {details}"
+            )
+    return EXIT_OK
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -197,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--version", required=True)
     ro.add_argument("--skip-export", action="store_true", help="the version is already exported")
     ro.set_defaults(fn=cmd_rollout)
+
+    au = sub.add_parser("audit", help="the hash-chained audit trail in the object store")
+    asub = au.add_subparsers(dest="audit_command", required=True)
+    av = asub.add_parser("verify", help="check the chain; exit 0 intact, 1 broken")
+    av.set_defaults(fn=cmd_audit_verify)
+    ash = asub.add_parser("show", help="print entries, oldest first (not verified)")
+    ash.add_argument("--last", type=int, help="only the last N entries")
+    ash.add_argument("--json", action="store_true", help="one JSON object per line")
+    ash.set_defaults(fn=cmd_audit_show)
 
     s = sub.add_parser("serve", help="TF-Serving-compatible REST server (foreground)")
     s.add_argument("--host")

@@ -2,6 +2,7 @@
 
 DAG tasks, Kubernetes pods, the ``mlops`` CLI and tests all call these, so a stage behaves the
 same everywhere. Heavy libraries are imported by the stage modules, only when a stage runs.
+Stages that accept data or change the registry or serving record it in :mod:`pipelines.audit`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def _data(settings: Settings, dataset: str | None) -> tuple[ObjectStore, Dataset
     )
 
 
+def _audit(settings: Settings, event: str, subject: str, **details: Any) -> None:
+    """Append to the audit trail after an action; a failed write fails the stage (see audit)."""
+    from pipelines.audit import record
+
+    record(settings.store, event, subject, details)
+
+
 def generate_data(
     settings: Settings,
     date: str,
@@ -44,10 +52,32 @@ def generate_data(
 
 def validate_data(settings: Settings, date: str, dataset: str | None = None) -> dict[str, Any]:
     """Raises :class:`pipelines.data.validate.ValidationBlocked` when the batch is blocked."""
-    from pipelines.data.validate import validate_partition
+    from pipelines.data.validate import ValidationBlocked, validate_partition
 
     store, spec = _data(settings, dataset)
-    summary = validate_partition(store, spec, date)
+    try:
+        summary = validate_partition(store, spec, date)
+    except ValidationBlocked as exc:
+        s = exc.summary
+        _audit(
+            settings,
+            "data.quarantined",
+            f"{s.dataset}/{s.date}",
+            rows=s.rows,
+            quarantine_uri=s.quarantine_uri,
+            report_uri=s.report_uri,
+            failures=[f"{c.severity}:{c.check}:{c.column}" for c in s.failures],
+        )
+        raise
+    _audit(
+        settings,
+        "data.accepted",
+        f"{summary.dataset}/{summary.date}",
+        status=summary.status,
+        rows=summary.rows,
+        report_uri=summary.report_uri,
+        warnings=[f"{c.check}:{c.column}" for c in summary.failures],
+    )
     return {
         "status": summary.status,
         "rows": summary.rows,
@@ -94,6 +124,17 @@ def evaluate(
     from pipelines.evaluate.run import evaluate_candidate
 
     r = evaluate_candidate(settings, run_id, force, reason)
+    if force:
+        _audit(
+            settings,
+            "evaluation.override",
+            f"{settings.mlflow.model_name}/run/{run_id}",
+            override=f"force-{force}",
+            reason=reason,
+            blessed=r["blessed"],
+            gate_passed=all(x["passed"] for x in r["blessing"]["rules"]),
+            report_uri=r["report_uri"],
+        )
     return {
         "run_id": run_id,
         "blessed": r["blessed"],
@@ -123,6 +164,16 @@ def register(
     champion = reg.alias_version("champion")
     data_date = reg.run_tag(run_id, "data_date")
     champion_date = reg.run_tag(reg.version_run_id(champion), "data_date") if champion else None
+    if version is not None:
+        _audit(
+            settings,
+            "model.registered",
+            f"{settings.mlflow.model_name}/{version}",
+            run_id=run_id,
+            data_version=reg.run_tag(run_id, "data_version"),
+            data_date=data_date,
+            lineage=lineage or {},
+        )
     return {
         "model_version": version,
         "aliases": reg.aliases(),
@@ -143,7 +194,16 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    return rollout.stage_canary(settings, version)
+    out = rollout.stage_canary(settings, version)
+    _audit(
+        settings,
+        "rollout.canary_staged",
+        f"{settings.mlflow.model_name}/{version}",
+        stable=out["stable"],
+        canary=out["canary"],
+        first_deployment=out["first_deployment"],
+    )
+    return out
 
 
 def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
@@ -161,13 +221,30 @@ def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
 def promote(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    return rollout.promote(settings, version)
+    out = rollout.promote(settings, version)
+    _audit(
+        settings,
+        "rollout.promoted",
+        f"{settings.mlflow.model_name}/{version}",
+        previous_stable=out["previous_stable"],
+        aliases=out["aliases"],
+    )
+    return out
 
 
 def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    return rollout.rollback(settings, version, reason)
+    out = rollout.rollback(settings, version, reason)
+    _audit(
+        settings,
+        "rollout.rolled_back",
+        f"{settings.mlflow.model_name}/{version}",
+        reason=reason,
+        stable=out["stable"],
+        aliases=out["aliases"],
+    )
+    return out
 
 
 def serving_state(settings: Settings) -> dict[str, Any]:

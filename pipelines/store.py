@@ -138,6 +138,36 @@ class ObjectStore:
             self.fs.pipe_file(path, data)
         return self.uri(key)
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist yet (never overwrites), whole or not at all;
+        False when it already exists. Local: a hard link of a finished temporary file; S3: a
+        conditional PUT (``If-None-Match: *``)."""
+        path = self._path(key)
+        if self.is_local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, path)  # fails when the key exists
+            except FileExistsError:
+                return False
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if "ConditionalRequestConflict" in str(exc):  # AWS: 409 for a racing conditional PUT
+                return False
+            raise
+        return True
+
     def write_text(self, key: str, text: str) -> str:
         return self.write_bytes(key, text.encode())
 
