@@ -87,6 +87,10 @@ class TrainSettings(_Section):
         [], description="Kubernetes secrets whose keys become env vars (S3, MLflow credentials)"
     )
     pod_rdzv_port: int = Field(29500, description="rendezvous port on the rank-0 pod")
+    priority_class: str = Field(
+        "mlops-training", description="PriorityClass of training pods (the quota is scoped to it)"
+    )
+    run_as_user: int = Field(10001, ge=1, description="non-root uid of the trainer image")
 
 
 class EvaluateSettings(_Section):

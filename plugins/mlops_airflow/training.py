@@ -88,6 +88,17 @@ def pod_defaults(train: Any) -> dict[str, Any]:
             k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s)) for s in train.secret_env
         ],
         "ports": [k8s.V1ContainerPort(container_port=train.pod_rdzv_port, name="c10d")],
+        "priority_class_name": train.priority_class,
+        # The "restricted" Pod Security Standard: non-root, no escalation, no capabilities.
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=train.run_as_user,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        "container_security_context": k8s.V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        ),
         "random_name_suffix": False,
         "get_logs": True,
         "deferrable": True,
