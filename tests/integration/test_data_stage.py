@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.data.generate import generate_partition
 from pipelines.data.shard import SPLITS, load_manifest, read_split, shard_dataset
@@ -225,3 +226,36 @@ def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -
     expected = np.log1p(train["amount"].clip(lower=0))
     assert whole.data["stats"]["amount"]["mean"] == pytest.approx(expected.mean(), rel=1e-9)
     assert whole.data["stats"]["amount"]["std"] == pytest.approx(expected.std(ddof=0), rel=1e-9)
+
+
+def test_every_object_the_data_stage_writes_on_s3_is_encrypted(
+    local_settings: Settings, moto_server: str, s3_bucket: str
+) -> None:
+    """SSE settings reach every write: landing, reports, Data Docs, reference profile, shards,
+    manifest, quarantine (a copy) and the audit trail, read back from the S3 server's metadata."""
+    import boto3
+
+    from pipelines import stages
+    from pipelines.config import with_overrides
+
+    store = {"root": f"s3://{s3_bucket}/lake", "endpoint_url": moto_server, "key": "testing"}
+    store |= {"secret": "testing", "sse": "aws:kms", "sse_kms_key_id": "alias/mlops-lake"}
+    settings = with_overrides(local_settings, store=store)
+    stages.generate_data(settings, "2026-11-01", rows=3000)
+    stages.validate_data(settings, "2026-11-01")
+    stages.shard_data(settings, "2026-11-01")
+    stages.generate_data(settings, "2026-11-02", rows=3000, defect="nulls")
+    with pytest.raises(ValidationBlocked):
+        stages.validate_data(settings, "2026-11-02")
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    ]
+    kinds = {k.split("/")[1] for k in keys}
+    assert {"landing", "reference", "shards", "quarantine", "audit"} <= kinds, kinds
+    for key in keys:
+        head = s3.head_object(Bucket=s3_bucket, Key=key)
+        assert head.get("ServerSideEncryption") == "aws:kms", key
+        assert "alias/mlops-lake" in head.get("SSEKMSKeyId", ""), key
