@@ -1,10 +1,14 @@
-"""Dataset specs: the YAML contract of a dataset (columns, types, ranges, keys, slices, drift)."""
+"""Dataset specs: the YAML contract of a dataset (columns, types, ranges, keys, slices, drift).
+
+The optional ``behaviour:`` section declares what a model trained on it must do (behavioural
+tests run at evaluation); it is not part of the data version.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +52,82 @@ class DriftSpec:
     """Whether drift beyond psi_block (and significant by KS) blocks the batch."""
 
 
+Severity = Literal["block", "warn"]
+PerturbOp = Literal["set", "choice", "shuffle", "scale", "add"]
+_OPS = ("set", "choice", "shuffle", "scale", "add")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One column change: ``set`` a value, ``choice`` of values per row (seeded), ``shuffle``
+    the column across rows, ``scale`` or ``add`` a number (clipped to the column's range)."""
+
+    column: str
+    op: PerturbOp
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class InvarianceTest:
+    """Perturbing columns the model must ignore moves no score by more than ``tolerance``."""
+
+    name: str
+    perturb: tuple[Perturbation, ...]
+    tolerance: float = 1e-6
+    severity: Severity | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class DirectionalTest:
+    """After the perturbation, at least ``min_share`` of the rows (those matching ``where``)
+    have a score that is ``not_lower`` (or ``not_higher``) than before, within ``tolerance``."""
+
+    name: str
+    perturb: tuple[Perturbation, ...]
+    expect: Literal["not_lower", "not_higher"]
+    min_share: float = 1.0
+    where: tuple[tuple[str, Any], ...] = ()
+    tolerance: float = 1e-6
+    severity: Severity | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class FunctionalityTest:
+    """A hand-written case scores ``higher`` than another case, or lands ``above``/``below``
+    the threshold (the evaluation's unless given)."""
+
+    name: str
+    case: str
+    expect: Literal["higher", "above", "below"]
+    than: str | None = None
+    threshold: float | None = None
+    severity: Severity | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class BehaviourSpec:
+    """Made-With-ML style behavioural tests: invariance, direction, minimum functionality."""
+
+    invariance: tuple[InvarianceTest, ...] = ()
+    directional: tuple[DirectionalTest, ...] = ()
+    minimum_functionality: tuple[FunctionalityTest, ...] = ()
+    cases: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    """Named rows (feature values) the minimum-functionality tests score."""
+
+    def case(self, name: str) -> dict[str, Any]:
+        for case_name, values in self.cases:
+            if case_name == name:
+                return dict(values)
+        raise SpecError(f"No behaviour case named {name!r}.")
+
+    @property
+    def tests(self) -> list[InvarianceTest | DirectionalTest | FunctionalityTest]:
+        return [*self.invariance, *self.directional, *self.minimum_functionality]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -60,6 +140,8 @@ class DatasetSpec:
     description: str = ""
     slices: tuple[str, ...] = ()
     drift: DriftSpec = field(default_factory=DriftSpec)
+    behaviour: BehaviourSpec | None = None
+    """Behavioural tests for models trained on this dataset (not part of the fingerprint)."""
 
     def column(self, name: str) -> ColumnSpec:
         for col in self.columns:
@@ -106,7 +188,10 @@ class DatasetSpec:
 def _spec_dict(spec: DatasetSpec) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return asdict(spec)
+    # Behavioural tests judge models, not data: editing them must not change data versions.
+    out = asdict(spec)
+    out.pop("behaviour", None)
+    return out
 
 
 def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
@@ -136,6 +221,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
             slices=tuple(raw.get("slices", ())),
             drift=DriftSpec(**(raw.get("drift") or {})),
         )
+        if raw.get("behaviour") is not None:
+            spec = replace(spec, behaviour=_parse_behaviour(raw["behaviour"], spec, source))
     except KeyError as exc:
         raise SpecError(f"{source}: required field {exc.args[0]!r} is missing.") from exc
     except TypeError as exc:
@@ -151,6 +238,130 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
     if not spec.features:
         raise SpecError(f"{source}: no column is marked 'feature: true'.")
     return spec
+
+
+def _perturbations(raw: Any, spec: DatasetSpec, where: str) -> tuple[Perturbation, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(f"{where}: 'perturb' must map columns to one change each.")
+    out = []
+    for column, change in raw.items():
+        col = spec.column(column)  # raises naming the column
+        if not isinstance(change, dict) or len(change) != 1 or next(iter(change)) not in _OPS:
+            raise SpecError(
+                f"{where}: the change of column {column!r} must be one of {_OPS}, e.g. "
+                "{scale: 10}."
+            )
+        op, value = next(iter(change.items()))
+        if op in ("scale", "add") and (
+            not col.is_numeric or isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
+            raise SpecError(f"{where}: {op!r} needs a numeric column and a number ({column!r}).")
+        if op == "choice":
+            if not isinstance(value, list) or not value:
+                raise SpecError(f"{where}: 'choice' of column {column!r} needs a list of values.")
+            value = tuple(value)
+        for v in value if op == "choice" else (value,) if op == "set" else ():
+            if col.type == "category" and col.values and v not in col.values:
+                raise SpecError(
+                    f"{where}: {v!r} is not a declared value of category column {column!r}."
+                )
+        out.append(Perturbation(column, op, value))
+    return tuple(out)
+
+
+def _common(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    severity = entry.get("severity")
+    if severity not in (None, "block", "warn"):
+        raise SpecError(f"{where}: severity must be 'block' or 'warn', got {severity!r}.")
+    return {"severity": severity, "why": str(entry.get("why", ""))}
+
+
+def _parse_behaviour(raw: dict[str, Any], spec: DatasetSpec, source: str) -> BehaviourSpec:
+    """Validate the ``behaviour:`` section; every error names the test and the field."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: 'behaviour' must be a mapping.")
+    unknown = set(raw) - {"cases", "invariance", "directional", "minimum_functionality"}
+    if unknown:
+        raise SpecError(f"{source}: unknown behaviour section(s) {sorted(unknown)}.")
+    names: set[str] = set()
+
+    def named(entry: Any, kind: str) -> tuple[dict[str, Any], str]:
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise SpecError(f"{source}: every behaviour.{kind} entry needs a 'name'.")
+        where = f"{source}: behaviour.{kind} {entry['name']!r}"
+        if entry["name"] in names:
+            raise SpecError(f"{where} is declared twice.")
+        names.add(entry["name"])
+        return entry, where
+
+    cases = []
+    for case_name, row in (raw.get("cases") or {}).items():
+        row = dict(row or {})
+        missing = [f for f in spec.features if f not in row]
+        if missing:
+            raise SpecError(f"{source}: behaviour case {case_name!r} lacks features {missing}.")
+        for column in row:
+            spec.column(column)
+        cases.append((str(case_name), tuple(row.items())))
+    case_names = {c for c, _ in cases}
+    try:
+        invariance = []
+        for entry in raw.get("invariance") or ():
+            e, where = named(entry, "invariance")
+            invariance.append(
+                InvarianceTest(
+                    e["name"],
+                    _perturbations(e.get("perturb"), spec, where),
+                    float(e.get("tolerance", 1e-6)),
+                    **_common(e, where),
+                )
+            )
+        directional = []
+        for entry in raw.get("directional") or ():
+            e, where = named(entry, "directional")
+            if e.get("expect") not in ("not_lower", "not_higher"):
+                raise SpecError(f"{where}: expect must be 'not_lower' or 'not_higher'.")
+            share = float(e.get("min_share", 1.0))
+            if not 0 < share <= 1:
+                raise SpecError(f"{where}: min_share must lie in (0, 1], got {share}.")
+            cond = dict(e.get("where") or {})
+            for column in cond:
+                spec.column(column)
+            directional.append(
+                DirectionalTest(
+                    e["name"],
+                    _perturbations(e.get("perturb"), spec, where),
+                    e["expect"],
+                    share,
+                    tuple(cond.items()),
+                    float(e.get("tolerance", 1e-6)),
+                    **_common(e, where),
+                )
+            )
+        functionality = []
+        for entry in raw.get("minimum_functionality") or ():
+            e, where = named(entry, "minimum_functionality")
+            if e.get("expect") not in ("higher", "above", "below"):
+                raise SpecError(f"{where}: expect must be 'higher', 'above' or 'below'.")
+            refs = [e.get("case")] + ([e.get("than")] if e["expect"] == "higher" else [])
+            for ref in refs:
+                if ref not in case_names:
+                    raise SpecError(f"{where}: {ref!r} is not a case under behaviour.cases.")
+            functionality.append(
+                FunctionalityTest(
+                    e["name"],
+                    e["case"],
+                    e["expect"],
+                    e.get("than"),
+                    None if e.get("threshold") is None else float(e["threshold"]),
+                    **_common(e, where),
+                )
+            )
+    except SpecError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise SpecError(f"{source}: behaviour: {exc}") from exc
+    return BehaviourSpec(tuple(invariance), tuple(directional), tuple(functionality), tuple(cases))
 
 
 def load_spec(name: str, extra_dir: str | None = None) -> DatasetSpec:

@@ -88,8 +88,13 @@ def slice_metrics(
 
 
 def jsonable(d: Any) -> Any:
+    """Plain JSON values: NaN and infinities become None, numpy scalars Python numbers."""
     if isinstance(d, dict):
         return {k: jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [jsonable(v) for v in d]
+    if isinstance(d, np.generic):
+        d = d.item()
     if isinstance(d, float) and not np.isfinite(d):
         return None
     return d

@@ -6,16 +6,21 @@ import json
 import logging
 from typing import Any
 
+import pandas as pd
+
 from pipelines.config import Settings
 from pipelines.data import layout
-from pipelines.data.shard import load_manifest, read_split
-from pipelines.evaluate.gate import bless
+from pipelines.data.shard import load_manifest, read_shards, read_split
+from pipelines.data.spec import load_spec
+from pipelines.evaluate.behaviour import BehaviourResult, run_behaviour
+from pipelines.evaluate.gate import bless, judge_slices
 from pipelines.evaluate.metrics import (
     classification_metrics,
     jsonable,
     paired_bootstrap,
     slice_metrics,
 )
+from pipelines.evaluate.plots import evaluation_plots
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.store import open_store
 from pipelines.train.model import TabularMLP, load_model_bytes, predict_proba
@@ -30,7 +35,11 @@ def load_run_model(reg: Registry, run_id: str) -> TabularMLP:
 def evaluate_candidate(
     settings: Settings, run_id: str, force: str | None = None, reason: str | None = None
 ) -> dict[str, Any]:
-    """Evaluate the run's model and the champion on the run's test split; write the report."""
+    """Evaluate the run's model and the champion on the run's test split; write the report.
+
+    The report (lake and MLflow run) holds metrics, bootstrap CIs of the deltas, slice metrics
+    and their judgement, behavioural test results, plots, and every gate rule with its verdict.
+    """
     reg, store = Registry(settings.mlflow), open_store(settings.store)
     manifest_uri = reg.run_tag(run_id, "manifest_uri")
     if not manifest_uri:
@@ -42,15 +51,16 @@ def evaluate_candidate(
     cfg = settings.evaluate
     candidate = load_run_model(reg, run_id)
     p_new = predict_proba(candidate, test)
+    slice_cols = manifest.data["slices"]
     report: dict[str, Any] = {
         "run_id": run_id,
         "data_version": manifest.data_version,
         "test_rows": len(test),
         "candidate": classification_metrics(y, p_new, cfg.threshold),
-        "slices": slice_metrics(test, label, p_new, manifest.data["slices"], cfg.threshold),
+        "slices": slice_metrics(test, label, p_new, slice_cols, cfg.threshold),
     }
     champion_version = reg.alias_version(CHAMPION)
-    deltas = None
+    deltas, champion_slices, p_old = None, None, None
     if champion_version is not None:
         champ_run = reg.version_run_id(champion_version)
         p_old = predict_proba(load_run_model(reg, champ_run), test)
@@ -61,29 +71,87 @@ def evaluate_candidate(
         }
         deltas = paired_bootstrap(y, p_new, p_old, cfg.bootstrap_samples, seed=0)
         report["deltas"] = deltas
-    blessing = bless(report["candidate"], deltas, cfg, force, reason)
+        champion_slices = slice_metrics(test, label, p_old, slice_cols, cfg.threshold)
+        report["champion_slices"] = champion_slices
+    report["slice_judgement"] = judge_slices(report["slices"], champion_slices, cfg)[1]
+    behaviour = _behaviour(settings, manifest.data["dataset"], test, candidate)
+    report["behaviour"] = [r.to_dict() for r in behaviour]
+    blessing = bless(
+        report["candidate"],
+        deltas,
+        cfg,
+        force,
+        reason,
+        slices=report["slices"],
+        champion_slices=champion_slices,
+        behaviour=behaviour,
+    )
     report["blessing"] = blessing.to_dict()
     report["blessed"] = blessing.blessed
+    report["plots"] = []
+    if cfg.plots:
+        scores = {"candidate": p_new}
+        if p_old is not None:
+            scores[f"champion v{champion_version}"] = p_old
+        for name, png in evaluation_plots(y, scores, reg.metric_history(run_id, "loss")).items():
+            store.write_bytes(f"{layout.evaluation(run_id)}/plots/{name}", png)
+            reg.log_bytes(run_id, png, "evaluation/plots", name)
+            report["plots"].append(f"evaluation/plots/{name}")
     report = jsonable(report)
     key = f"{layout.evaluation(run_id)}/report.json"
-    report["report_uri"] = store.write_text(key, json.dumps(report, indent=2))
-    md = render_markdown(report, blessing.reasons())
+    report["report_uri"] = store.uri(key)  # the lake and the run hold the same document
+    text = json.dumps(report, indent=2)
+    store.write_text(key, text)
+    md = render_markdown(report)
     store.write_text(f"{layout.evaluation(run_id)}/report.md", md)
-    reg.log_bytes(run_id, json.dumps(report, indent=2).encode(), "evaluation", "report.json")
+    reg.log_bytes(run_id, text.encode(), "evaluation", "report.json")
     reg.log_bytes(run_id, md.encode(), "evaluation", "report.md")
     reg.log_metrics(
         run_id, {f"test_{k}": v for k, v in report["candidate"].items() if isinstance(v, float)}
     )
-    tags = {"blessed": blessing.blessed, "evaluation_uri": report["report_uri"]}
+    tags = {
+        "blessed": blessing.blessed,
+        "evaluation_uri": report["report_uri"],
+        "gate_passed": blessing.gate_passed,
+        "gate_failed": ",".join(blessing.failed) or "-",
+    }
     if force:
         tags.update({"override": force, "override_reason": reason})
+    else:  # a re-evaluation without an override must not inherit an earlier one
+        reg.delete_tags(run_id, ["override", "override_reason"])
     reg.set_tags(run_id, tags)
     log.info("%s", md)
     return report
 
 
-def render_markdown(report: dict[str, Any], reasons: list[str]) -> str:
+def _behaviour(
+    settings: Settings, dataset: str, test: pd.DataFrame, model: TabularMLP
+) -> list[BehaviourResult]:
+    """The dataset spec's behavioural tests on the first ``behaviour_rows`` test rows."""
+    cfg = settings.evaluate
+    if not cfg.behaviour:
+        return []
+    spec = load_spec(dataset, settings.data.spec_dir)
+    if spec.behaviour is None:
+        return []
+    return run_behaviour(
+        spec.behaviour,
+        spec,
+        test.head(cfg.behaviour_rows),
+        lambda frame: predict_proba(model, frame),
+        cfg.threshold,
+        cfg.behaviour_severity,
+        cfg.behaviour_seed,
+    )
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
     c = report["candidate"]
+    b = report["blessing"]
     lines = [
         f"## Evaluation of run {report['run_id']}: "
         f"{'BLESSED' if report['blessed'] else 'REJECTED'}",
@@ -97,15 +165,45 @@ def render_markdown(report: dict[str, Any], reasons: list[str]) -> str:
     for name in ("roc_auc", "pr_auc", "log_loss", "calibration_error", "precision", "recall"):
         d = (report.get("deltas") or {}).get(name)
         ci = f"{d['delta']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else "-"
-        cv = champ.get(name)
-        lines.append(
-            f"| {name} | {c.get(name, float('nan')):.4f} | "
-            f"{'-' if cv is None else f'{cv:.4f}'} | {ci} |"
-        )
-    lines += ["", *[f"- {r}" for r in reasons]]
-    b = report["blessing"]
+        lines.append(f"| {name} | {_num(c.get(name))} | {_num(champ.get(name))} | {ci} |")
+    lines += ["", "### Gate", ""]
+    lines += [f"- {r}" for r in b["reasons"]]
     if b.get("override"):
-        lines.append(f"- OVERRIDE {b['override']}: {b['override_reason']}")
+        lines.append(
+            f"- OVERRIDE force-{b['override']}: {b['override_reason']} "
+            f"(the rules alone {'passed' if b['gate_passed'] else 'failed'})"
+        )
+    if report.get("slice_judgement"):
+        lines += [
+            "",
+            "### Slices",
+            "",
+            "| slice | rows | positives | ROC-AUC | champion | floor | status |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for s in report["slice_judgement"]:
+            status = s["status"] + (f" ({s['reason']})" if s["status"] == "not_judged" else "")
+            lines.append(
+                f"| {s['slice']} | {s['rows']} | {s['positives']} | {_num(s['roc_auc'])} | "
+                f"{_num(s['champion_roc_auc'])} | {_num(s['floor'], '')} | {status} |"
+            )
+    if report.get("behaviour"):
+        lines += [
+            "",
+            "### Behavioural tests",
+            "",
+            "| test | kind | severity | result | detail |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for t in report["behaviour"]:
+            result = "not judged" if not t["judged"] else "pass" if t["passed"] else "FAIL"
+            lines.append(
+                f"| {t['name']} | {t['kind']} | {t['severity']} | {result} | {t['detail']} |"
+            )
+    if report.get("plots"):
+        lines += ["", "### Plots", ""]
+        names = [p.rsplit("/", 1)[-1] for p in report["plots"]]
+        lines += [f"![{name}](plots/{name})" for name in names]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +212,11 @@ def register_candidate(
 ) -> str | None:
     """Register a blessed run as a new version with alias ``challenger``; None if rejected.
 
+    The version's source is a LoggedModel of the run in the torch flavour, with a signature
+    (raw feature columns in, probabilities out) and an input example of raw test rows.
     A rejected candidate stays an MLflow run tagged ``mlops.registration=rejected`` and is
-    never registered, so the registry only holds versions that passed the gate."""
+    never registered, so the registry only holds versions that passed the gate (or were
+    force-blessed, which the version's ``mlops.override*`` tags record)."""
     reg = Registry(settings.mlflow)
     run = reg.get_run(run_id)
     t = run.data.tags
@@ -130,11 +231,43 @@ def register_candidate(
         "run_id": run_id,
         "blessed": True,
         "evaluation_uri": t.get("mlops.evaluation_uri"),
-        "test_roc_auc": run.data.metrics.get("test_roc_auc"),
+        **{
+            f"test_{m}": run.data.metrics[f"test_{m}"]
+            for m in ("roc_auc", "pr_auc", "log_loss", "calibration_error")
+            if f"test_{m}" in run.data.metrics
+        },
         **({k: t[f"mlops.{k}"] for k in ("override", "override_reason") if f"mlops.{k}" in t}),
         **(lineage or {}),
     }
-    version = reg.register(run_id, tags)
+    version = reg.run_version(run_id)
+    if version is None:
+        model, example, signature = _model_for_registry(settings, reg, run_id)
+        model_id = reg.log_pytorch_model(
+            run_id,
+            model,
+            example,
+            signature,
+            tags={"data_version": tags["data_version"], "run_id": run_id},
+        )
+        version = reg.register(run_id, tags, model_id)
     reg.set_alias(CHALLENGER, version)
     reg.set_tags(run_id, {"registration": "registered", "model_version": version})
     return version
+
+
+def _model_for_registry(
+    settings: Settings, reg: Registry, run_id: str, example_rows: int = 5
+) -> tuple[TabularMLP, pd.DataFrame, Any]:
+    """The run's model, a few raw test rows (features only, numbers as float64, as the
+    serving signature takes them) and the signature inferred from them and their scores."""
+    from mlflow.models import infer_signature
+
+    store = open_store(settings.store)
+    manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
+    model = load_run_model(reg, run_id)
+    rows = read_shards(store, manifest, manifest.shards("test")[:1]).head(example_rows)
+    example = rows[model.numeric + list(model.categorical)].copy()
+    example[model.numeric] = example[model.numeric].astype("float64")
+    for name in model.categorical:
+        example[name] = example[name].astype(str)
+    return model, example, infer_signature(example, predict_proba(model, example))
