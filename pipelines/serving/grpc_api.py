@@ -133,15 +133,23 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def make_grpc_server(
-    manager: ModelManager, host: str = "127.0.0.1", port: int = 8500
+    manager: ModelManager,
+    host: str = "127.0.0.1",
+    port: int = 8500,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
-    """A started gRPC server on ``host:port`` (0 = a free port); returns it and its port."""
+    """A started gRPC server on ``host:port`` (0 = a free port); returns it and its port.
+    With ``credentials`` (``grpc.ssl_server_credentials``) it serves TLS only."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(manager), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"Could not bind gRPC on {host}:{port}")
     server.start()

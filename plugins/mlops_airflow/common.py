@@ -28,7 +28,19 @@ def run_settings(params: dict[str, Any]):  # type: ignore[no-untyped-def]
         overrides["train"] = train
     if params.get("canary_steps"):
         overrides["canary"] = {"steps": tuple(int(s) for s in params["canary_steps"])}
+    _mask_secrets(base)
     return with_overrides(base, **overrides) if overrides else base
+
+
+def _mask_secrets(settings: Any) -> None:
+    """Airflow's secrets masker hides the settings' secrets in task logs and rendered fields, in
+    the supervisor too (it masks the task's captured stdout, where training nodes print)."""
+    from airflow.sdk.log import mask_secret
+
+    from pipelines.config import secret_values
+
+    for value in secret_values(settings):
+        mask_secret(value)
 
 
 def interval_date(context: dict[str, Any]) -> str:
