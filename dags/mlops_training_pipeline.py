@@ -22,6 +22,8 @@ from airflow.sdk import (
     Asset,
     CronDataIntervalTimetable,
     Param,
+    PokeReturnValue,
+    TriggerRule,
     dag,
     get_current_context,
     task,
@@ -32,6 +34,7 @@ from pipelines.config import settings
 
 # The profile decides the training launcher: local torchrun agents or one pod per node.
 TRAIN = settings().train
+CANARY = settings().canary
 # Assets other DAGs can schedule on (for example batch scoring). URIs are logical and stable
 # across deployments; each event's extra carries the concrete manifest URI / model version.
 DATASET_ASSET = Asset(
@@ -163,8 +166,9 @@ def mlops_training_pipeline() -> None:
             {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
         )
 
-    @task
+    @task(trigger_rule=TriggerRule.ALL_DONE)
     def finish_training(prepared: dict) -> dict:
+        """After the last attempt ran or was skipped: MLflow says whether training finished."""
         from mlops_airflow.common import record, run_settings
 
         from pipelines.train.run import finish_training_run
@@ -240,42 +244,58 @@ def mlops_training_pipeline() -> None:
         out = stages.stage_canary(run_settings(ctx["params"]), exported["model_version"])
         return record(ctx, {**out, "model_version": exported["model_version"]})
 
-    @task(retries=0)
-    def monitor_canary(staged: dict) -> dict:
+    @task.sensor(
+        mode="reschedule",  # the worker slot is free between windows
+        poke_interval=CANARY.poke_interval_s,
+        timeout=CANARY.timeout_s,
+        retries=0,
+    )
+    def monitor_canary(staged: dict) -> PokeReturnValue:
+        """One judged canary window per poke; state persists in the lake between pokes."""
         from mlops_airflow.common import record, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
-        out = stages.monitor_canary(run_settings(ctx["params"]), staged["model_version"])
-        return record(ctx, {**out, "model_version": staged["model_version"]})
+        out = stages.canary_tick(run_settings(ctx["params"]), staged["model_version"])
+        if out["done"]:
+            record(ctx, {**out, "model_version": staged["model_version"]})
+        return PokeReturnValue(is_done=out["done"], xcom_value=out)
 
-    @task.branch
-    def decide(verdict: dict) -> str:
-        return "promote" if verdict["decision"] == "promote" else "rollback"
+    @task.branch(trigger_rule=TriggerRule.ALL_DONE)
+    def decide(registered: dict) -> list[str]:
+        """Promote only on a promote verdict; a canary that failed or timed out rolls back."""
+        from mlops_airflow.common import run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        verdict = stages.canary_verdict(run_settings(ctx["params"]), registered["model_version"])
+        if verdict is None:
+            return []  # never staged (or staging undid itself): nothing to promote or undo
+        return ["promote" if verdict["decision"] == "promote" else "rollback"]
 
     @task
-    def promote(verdict: dict) -> dict:
+    def promote(registered: dict) -> dict:
         from mlops_airflow.common import record, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
-        return record(ctx, stages.promote(run_settings(ctx["params"]), verdict["model_version"]))
+        version = registered["model_version"]
+        return record(ctx, stages.promote(run_settings(ctx["params"]), version))
 
     @task
-    def rollback(verdict: dict) -> dict:
+    def rollback(registered: dict) -> dict:
         from mlops_airflow.common import record, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
-        return record(
-            ctx,
-            stages.rollback(
-                run_settings(ctx["params"]), verdict["model_version"], verdict["reason"]
-            ),
-        )
+        s = run_settings(ctx["params"])
+        verdict = stages.canary_verdict(s, registered["model_version"]) or {}
+        reason = verdict.get("reason") or "canary monitoring failed or timed out"
+        return record(ctx, stages.rollback(s, registered["model_version"], reason))
 
     validated = validate_data()
     shards = shard_dataset(validated)
@@ -283,17 +303,18 @@ def mlops_training_pipeline() -> None:
         from mlops_airflow.training import kubernetes_training_group
 
         prepared = prepare_training(shards)
-        _, nodes = kubernetes_training_group(TRAIN, prepared, TRAINING_POOL)
+        last_teardown, _ = kubernetes_training_group(TRAIN, prepared, TRAINING_POOL)
         trained = finish_training(prepared)
-        nodes >> trained
+        last_teardown >> trained
     else:
         trained = train_model(shards)
     registered = register_model(evaluate_model(trained))
     gate = should_roll_out(registered)
     exported = export_and_infra_validate(registered)
     gate >> exported
-    verdict = monitor_canary(stage_canary(exported))
-    decide(verdict) >> [promote(verdict), rollback(verdict)]
+    staged = stage_canary(exported)
+    decision = decide(registered)
+    monitor_canary(staged) >> decision >> [promote(registered), rollback(registered)]
 
 
 mlops_training_pipeline()

@@ -138,6 +138,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_router(a: argparse.Namespace) -> int:
+    from pipelines.serving.router import run_router
+
+    s = _settings()
+    run_router(
+        a.backend or s.serving.url or f"http://127.0.0.1:{s.serving.rest_port}",
+        a.model or s.mlflow.model_name,
+        a.weights_file or f"{s.serving.base_dir}/{s.mlflow.model_name}.router.json",
+        s.canary.admin_token,
+        a.host or s.serving.host,
+        s.canary.router_port if a.port is None else a.port,
+        a.port_file,
+    )
+    return EXIT_OK
+
+
 def cmd_audit_verify(a: argparse.Namespace) -> int:
     from pipelines.audit import AuditLog
     from pipelines.store import open_store
@@ -225,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--version", required=True)
     ro.add_argument("--skip-export", action="store_true", help="the version is already exported")
     ro.set_defaults(fn=cmd_rollout)
+
+    rt = sub.add_parser(
+        "router", help="stable/canary router in front of serving (foreground; token from env)"
+    )
+    rt.add_argument("--backend", help="TF Serving REST base URL (default: serving.url)")
+    rt.add_argument("--model", help="model name (default: mlflow.model_name)")
+    rt.add_argument("--weights-file", help="canary weight file shared with the controller")
+    rt.add_argument("--host")
+    rt.add_argument("--port", type=int, help="port (default canary.router_port; 0 = free)")
+    rt.add_argument("--port-file", help="write the bound host and port here once listening")
+    rt.set_defaults(fn=cmd_router)
 
     au = sub.add_parser("audit", help="the hash-chained audit trail in the object store")
     asub = au.add_subparsers(dest="audit_command", required=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from pipelines.redaction import protect
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 ENV_PREFIX = "MLOPS__"
@@ -31,8 +33,8 @@ class StoreSettings(_Section):
     root: str = Field(description="fsspec URI of the lake root: file:///... or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); None = AWS")
     region: str | None = Field(None, description="S3 region name")
-    key: str | None = Field(None, description="S3 access key id; prefer env/secret over YAML")
-    secret: str | None = Field(None, description="S3 secret access key; prefer env/secret")
+    key: SecretStr | None = Field(None, description="S3 access key id; prefer env/secret over YAML")
+    secret: SecretStr | None = Field(None, description="S3 secret access key; prefer env/secret")
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="server-side encryption")
     sse_kms_key_id: str | None = Field(None, description="KMS key id when sse is aws:kms")
 
@@ -43,6 +45,27 @@ class MlflowSettings(_Section):
     experiment: str = Field("mlops_training_pipeline", description="experiment for training runs")
     artifact_root: str | None = Field(None, description="artifact location for a new experiment")
     model_name: str = Field("fraud_detector", description="registered model name")
+    token: SecretStr | None = Field(
+        None, description="bearer token for the tracking server (MLFLOW_TRACKING_TOKEN); env/secret"
+    )
+    ca_bundle: str | None = Field(
+        None, description="PEM CA bundle the tracking server's certificate chains to; None = system"
+    )
+    client_cert: str | None = Field(
+        None, description="PEM client certificate for mTLS (may also hold the private key)"
+    )
+    client_key: str | None = Field(None, description="PEM private key of client_cert, if separate")
+    insecure_skip_verify: bool = Field(
+        False, description="do not verify the server certificate (never in production; warns)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> MlflowSettings:
+        if self.client_key and not self.client_cert:
+            raise ValueError("mlflow.client_key needs mlflow.client_cert")
+        if self.insecure_skip_verify and self.ca_bundle:
+            raise ValueError("mlflow.insecure_skip_verify and mlflow.ca_bundle exclude each other")
+        return self
 
 
 class DataSettings(_Section):
@@ -87,6 +110,9 @@ class TrainSettings(_Section):
         [], description="Kubernetes secrets whose keys become env vars (S3, MLflow credentials)"
     )
     pod_rdzv_port: int = Field(29500, description="rendezvous port on the rank-0 pod")
+    group_attempts: int = Field(
+        2, ge=1, description="kubernetes: attempts of the whole rank group (never one rank alone)"
+    )
     priority_class: str = Field(
         "mlops-training", description="PriorityClass of training pods (the quota is scoped to it)"
     )
@@ -100,6 +126,36 @@ class EvaluateSettings(_Section):
     )
     bootstrap_samples: int = Field(200, ge=10, description="paired bootstrap resamples")
     threshold: float = Field(0.5, description="operating threshold for precision/recall")
+    slice_min_auc: float | None = Field(
+        None, description="ROC-AUC floor for every judged slice; None = only the per-slice ones"
+    )
+    slice_min_auc_by_slice: dict[str, float] = Field(
+        {}, description="per-slice ROC-AUC floors keyed 'column=value' (override slice_min_auc)"
+    )
+    slice_min_rows: int = Field(200, ge=1, description="rows a slice needs to be judged")
+    slice_min_class_rows: int = Field(
+        5, ge=1, description="rows of each class a slice needs to be judged (AUC on fewer is noise)"
+    )
+    slice_max_auc_regression: float | None = Field(
+        None, description="largest slice AUC drop vs champion (point estimate); None = not judged"
+    )
+    behaviour: bool = Field(True, description="run the dataset spec's behavioural tests")
+    behaviour_severity: Literal["block", "warn"] = Field(
+        "block", description="severity of behavioural tests whose spec entry names none"
+    )
+    behaviour_rows: int = Field(1000, ge=1, description="test-split rows behavioural tests perturb")
+    behaviour_seed: int = Field(0, description="seed of the behavioural tests' perturbations")
+    plots: bool = Field(True, description="log ROC, PR, calibration and loss plots to the run")
+
+    @model_validator(mode="after")
+    def _slice_keys(self) -> EvaluateSettings:
+        for key in self.slice_min_auc_by_slice:
+            col, sep, value = key.partition("=")
+            if not (sep and col and value):
+                raise ValueError(
+                    f"evaluate.slice_min_auc_by_slice key {key!r} is not 'column=value'"
+                )
+        return self
 
 
 class ServingSettings(_Section):
@@ -109,12 +165,34 @@ class ServingSettings(_Section):
     rest_port: int = Field(8501, ge=0, description="REST port (TF Serving default 8501; 0 = free)")
     grpc_port: int = Field(8500, ge=0, description="gRPC port (TF Serving default 8500; 0 = free)")
     base_dir: str = Field(description="local directory holding <model>/<version>/ and the config")
+    publish_root: str | None = Field(
+        None,
+        description="remote TF Serving: URI (s3://...) the controller publishes versions and "
+        "models.config to, ahead of the local record",
+    )
+    model_base_path: str | None = Field(
+        None, description="base_path of the model as the remote TF Serving sees it (/models/<m>)"
+    )
     poll_seconds: float = Field(1.0, gt=0, description="model config file poll interval")
     load_timeout_s: float = Field(300.0, gt=0, description="wait for AVAILABLE before failing")
     latency_budget_ratio: float = Field(
         3.0, gt=0, description="infra validation: candidate p99 may be at most this x champion p99"
     )
     latency_budget_ms: float = Field(250.0, gt=0, description="infra validation: absolute p99")
+    ca_bundle: str | None = Field(
+        None, description="PEM CA bundle for https:// serving URLs and gRPC TLS; None = system"
+    )
+    client_cert: str | None = Field(
+        None, description="PEM client certificate for mTLS (REST, gRPC)"
+    )
+    client_key: str | None = Field(None, description="PEM private key of client_cert")
+    grpc_tls: bool = Field(False, description="gRPC clients use TLS (secure_channel) when true")
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> ServingSettings:
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("serving.client_cert and serving.client_key go together")
+        return self
 
 
 class CanarySettings(_Section):
@@ -124,6 +202,9 @@ class CanarySettings(_Section):
     replay_rate: float = Field(400.0, gt=0, description="replayed requests per second (local)")
     replay_concurrency: int = Field(4, ge=1, description="concurrent replay clients")
     min_success_rate: float = Field(0.99, description="critical: canary 2xx share per window")
+    success_alpha: float = Field(
+        0.01, description="success rate is critical when significantly below the floor (p <)"
+    )
     max_p99_ms: float = Field(500.0, description="canary p99 latency bound")
     latency_ratio: float = Field(1.10, description="mean latency ratio that counts as slower")
     p_value: float = Field(0.02, description="significance for Mann-Whitney and Fisher tests")
@@ -131,7 +212,19 @@ class CanarySettings(_Section):
     psi_block: float = Field(0.2, description="score PSI at or above which drift counts")
     ks_alpha: float = Field(0.05, description="KS p-value threshold for score drift")
     failure_limit: int = Field(3, ge=1, description="failed checks that trigger rollback")
-    admin_token: str = Field("change-me", description="router admin token (secret in prod)")
+    router_url: str | None = Field(
+        None, description="router base URL when serving.mode is remote (the local one is started)"
+    )
+    router_port: int = Field(8601, ge=0, description="port of the local router (0 = a free port)")
+    replay: bool = Field(True, description="send held-out rows through the router (local runs)")
+    window_seconds: float = Field(60.0, gt=0, description="window length with live traffic")
+    poke_interval_s: float = Field(2.0, gt=0, description="monitor_canary sensor poke interval")
+    timeout_s: float = Field(3600.0, gt=0, description="monitor_canary gives up (rollback) after")
+    seed: int = Field(0, description="replay order and routing salt of the local traffic replay")
+    # A plain str (the router compares it with hmac), kept out of repr() and logs all the same.
+    admin_token: str = Field(
+        "change-me", repr=False, description="router admin token (secret in prod; env/secret)"
+    )
 
 
 class Settings(_Section):
@@ -144,6 +237,20 @@ class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     serving: ServingSettings
     canary: CanarySettings = CanarySettings()
+
+
+def secret_values(s: Settings) -> list[str]:
+    """The secrets in the settings: S3 keys, the MLflow token, the router admin token."""
+    secrets = [s.store.key, s.store.secret, s.mlflow.token]
+    return [v.get_secret_value() for v in secrets if v is not None] + [s.canary.admin_token]
+
+
+def _describe(exc: ValidationError) -> str:
+    """The errors by field, without the offending input: it may hold a key or token."""
+    return "\n".join(
+        f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+        for e in exc.errors(include_input=False, include_url=False)
+    )
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -210,9 +317,13 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     data = _expand(data, home)
     data["profile"], data["home"] = profile, home
     try:
-        return Settings.model_validate(data)
+        loaded = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"Invalid configuration for profile {profile!r}:\n{exc}") from exc
+        raise ConfigError(
+            f"Invalid configuration for profile {profile!r}:\n{_describe(exc)}"
+        ) from None
+    protect(*secret_values(loaded))  # no log record of this process may show them from now on
+    return loaded
 
 
 @cache
@@ -227,4 +338,4 @@ def with_overrides(base: Settings, **sections: dict[str, Any]) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"Invalid run overrides {sections}:\n{exc}") from exc
+        raise ConfigError(f"Invalid run overrides:\n{_describe(exc)}") from None

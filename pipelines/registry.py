@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import MlflowSettings
+
+log = logging.getLogger(__name__)
 
 TAG_PREFIX = "mlops."
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -41,7 +44,10 @@ class Registry:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        from pipelines.tls import export_mlflow_tls
+
         self.cfg = cfg
+        export_mlflow_tls(cfg)  # MLflow reads its CA, client cert and token from the environment
         if cfg.tracking_uri.startswith("sqlite:///"):
             Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
                 parents=True, exist_ok=True
@@ -59,9 +65,25 @@ class Registry:
             return str(exp.experiment_id)
         return str(
             self.client.create_experiment(
-                self.cfg.experiment, artifact_location=self.cfg.artifact_root
+                self.cfg.experiment, artifact_location=self.artifact_location()
             )
         )
+
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps artifacts. A tracking server is given no local path
+        (other clients and pods could not read it): it uses its own default, which with
+        ``mlflow server --serve-artifacts`` is the proxied ``mlflow-artifacts:/`` root."""
+        root = self.cfg.artifact_root
+        remote = self.cfg.tracking_uri.startswith(("http://", "https://"))
+        if root and remote and ("://" not in root or root.startswith("file:")):
+            log.warning(
+                "mlflow.artifact_root %s is a local path but the tracking server %s is remote; "
+                "using the server's artifact root instead",
+                root,
+                self.cfg.tracking_uri,
+            )
+            return None
+        return root
 
     def find_run(self, run_key: str) -> Any | None:
         """The latest run tagged with an idempotency key (a DAG run + task), if any."""
@@ -94,6 +116,17 @@ class Registry:
         for k, v in tags.items():
             self.client.set_tag(run_id, f"{TAG_PREFIX}{k}", str(v))
 
+    def delete_tags(self, run_id: str, keys: list[str]) -> None:
+        """Remove ``mlops.<key>`` tags that the run has (absent ones are skipped)."""
+        present = self.get_run(run_id).data.tags
+        for k in keys:
+            if f"{TAG_PREFIX}{k}" in present:
+                self.client.delete_tag(run_id, f"{TAG_PREFIX}{k}")
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of a metric, in step order."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         for k, v in params.items():
             self.client.log_param(run_id, k, str(v))
@@ -120,8 +153,75 @@ class Registry:
             return Path(local).read_bytes()
 
     # -- model registry -----------------------------------------------------------------------
-    def register(self, run_id: str, tags: dict[str, Any], artifact_path: str = "model") -> str:
-        """A new model version for the run's model artifact (idempotent per run)."""
+    def log_pytorch_model(
+        self,
+        run_id: str,
+        model: Any,
+        input_example: Any,
+        signature: Any,
+        tags: dict[str, Any] | None = None,
+        name: str = "model",
+    ) -> str:
+        """Log ``model`` with the torch flavour as a LoggedModel of the run; its model id.
+
+        Idempotent: a READY logged model of that name from the run is reused. The model is
+        pickled (a ``TabularMLP`` takes encoded tensors, not the raw frame its signature and
+        input example describe, so the ``pt2`` export cannot trace it from that example)."""
+        import cloudpickle
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.entities import LoggedModelStatus
+
+        run = self.get_run(run_id)
+        exp = run.info.experiment_id
+        for lm in self.client.search_logged_models(
+            [exp], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"
+        ):
+            if lm.status == LoggedModelStatus.READY:
+                return str(lm.model_id)
+        # Created here, in the run's experiment: the fluent default would be the active one.
+        lm = self.client.create_logged_model(
+            experiment_id=exp,
+            name=name,
+            source_run_id=run_id,
+            tags={f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+            model_type="tabular-mlp",
+        )
+        # The raw-frame example cannot feed the pyfunc wrapper (it casts frames to float32),
+        # so MLflow's serving-input check would only log a misleading warning.
+        quiet = logging.getLogger("mlflow.models.model")
+        mute = _DropMessage("Failed to validate serving input example")
+        quiet.addFilter(mute)
+        try:
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                run_id=run_id,
+                model_id=lm.model_id,
+                signature=signature,
+                input_example=input_example,
+                serialization_format="pickle",
+                # Pinned here: inferring requirements loads the model in a subprocess (slow).
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"cloudpickle=={cloudpickle.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+            )
+        finally:
+            quiet.removeFilter(mute)
+        return str(lm.model_id)
+
+    def run_version(self, run_id: str) -> str | None:
+        """The version registered from a run, if any (registration is idempotent per run)."""
+        existing = self.client.search_model_versions(
+            f"name = '{self.model_name}' and run_id = '{run_id}'"
+        )
+        return str(existing[0].version) if existing else None
+
+    def register(self, run_id: str, tags: dict[str, Any], model_id: str) -> str:
+        """A new model version whose source is the run's logged model (idempotent per run)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -130,16 +230,14 @@ class Registry:
             self.client.create_registered_model(
                 self.model_name, description="Fraud classifier trained by mlops_training_pipeline"
             )
-        existing = self.client.search_model_versions(
-            f"name = '{self.model_name}' and run_id = '{run_id}'"
-        )
-        if existing:
-            return str(existing[0].version)
-        source = f"{self.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        existing = self.run_version(run_id)
+        if existing is not None:
+            return existing
         mv = self.client.create_model_version(
             self.model_name,
-            source=source,
+            source=f"models:/{model_id}",
             run_id=run_id,
+            model_id=model_id,
             tags={f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()},
         )
         return str(mv.version)
@@ -183,3 +281,12 @@ class Registry:
         except MlflowException:
             return {}
         return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)

@@ -132,7 +132,8 @@ def evaluate(
             override=f"force-{force}",
             reason=reason,
             blessed=r["blessed"],
-            gate_passed=all(x["passed"] for x in r["blessing"]["rules"]),
+            gate_passed=r["blessing"]["gate_passed"],
+            failed_rules=r["blessing"]["failed"],
             report_uri=r["report_uri"],
         )
     return {
@@ -145,10 +146,8 @@ def evaluate(
         "auc_delta_ci": [
             ((r.get("deltas") or {}).get("roc_auc") or {}).get(k) for k in ("ci_low", "ci_high")
         ],
-        "reasons": [
-            f"{'PASS' if x['passed'] else 'FAIL'} {x['name']}: {x['detail']}"
-            for x in r["blessing"]["rules"]
-        ],
+        "reasons": r["blessing"]["reasons"],
+        "failed_rules": r["blessing"]["failed"],
         "override": r["blessing"].get("override"),
     }
 
@@ -206,10 +205,34 @@ def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     return out
 
 
-def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
-    from pipelines.serving import rollout
+def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
+    """One judged window of the canary (the Airflow sensor's poke); ``done`` once decided."""
+    from pipelines.serving import monitor
 
-    v = rollout.monitor_canary(settings, version)
+    state = monitor.canary_tick(settings, version)
+    last = state["windows"][-1] if state["windows"] else None
+    return {
+        "done": state["decision"] is not None,
+        "decision": state["decision"],
+        "reason": state["reason"],
+        "windows": len(state["windows"]),
+        "weight": settings.canary.steps[min(state["step"], len(settings.canary.steps) - 1)],
+        "last_window": last,
+    }
+
+
+def canary_verdict(settings: Settings, version: str) -> dict[str, Any] | None:
+    """The persisted canary analysis of a version (None if it never started)."""
+    from pipelines.serving import monitor
+
+    state = monitor.load_state(settings, version)
+    return None if state is None else {"phase": "judging", **monitor.verdict_of(state)}
+
+
+def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
+    from pipelines.serving import monitor
+
+    v = monitor.monitor_canary(settings, version)
     return {
         "decision": v["decision"],
         "reason": v["reason"],

@@ -19,6 +19,7 @@ from typing import IO, Any
 import fsspec
 
 from pipelines.config import StoreSettings
+from pipelines.redaction import protect
 
 
 class StoreError(RuntimeError):
@@ -38,7 +39,8 @@ def storage_options(cfg: StoreSettings) -> dict[str, Any]:
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
     if cfg.key and cfg.secret:
-        opts["key"], opts["secret"] = cfg.key, cfg.secret
+        opts["key"], opts["secret"] = cfg.key.get_secret_value(), cfg.secret.get_secret_value()
+        protect(opts["key"], opts["secret"])  # botocore logs signed requests at DEBUG
     if cfg.sse:
         extra: dict[str, str] = {"ServerSideEncryption": cfg.sse}
         if cfg.sse == "aws:kms" and cfg.sse_kms_key_id:

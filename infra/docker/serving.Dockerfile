@@ -23,7 +23,7 @@ ENTRYPOINT ["/usr/bin/tensorflow_model_server"]
 # it every 30 s, so label and version changes need no restart.
 CMD ["--port=8500", \
      "--rest_api_port=8501", \
-     "--model_config_file=/config/models.config", \
+     "--model_config_file=/models/models.config", \
      "--model_config_file_poll_wait_seconds=30", \
      "--monitoring_config_file=/etc/tf-serving/monitoring.config", \
      "--enable_batching", \

@@ -70,12 +70,15 @@ def judge_window(canary: list[Sample], stable: list[Sample], cfg: CanarySettings
     checks: list[Check] = []
     ok = [s.code == 200 for s in canary]
     rate = sum(ok) / cn
+    # Critical only when clearly below the floor: at 60 requests one error already reads 98.3%,
+    # so a point-estimate floor would roll back healthy canaries (a one-sided binomial test).
+    p_floor = float(stats.binom.cdf(sum(ok), cn, cfg.min_success_rate))
     checks.append(
         Check(
             "success_rate",
-            rate >= cfg.min_success_rate,
+            p_floor >= cfg.success_alpha,
             True,
-            f"{rate:.2%} 2xx (floor {cfg.min_success_rate:.0%})",
+            f"{rate:.2%} 2xx (floor {cfg.min_success_rate:.0%}, binomial p={p_floor:.3g})",
         )
     )
     c_scores = np.array([v for s in canary if s.code == 200 for v in s.scores], dtype=float)

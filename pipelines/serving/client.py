@@ -1,30 +1,72 @@
-"""REST client for TF Serving (the real one or ours) and the local server process manager."""
+"""Clients for TF Serving (the real one or ours): REST and a gRPC channel factory, both with TLS
+and mTLS from ``serving.*``; and the local server process manager."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
-from pipelines.config import Settings
+from pipelines.config import ServingSettings, Settings
+from pipelines.serving.daemon import DaemonUnavailable, LocalDaemon
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class ServingUnavailable(RuntimeError):
     """The serving endpoint did not answer or a version never became AVAILABLE."""
 
 
+def rest_tls(cfg: ServingSettings) -> tuple[bool | str, tuple[str, str] | None]:
+    """requests' ``verify`` (the CA bundle, else the system store) and ``cert`` (mTLS)."""
+    cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None
+    return cfg.ca_bundle or True, cert
+
+
+def grpc_channel(target: str, cfg: ServingSettings) -> grpc.Channel:
+    """A channel to TF Serving's gRPC API: ``secure_channel`` when ``serving.grpc_tls`` (CA bundle
+    or the system roots, client certificate for mTLS), else plaintext."""
+    import grpc
+
+    if not cfg.grpc_tls:
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(cfg.ca_bundle).read_bytes() if cfg.ca_bundle else None,
+        private_key=Path(cfg.client_key).read_bytes() if cfg.client_key else None,
+        certificate_chain=Path(cfg.client_cert).read_bytes() if cfg.client_cert else None,
+    )
+    return grpc.secure_channel(target, creds)
+
+
 class ServingClient:
-    def __init__(self, base_url: str, timeout: float = 10.0):
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 10.0,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+    ):
+        """``verify``: True (system CAs), a CA bundle path, or False; ``cert``: a client
+        certificate (path, or (cert, key) paths) for servers that require mTLS."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        # Passed per request: requests lets REQUESTS_CA_BUNDLE override ``session.verify``.
+        self.verify, self.cert = verify, cert
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        return self.session.request(method, url, verify=self.verify, cert=self.cert, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str, timeout: float = 10.0) -> ServingClient:
+        """A client for ``url`` with the TLS options of ``serving.*``."""
+        verify, cert = rest_tls(settings.serving)
+        return cls(url, timeout, verify=verify, cert=cert)
 
     def _model_path(
         self, model: str, version: int | str | None = None, label: str | None = None
@@ -39,7 +81,7 @@ class ServingClient:
     def status(
         self, model: str, version: int | str | None = None, label: str | None = None
     ) -> dict[str, Any]:
-        r = self.session.get(self._model_path(model, version, label), timeout=self.timeout)
+        r = self._send("GET", self._model_path(model, version, label))
         r.raise_for_status()
         return dict(r.json())
 
@@ -83,10 +125,10 @@ class ServingClient:
         version: int | str | None = None,
         label: str | None = None,
     ) -> list[Any]:
-        r = self.session.post(
+        r = self._send(
+            "POST",
             f"{self._model_path(model, version, label)}:predict",
             json={"instances": instances},
-            timeout=self.timeout,
         )
         if r.status_code != 200:
             raise ServingUnavailable(f"predict on {model} returned {r.status_code}: {r.text}")
@@ -94,25 +136,10 @@ class ServingClient:
 
     def healthy(self) -> bool:
         try:
-            r = self.session.get(f"{self.base_url}/monitoring/prometheus/metrics", timeout=2)
+            r = self._send("GET", f"{self.base_url}/monitoring/prometheus/metrics", timeout=2)
             return r.status_code == 200
         except requests.RequestException:
             return False
-
-
-def _alive(pid: int) -> bool:
-    """True while the process runs; reaps it when it is our exited child (no zombie)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: its own parent reaps it
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 class LocalServer:
@@ -130,105 +157,45 @@ class LocalServer:
         self.host, self.port, self.poll_seconds = host, port, poll_seconds
         self.grpc_port = grpc_port
         self.config_file = self.dir / "models.config"
-        self.pid_file = self.dir / "server.pid"
-        self.port_file = self.dir / "server.json"
-        self.log_file = self.dir / "server.log"
+        self.daemon = LocalDaemon(self.dir, "server")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalServer:
         s = settings.serving
         return cls(s.base_dir, s.host, s.rest_port, s.poll_seconds, s.grpc_port)
 
-    def _pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+    def pid(self) -> int | None:
+        return self.daemon.pid()
 
     def grpc_target(self) -> str | None:
         """``host:port`` of the gRPC API while the server runs."""
-        if self.url() is None:
-            return None
-        info = json.loads(self.port_file.read_text())
-        return f"{info['host']}:{info['grpc_port']}" if info.get("grpc_port") else None
+        info = self.daemon.info()
+        return f"{info['host']}:{info['grpc_port']}" if info and info.get("grpc_port") else None
 
     def url(self) -> str | None:
-        if self._pid() is None or not self.port_file.exists():
-            return None
-        info = json.loads(self.port_file.read_text())
-        return f"http://{info['host']}:{info['rest_port']}"
+        info = self.daemon.info()
+        return f"http://{info['host']}:{info['rest_port']}" if info else None
 
     def ensure_running(self, timeout: float = 120.0) -> str:
-        url = self.url()
-        if url and ServingClient(url).healthy():
-            return url
-        self.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.config_file.exists():
             self.config_file.write_text("model_config_list {\n}\n")
-        self.port_file.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "serve",
-            "--host",
-            self.host,
-            "--rest-port",
-            str(self.port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--model-config",
-            str(self.config_file),
-            "--poll-seconds",
-            str(self.poll_seconds),
-            "--port-file",
-            str(self.port_file),
-        ]
-        with open(self.log_file, "ab") as logf:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise ServingUnavailable(
-                    f"Local model server exited with code {proc.returncode}; see {self.log_file}."
-                )
-            url = self.url()
-            if url and ServingClient(url).healthy():
-                return url
-            time.sleep(0.3)
-        self.stop()
-        raise ServingUnavailable(
-            f"Local model server did not start in {timeout:.0f} s; see {self.log_file}."
-        )
+        cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--host", self.host]
+        cmd += ["--rest-port", str(self.port), "--grpc-port", str(self.grpc_port)]
+        cmd += ["--model-config", str(self.config_file), "--poll-seconds", str(self.poll_seconds)]
+        cmd += ["--port-file", str(self.daemon.port_file)]
+
+        def healthy(info: dict[str, Any]) -> bool:
+            return ServingClient(f"http://{info['host']}:{info['rest_port']}").healthy()
+
+        try:
+            info = self.daemon.start(cmd, healthy, timeout)
+        except DaemonUnavailable as exc:
+            raise ServingUnavailable(str(exc)) from exc
+        return f"http://{info['host']}:{info['rest_port']}"
 
     def stop(self) -> None:
-        pid = self._pid()
-        if pid is not None:
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-            for _ in range(50):
-                if not _alive(pid):
-                    break
-                time.sleep(0.1)
-            else:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                _alive(pid)
-        self.pid_file.unlink(missing_ok=True)
-        self.port_file.unlink(missing_ok=True)
+        self.daemon.stop()
 
 
 def serving_url(settings: Settings) -> str:

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,9 @@ from pipelines.data.shard import Manifest, load_manifest, read_split
 from pipelines.evaluate.run import load_run_model
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
-from pipelines.serving.canary import WindowVerdict, judge_window, requests_for
 from pipelines.serving.client import ServingClient, serving_url
 from pipelines.serving.export import export_saved_model, parity, to_instances
-from pipelines.serving.router import Router, WeightStore, start_router
+from pipelines.serving.router import RouterClient, WeightStore
 from pipelines.serving.server import ModelManager, make_server
 from pipelines.store import ObjectStore, open_store
 from pipelines.train.model import predict_proba
@@ -45,13 +43,89 @@ class RolloutError(RuntimeError):
     """A rollout step failed; serving state was restored to what it was before the step."""
 
 
-def _paths(settings: Settings) -> tuple[Path, Path, WeightStore]:
+def _paths(settings: Settings) -> tuple[Path, Path, WeightStore | RouterClient]:
+    """Config file, model directory, and the canary weight: the local router's file, or the
+    remote router's admin API."""
     base = Path(settings.serving.base_dir)
-    return (
-        base / "models.config",
-        base / settings.mlflow.model_name,
-        WeightStore(base / f"{settings.mlflow.model_name}.router.json"),
+    weights: WeightStore | RouterClient = WeightStore(
+        base / f"{settings.mlflow.model_name}.router.json"
     )
+    if settings.serving.mode == "remote":
+        if not settings.canary.router_url:
+            raise RolloutError("serving.mode is 'remote' but canary.router_url is not set.")
+        weights = RouterClient(settings.canary.router_url, settings.canary.admin_token)
+    return base / "models.config", base / settings.mlflow.model_name, weights
+
+
+def _set_entry(settings: Settings, entry: model_config.ModelEntry | None) -> None:
+    """Write the model's entry of the config (None removes it). With ``serving.publish_root``
+    the new state is published there first (version directories, then the config): a remote
+    TF Serving reading that base path (through a sync) never sees a config naming a version
+    that is not there yet, and the local file only records what was published."""
+    config_file, _, _ = _paths(settings)
+    name = settings.mlflow.model_name
+    entries = [e for e in _read_config(settings) if e.name != name]
+    entries += [entry] if entry else []
+    if settings.serving.publish_root:
+        publish(settings, entries)
+    model_config.write(config_file, entries)
+
+
+def _read_config(settings: Settings) -> list[model_config.ModelEntry]:
+    """The serving state: the published config when a remote TF Serving reads it (task pods
+    share no disk), else the local file."""
+    if settings.serving.publish_root:
+        target = _publish_target(settings)
+        if not target.exists("models.config"):
+            return []
+        return model_config.parse(target.read_text("models.config"))
+    return model_config.read(_paths(settings)[0])
+
+
+def current_entry(settings: Settings) -> model_config.ModelEntry | None:
+    name = settings.mlflow.model_name
+    return next((e for e in _read_config(settings) if e.name == name), None)
+
+
+def _publish_target(settings: Settings) -> ObjectStore:
+    from pipelines.store import storage_options
+
+    assert settings.serving.publish_root
+    return ObjectStore(settings.serving.publish_root, storage_options(settings.store))
+
+
+PUBLISHED = "_published"  # marker written after a version directory's files
+
+
+def publish(settings: Settings, entries: list[model_config.ModelEntry]) -> None:
+    """Mirror the serving state to ``serving.publish_root`` (any fsspec URI; SSE and
+    credentials of ``store``): every listed version not yet there, then ``models.config``
+    with ``base_path`` as TF Serving sees it (``serving.model_base_path``)."""
+    cfg, name = settings.serving, settings.mlflow.model_name
+    target = _publish_target(settings)
+    _, model_dir, _ = _paths(settings)
+    out = []
+    for e in entries:
+        if e.name == name:
+            for v in e.versions:
+                prefix = f"{name}/{v}"
+                if not target.exists(f"{prefix}/{PUBLISHED}"):
+                    if not (model_dir / str(v) / "saved_model.pb").is_file():
+                        raise RolloutError(
+                            f"Cannot publish version {v}: {model_dir / str(v)} holds no SavedModel."
+                        )
+                    target.put_dir(model_dir / str(v), prefix)
+                    target.write_text(f"{prefix}/{PUBLISHED}", "")
+            e = model_config.ModelEntry(
+                e.name, cfg.model_base_path or target.uri(name), e.versions, e.labels
+            )
+        out.append(e)
+    target.write_text("models.config", model_config.render(out))
+
+
+def canary_state_key(settings: Settings, version: str) -> str:
+    """Where the canary analysis of a version keeps its state (see serving.monitor)."""
+    return f"{layout.rollout(settings.mlflow.model_name, version)}/canary.json"
 
 
 def _save_state(store: ObjectStore, settings: Settings, version: str, **fields: Any) -> None:
@@ -177,7 +251,8 @@ def _fetch_verified(store: ObjectStore, name: str, version: str, dest: Path) -> 
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     """Copy the version under the serving base path, load it, and point ``canary`` at it."""
     store, name = open_store(settings.store), settings.mlflow.model_name
-    config_file, model_dir, weights = _paths(settings)
+    store.delete(canary_state_key(settings, version))  # a new staging starts a new analysis
+    _, model_dir, weights = _paths(settings)
     target = model_dir / str(version)
     if not target.exists():
         tmp = model_dir / f"{version}.tmp"
@@ -185,19 +260,19 @@ def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
         _fetch_verified(store, name, version, tmp)
         tmp.rename(target)  # a version directory is complete or absent
     url = serving_url(settings)
-    client = ServingClient(url)
-    before = model_config.entry(config_file, name)
+    client = ServingClient.from_settings(settings, url)
+    before = current_entry(settings)
     stable = before.labels.get("stable") if before else None
     v = int(version)
     try:
         if stable is None or stable == v:
             # First deployment: load alone, then label it both stable and canary.
-            model_config.upsert(config_file, model_config.ModelEntry(name, str(model_dir), [v]))
+            _set_entry(settings, model_config.ModelEntry(name, str(model_dir), [v]))
             client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
             labels = {"stable": v, "canary": v}
         else:
-            model_config.upsert(
-                config_file,
+            _set_entry(
+                settings,
                 model_config.ModelEntry(
                     name, str(model_dir), [stable, v], {"stable": stable, "canary": stable}
                 ),
@@ -205,8 +280,8 @@ def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
             client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
             labels = {"stable": stable, "canary": v}
         weights.set(0)
-        model_config.upsert(
-            config_file,
+        _set_entry(
+            settings,
             model_config.ModelEntry(name, str(model_dir), sorted({stable or v, v}), labels),
         )
         _wait_label(client, name, "canary", v, settings.serving.load_timeout_s)
@@ -214,12 +289,7 @@ def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
         for i in range(SMOKE_REQUESTS):
             client.predict(name, [instances[i % len(instances)]], label="canary")
     except Exception as exc:
-        if before is not None:
-            model_config.upsert(config_file, before)
-        else:
-            model_config.write(
-                config_file, [e for e in model_config.read(config_file) if e.name != name]
-            )
+        _set_entry(settings, before)
         raise RolloutError(f"Staging version {version} failed and was undone: {exc}") from exc
     result = {
         "stable": stable,
@@ -245,149 +315,30 @@ def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
     return to_instances(test, model)
 
 
-# -- canary ----------------------------------------------------------------------------------
-def _replay(
-    router_url: str,
-    name: str,
-    rows: list[tuple[str, dict[str, Any]]],
-    n: int,
-    rate: float,
-    concurrency: int,
-    start: int,
-) -> int:
-    """Send ``n`` held-out rows through the router at ``rate`` req/s; returns the next offset."""
-    session_local = threading.local()
-
-    def send(i: int) -> None:
-        if not hasattr(session_local, "s"):
-            session_local.s = requests.Session()
-        key, inst = rows[(start + i) % len(rows)]
-        try:
-            session_local.s.post(
-                f"{router_url}/v1/models/{name}:predict",
-                json={"instances": [inst]},
-                headers={"X-Request-Key": key},
-                timeout=15,
-            )
-        except requests.RequestException:
-            pass  # the router records backend failures; a dead router shows as no samples
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = []
-        for i in range(n):
-            wait = t0 + i / rate - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            futures.append(pool.submit(send, i))
-        for f in futures:
-            f.result()
-    return start + n
-
-
-def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
-    """Step the canary weight, judge each window against stable, and return the verdict."""
-    store, name, cfg = open_store(settings.store), settings.mlflow.model_name, settings.canary
-    config_file, _, weights = _paths(settings)
-    entry = model_config.entry(config_file, name)
-    if entry is None or entry.labels.get("canary") != int(version):
-        raise RolloutError(f"Version {version} is not staged as canary; run stage_canary first.")
-    first = entry.labels.get("stable") == int(version)
-    windows: list[dict[str, Any]] = []
-    if first:
-        verdict = {
-            "decision": "promote",
-            "reason": "first deployment: no stable to compare against; staging smoke test passed",
-            "windows": windows,
-        }
-        _save_state(store, settings, version, phase="judged", verdict=verdict)
-        return verdict
-    url = serving_url(settings)
-    reg = Registry(settings.mlflow)
-    _, manifest, test, model = _held_out(settings, version)
-    rows = list(zip(test[manifest.data["key"]].astype(str), to_instances(test, model), strict=True))
-    router = Router(url, name, weights, cfg.admin_token)
-    server, router_url = start_router(router)
-    failed, inconclusive_run, offset = 0, 0, 0
-    decision, reason = "promote", "every window passed"
-    try:
-        for step in cfg.steps:
-            weights.set(step)
-            for _ in range(cfg.windows_per_step):
-                start = time.time()
-                offset = _replay(
-                    router_url,
-                    name,
-                    rows,
-                    requests_for(step, cfg.min_samples),
-                    cfg.replay_rate,
-                    cfg.replay_concurrency,
-                    offset,
-                )
-                win = router.stats.window(start)
-                v: WindowVerdict = judge_window(win["canary"], win["stable"], cfg)
-                windows.append({"weight": step, **v.to_dict()})
-                log.info("canary weight %d%%: %s", step, v.explain())
-                if v.outcome == "critical":
-                    decision, reason = (
-                        "rollback",
-                        f"critical check failed at {step}%: {v.explain()}",
-                    )
-                    break
-                if v.outcome == "inconclusive":
-                    inconclusive_run += 1
-                    if inconclusive_run >= 3:
-                        decision, reason = "rollback", "3 inconclusive windows in a row"
-                        break
-                    continue
-                inconclusive_run = 0
-                failed += sum(not c.passed for c in v.checks)
-                if failed >= cfg.failure_limit:
-                    decision, reason = (
-                        "rollback",
-                        f"{failed} failed checks (limit "
-                        f"{cfg.failure_limit}); last window: {v.explain()}",
-                    )
-                    break
-            if decision == "rollback":
-                break
-        if decision == "promote" and (not windows or windows[-1]["outcome"] != "pass"):
-            decision, reason = "rollback", "the final window did not pass"
-    except Exception as exc:
-        log.exception("canary monitoring failed")
-        decision, reason = "rollback", f"monitoring failed: {exc}"
-    finally:
-        if decision == "rollback":
-            weights.set(0)  # stop canary traffic at once; labels change in the rollback task
-        server.shutdown()
-        server.server_close()
-    verdict = {"decision": decision, "reason": reason, "windows": windows}
-    _save_state(store, settings, version, phase="judged", verdict=verdict)
-    reg.set_version_tags(version, {"canary_verdict": decision, "canary_reason": reason[:4000]})
-    log.info("canary verdict for version %s: %s (%s)", version, decision, reason)
-    return verdict
-
-
 # -- promote / rollback ----------------------------------------------------------------------
 def promote(settings: Settings, version: str) -> dict[str, Any]:
     """Canary becomes stable: weight 100, labels, weight 0, then the ``champion`` alias."""
     store, name = open_store(settings.store), settings.mlflow.model_name
-    config_file, model_dir, weights = _paths(settings)
-    entry = model_config.entry(config_file, name)
+    _, model_dir, weights = _paths(settings)
+    entry = current_entry(settings)
     v = int(version)
     if entry is None or v not in entry.versions:
         raise RolloutError(f"Version {version} is not loaded; nothing to promote.")
     old = entry.labels.get("stable")
     weights.set(100)
     # Keep the old stable loaded (unlabelled) for a fast manual rollback until the next rollout.
-    model_config.upsert(
-        config_file,
+    _set_entry(
+        settings,
         model_config.ModelEntry(
             name, str(model_dir), sorted({v, *([old] if old else [])}), {"stable": v, "canary": v}
         ),
     )
     _wait_label(
-        ServingClient(serving_url(settings)), name, "stable", v, settings.serving.load_timeout_s
+        ServingClient.from_settings(settings, serving_url(settings)),
+        name,
+        "stable",
+        v,
+        settings.serving.load_timeout_s,
     )
     weights.set(0)
     reg = Registry(settings.mlflow)
@@ -403,22 +354,23 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
     """Weight 0 first, then labels back to stable, then unload the canary version."""
     store, name = open_store(settings.store), settings.mlflow.model_name
-    config_file, model_dir, weights = _paths(settings)
-    weights.set(0)
-    entry = model_config.entry(config_file, name)
+    _, model_dir, weights = _paths(settings)
+    try:
+        weights.set(0)
+    except requests.RequestException as exc:  # labels below send "canary" traffic to stable
+        log.warning("could not zero the canary weight (router down?): %s", exc)
+    entry = current_entry(settings)
     v = int(version)
     stable = entry.labels.get("stable") if entry else None
     if stable is not None and stable != v:
-        model_config.upsert(
-            config_file,
+        _set_entry(
+            settings,
             model_config.ModelEntry(
                 name, str(model_dir), [stable], {"stable": stable, "canary": stable}
             ),
         )
     elif entry is not None:  # a failed first deployment: nothing was serving before
-        model_config.write(
-            config_file, [e for e in model_config.read(config_file) if e.name != name]
-        )
+        _set_entry(settings, None)
     reg = Registry(settings.mlflow)
     if reg.alias_version(CHALLENGER) == str(version):
         reg.delete_alias(CHALLENGER)
@@ -434,8 +386,8 @@ def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, An
 
 
 def serving_labels(settings: Settings) -> dict[str, Any]:
-    config_file, _, weights = _paths(settings)
-    entry = model_config.entry(config_file, settings.mlflow.model_name)
+    _, _, weights = _paths(settings)
+    entry = current_entry(settings)
     return {
         "versions": entry.versions if entry else [],
         "labels": entry.labels if entry else {},

@@ -15,10 +15,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import requests
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -199,15 +200,27 @@ class RouterHandler(BaseHTTPRequestHandler):
         return bool(given) and hmac.compare_digest(given, self.router.admin_token)
 
     def do_GET(self) -> None:
-        if self.path == "/metrics":
+        path, _, query = self.path.partition("?")
+        if path == "/metrics":
             self._send(200, generate_latest(self.router.stats.registry), ctype="text/plain")
-        elif self.path == "/admin/weights":
+        elif path == "/healthz":
+            self._send(200, {"model": self.router.model})
+        elif path in ("/admin/weights", "/admin/samples"):
             if not self._authorized():
                 self._send(401, {"error": "admin token required"})
-                return
-            self._send(200, {"canary": self.router.weights.get()})
+            elif path == "/admin/weights":
+                self._send(200, {"canary": self.router.weights.get()})
+            else:
+                try:
+                    since = float(parse_qs(query).get("since", ["0"])[0])
+                except ValueError:
+                    self._send(400, {"error": "since must be a unix timestamp"})
+                    return
+                window = self.router.stats.window(since)
+                rows = [astuple(x) for lb in LABELS for x in window[lb]]
+                self._send(200, {"samples": rows})
         else:
-            self._send(404, {"error": f"no route {self.path}"})
+            self._send(404, {"error": f"no route {path}"})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -238,13 +251,112 @@ class RouterHandler(BaseHTTPRequestHandler):
         self._send(code, payload, {"X-Served-Label": label})
 
 
-def start_router(
-    router: Router, host: str = "127.0.0.1", port: int = 0
-) -> tuple[ThreadingHTTPServer, str]:
+def _http_server(router: Router, host: str, port: int) -> ThreadingHTTPServer:
     handler = type("BoundRouterHandler", (RouterHandler,), {"router": router})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    return server
+
+
+def start_router(
+    router: Router, host: str = "127.0.0.1", port: int = 0
+) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``router`` from a background thread (tests, benchmarks)."""
+    server = _http_server(router, host, port)
     threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True, name="router"
     ).start()
     return server, f"http://{host}:{server.server_address[1]}"
+
+
+def run_router(
+    backend_url: str,
+    model: str,
+    weights_file: str | Path,
+    admin_token: str,
+    host: str = "127.0.0.1",
+    port: int = 8601,
+    port_file: str | Path | None = None,
+) -> None:
+    """``mlops router``: serve in the foreground until SIGTERM."""
+    import signal
+
+    from pipelines.serving.daemon import write_port_file
+
+    router = Router(backend_url, model, WeightStore(weights_file), admin_token)
+    server = _http_server(router, host, port)
+    if port_file:
+        write_port_file(port_file, host=host, port=server.server_address[1], backend=backend_url)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+class RouterClient:
+    """The router's admin API: canary weight and the raw samples of a window."""
+
+    def __init__(self, url: str, admin_token: str, timeout: float = 10.0):
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {admin_token}"
+
+    def set(self, canary: float) -> None:
+        """Same interface as :class:`WeightStore`."""
+        r = self.session.post(
+            f"{self.url}/admin/weights", json={"canary": canary}, timeout=self.timeout
+        )
+        r.raise_for_status()
+
+    def get(self) -> float:
+        r = self.session.get(f"{self.url}/admin/weights", timeout=self.timeout)
+        r.raise_for_status()
+        return float(r.json()["canary"])
+
+    def window(self, since: float) -> dict[str, list[Sample]]:
+        r = self.session.get(f"{self.url}/admin/samples?since={since}", timeout=self.timeout)
+        r.raise_for_status()
+        out: dict[str, list[Sample]] = {lb: [] for lb in LABELS}
+        for t, label, code, latency, scores in r.json()["samples"]:
+            out[label].append(Sample(t, label, code, latency, tuple(scores)))
+        return out
+
+    def healthy(self) -> bool:
+        try:
+            return self.session.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+
+class LocalRouter:
+    """``mlops router`` as a background process next to the local model server."""
+
+    def __init__(self, base_dir: str | Path, backend_url: str, model: str, admin_token: str):
+        from pipelines.serving.daemon import LocalDaemon
+
+        self.daemon = LocalDaemon(base_dir, "router")
+        self.backend_url, self.model, self.admin_token = backend_url, model, admin_token
+        self.weights_file = Path(base_dir) / f"{model}.router.json"
+
+    def url(self) -> str | None:
+        info = self.daemon.info()
+        return f"http://{info['host']}:{info['port']}" if info else None
+
+    def ensure_running(self, host: str = "127.0.0.1", port: int = 8601) -> str:
+        import sys
+
+        cmd = [sys.executable, "-m", "pipelines.cli", "router", "--backend", self.backend_url]
+        cmd += ["--model", self.model, "--weights-file", str(self.weights_file)]
+        cmd += ["--host", host, "--port", str(port), "--port-file", str(self.daemon.port_file)]
+
+        def healthy(info: dict[str, Any]) -> bool:
+            url = f"http://{info['host']}:{info['port']}"
+            return info.get("backend") == self.backend_url and RouterClient(url, "").healthy()
+
+        env = {"MLOPS__CANARY__ADMIN_TOKEN": self.admin_token}
+        info = self.daemon.start(cmd, healthy, timeout=60, env=env)
+        return f"http://{info['host']}:{info['port']}"
+
+    def stop(self) -> None:
+        self.daemon.stop()

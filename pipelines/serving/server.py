@@ -529,9 +529,9 @@ def serve(
         grpc_server, bound_grpc = make_grpc_server(manager, host, grpc_port)
     port = server.server_address[1]
     if port_file:
-        tmp = Path(f"{port_file}.tmp")
-        tmp.write_text(json.dumps({"rest_port": port, "grpc_port": bound_grpc, "host": host}))
-        tmp.replace(port_file)
+        from pipelines.serving.daemon import write_port_file
+
+        write_port_file(port_file, rest_port=port, grpc_port=bound_grpc, host=host)
     # SIGTERM (what `mlops serve --stop` and Kubernetes send) shuts down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     log.info("serving REST on %s:%d, gRPC on %s (config %s)", host, port, bound_grpc, config_file)

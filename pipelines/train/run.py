@@ -112,6 +112,18 @@ def train_model(
     return {"run_id": run_id, "metrics": result, "reused": False}
 
 
+def training_finished(settings: Settings, run_id: str) -> bool:
+    """Whether rank 0 of the run logged its final metrics and model (pods report nothing else)."""
+    reg = Registry(settings.mlflow)
+    if "val_auc" not in reg.get_run(run_id).data.metrics:
+        return False
+    try:
+        reg.read_artifact(run_id, "model/model.pt")
+    except Exception:  # noqa: BLE001 - any failure to read means no usable model
+        return False
+    return True
+
+
 def finish_training_run(settings: Settings, run_id: str) -> dict[str, Any]:
     """Close a run whose nodes ran elsewhere (pods): it must hold rank 0's summary and model."""
     reg = Registry(settings.mlflow)

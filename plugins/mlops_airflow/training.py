@@ -4,8 +4,8 @@ A headless Service selecting only the rank-0 pod gives it a stable DNS name
 (``<job>-0.<job>.<namespace>.svc``); every pod runs the same ``torchrun ... -m pipelines.train``
 line as the local launcher. The Service is created before the pods and deleted after them,
 on failure too. All ranks sit in the training pool and are never retried alone (a lone rank
-cannot rejoin a finished rendezvous): clearing the group from ``prepare_training`` re-runs it,
-and the MLflow run's checkpoints make it resume.
+cannot rejoin a finished rendezvous); the whole group is retried instead (see
+:func:`kubernetes_training_group`), resuming from the MLflow run's checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 
 RANK_LABEL = "mlops.io/rank"
 JOB_LABEL = "mlops.io/job"
+ATTEMPT_LABEL = "mlops.io/attempt"
 
 
 def job_name(run_id: str) -> str:
@@ -107,40 +108,90 @@ def pod_defaults(train: Any) -> dict[str, Any]:
     }
 
 
-def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> Any:
-    """Service -> one pod per node (mapped) -> Service deleted; returns the mapped pods task.
+def attempt_pods(pods: list[dict[str, Any]], attempt: int) -> list[dict[str, Any]]:
+    """The ranks' pod arguments for one attempt of the group: unique pod names (the pods of a
+    failed attempt may still be terminating), the same hostnames (rank 0's DNS name)."""
+    return [
+        {
+            **pod,
+            "name": f"{pod['name']}-a{attempt}",
+            "labels": {**pod["labels"], ATTEMPT_LABEL: str(attempt)},
+        }
+        for pod in pods
+    ]
 
-    ``prepared`` is the XCom of a task returning ``{"job", "service_yaml", "pods": [...]}``."""
+
+def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> tuple[Any, Any]:
+    """Up to ``train.group_attempts`` attempts of: Service (setup) -> one pod per node (mapped)
+    -> Service deleted (teardown, on failure too). Returns (the last teardown, all node tasks).
+
+    Ranks are never retried alone (a lone rank cannot rejoin a finished rendezvous) and Airflow
+    3.3 has no task-group retries, so the group retry is unrolled: after each attempt a gate
+    asks MLflow whether the run finished (rank 0 logs the final metrics and model) and skips the
+    next attempt if so; otherwise the whole group runs again and resumes from the checkpoints.
+
+    ``prepared`` is the XCom of a task returning ``{"run_id", "service_yaml", "pods": [...]}``."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.providers.cncf.kubernetes.operators.resource import (
         KubernetesCreateResourceOperator,
         KubernetesDeleteResourceOperator,
     )
-    from airflow.sdk import TaskGroup, task
+    from airflow.sdk import TaskGroup, TriggerRule, task
 
-    with TaskGroup("train_on_kubernetes") as group:
-        create_rendezvous_service = KubernetesCreateResourceOperator(
-            task_id="create_rendezvous_service",
-            yaml_conf="{{ ti.xcom_pull(task_ids='prepare_training')['service_yaml'] }}",
-            namespace=train.namespace,
-        )
+    service_yaml = "{{ ti.xcom_pull(task_ids='prepare_training')['service_yaml'] }}"
+    previous, all_nodes = None, []
+    for attempt in range(1, train.group_attempts + 1):
+        group_id = "train_on_kubernetes" if attempt == 1 else f"train_on_kubernetes_{attempt}"
+        with TaskGroup(group_id) as group:
+            create_rendezvous_service = KubernetesCreateResourceOperator(
+                task_id="create_rendezvous_service",
+                yaml_conf=service_yaml,
+                namespace=train.namespace,
+            )
 
-        @task
-        def node_specs(p: dict) -> list[dict]:
-            return list(p["pods"])
+            @task
+            def node_specs(p: dict, attempt: int = attempt) -> list[dict]:
+                return attempt_pods(p["pods"], attempt)
 
-        nodes = KubernetesPodOperator.partial(
-            task_id="train_node", pool=pool, retries=0, **pod_defaults(train)
-        ).expand_kwargs(node_specs(prepared))
-        delete_rendezvous_service = KubernetesDeleteResourceOperator(
-            task_id="delete_rendezvous_service",
-            yaml_conf="{{ ti.xcom_pull(task_ids='prepare_training')['service_yaml'] }}",
-            namespace=train.namespace,
-            trigger_rule="all_done",
-        )
-        create_rendezvous_service >> nodes >> delete_rendezvous_service
-    prepared >> group
-    return group, nodes
+            nodes = KubernetesPodOperator.partial(
+                task_id="train_node", pool=pool, retries=0, **pod_defaults(train)
+            ).expand_kwargs(node_specs(prepared))
+            delete_rendezvous_service = KubernetesDeleteResourceOperator(
+                task_id="delete_rendezvous_service",
+                yaml_conf=service_yaml,
+                namespace=train.namespace,
+            )
+            # Setup/teardown: the Service goes away after the pods, on failure too, and a
+            # skipped attempt (the run already finished) neither creates nor deletes it.
+            (
+                create_rendezvous_service
+                >> nodes
+                >> delete_rendezvous_service.as_teardown(setups=create_rendezvous_service)
+            )
+        if previous is None:
+            prepared >> group
+        else:
+
+            @task.short_circuit(
+                task_id=f"retry_group_{attempt}",
+                trigger_rule=TriggerRule.ALL_DONE,
+                ignore_downstream_trigger_rules=False,
+            )
+            def retry_group(p: dict) -> bool:
+                """Run the group again only if the training run has not finished."""
+                from airflow.sdk import get_current_context
+
+                from mlops_airflow.common import run_settings
+                from pipelines.train.run import training_finished
+
+                return not training_finished(
+                    run_settings(get_current_context()["params"]), p["run_id"]
+                )
+
+            previous >> retry_group(prepared) >> group
+        previous = delete_rendezvous_service
+        all_nodes.append(nodes)
+    return previous, all_nodes
 
 
 def prepare(settings: Any, manifest_uri: str, run_key: str, tags: dict[str, Any]) -> dict:

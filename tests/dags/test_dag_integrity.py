@@ -46,16 +46,34 @@ def test_structure_and_dependencies(dagbag) -> None:  # type: ignore[no-untyped-
         "shard_dataset": {"train_model"},
         "train_model": {"evaluate_model"},
         "evaluate_model": {"register_model"},
-        "register_model": {"should_roll_out", "export_and_infra_validate"},
+        # promote/rollback/decide read the version from register_model: XCom of a task that
+        # always succeeded, even when the canary failed or timed out.
+        "register_model": {
+            "should_roll_out",
+            "export_and_infra_validate",
+            "decide",
+            "promote",
+            "rollback",
+        },
         "should_roll_out": {"export_and_infra_validate"},
         "export_and_infra_validate": {"stage_canary"},
         "stage_canary": {"monitor_canary"},
-        "monitor_canary": {"decide", "promote", "rollback"},
+        "monitor_canary": {"decide"},
         "decide": {"promote", "rollback"},
         "promote": set(),
         "rollback": set(),
     }
     assert {t.task_id: set(t.downstream_task_ids) for t in dag.tasks} == expected
+
+
+def test_canary_monitor_frees_its_worker_slot_and_failures_roll_back(dagbag) -> None:  # type: ignore[no-untyped-def]
+    dag = dagbag.dags["mlops_training_pipeline"]
+    monitor = dag.get_task("monitor_canary")
+    assert monitor.mode == "reschedule"  # no worker slot held between windows
+    assert 0 < monitor.poke_interval <= 60 and monitor.timeout > monitor.poke_interval
+    # A failed or timed-out monitor still reaches decide, which rolls back.
+    assert dag.get_task("decide").trigger_rule == "all_done"
+    assert dag.get_task("promote").trigger_rule == "all_success"
 
 
 def test_defaults_retries_owner_and_timeouts(dagbag) -> None:  # type: ignore[no-untyped-def]

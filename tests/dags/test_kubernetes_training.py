@@ -113,10 +113,15 @@ def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(  # type: ignore
         "dag = bag.dags['mlops_training_pipeline']\n"
         "t = {x.task_id: x for x in dag.tasks}\n"
         "node = t['train_on_kubernetes.train_node']\n"
+        "delete = t['train_on_kubernetes.delete_rendezvous_service']\n"
+        "gate = t['retry_group_2']\n"
         "print(json.dumps({'errors': {k: str(v) for k, v in bag.import_errors.items()},\n"
         "  'tasks': sorted(t), 'pool': node.partial_kwargs.get('pool'),\n"
         "  'retries': node.partial_kwargs.get('retries'),\n"
-        "  'delete_rule': t['train_on_kubernetes.delete_rendezvous_service'].trigger_rule.value,\n"
+        "  'teardown': delete.is_teardown, 'setups': sorted(delete.upstream_task_ids),\n"
+        "  'gate_rule': gate.trigger_rule.value, 'gate_up': sorted(gate.upstream_task_ids),\n"
+        "  'gate_down': sorted(gate.downstream_task_ids),\n"
+        "  'finish_rule': t['finish_training'].trigger_rule.value,\n"
         "  'up': sorted(t['finish_training'].upstream_task_ids)}))\n"
     )
     r = run_python(code, MLOPS_PROFILE="kubernetes", MLOPS_HOME=str(tmp_path))
@@ -126,9 +131,45 @@ def test_dag_under_the_kubernetes_profile_maps_one_pod_per_node(  # type: ignore
         "train_on_kubernetes.create_rendezvous_service",
         "train_on_kubernetes.train_node",
         "train_on_kubernetes.delete_rendezvous_service",
+        "retry_group_2",
+        "train_on_kubernetes_2.create_rendezvous_service",
+        "train_on_kubernetes_2.train_node",
+        "train_on_kubernetes_2.delete_rendezvous_service",
         "finish_training",
     } <= set(r["tasks"])
     assert "train_model" not in r["tasks"]
     assert r["pool"] == "mlops_training" and r["retries"] == 0
-    assert r["delete_rule"] == "all_done"
-    assert "train_on_kubernetes.train_node" in r["up"]
+    # The Service is a setup/teardown pair: deleted after the pods, on failure too.
+    assert r["teardown"] is True
+    assert "train_on_kubernetes.create_rendezvous_service" in r["setups"]
+    # The group retry: after attempt 1 (whatever its outcome) a gate decides on attempt 2.
+    assert r["gate_rule"] == "all_done"
+    assert r["gate_up"] == ["prepare_training", "train_on_kubernetes.delete_rendezvous_service"]
+    assert "train_on_kubernetes_2.create_rendezvous_service" in r["gate_down"]
+    assert r["finish_rule"] == "all_done"
+    assert "train_on_kubernetes_2.delete_rendezvous_service" in r["up"]
+
+
+def test_each_attempt_gets_its_own_pod_names_and_the_same_rank_zero_dns(train) -> None:  # type: ignore[no-untyped-def]
+    from mlops_airflow.training import ATTEMPT_LABEL, attempt_pods
+
+    job = job_name("abc")
+    pods = [node_pod_kwargs(train, job, r, ["--run-id", "abc"]) for r in range(3)]
+    first, second = attempt_pods(pods, 1), attempt_pods(pods, 2)
+    assert {p["name"] for p in first}.isdisjoint({p["name"] for p in second})
+    assert [p["hostname"] for p in first] == [p["hostname"] for p in second]
+    assert [p["labels"][ATTEMPT_LABEL] for p in second] == ["2", "2", "2"]
+    assert [p["labels"][RANK_LABEL] for p in second] == ["0", "1", "2"]
+
+
+def test_the_retry_gate_asks_mlflow_whether_rank_zero_finished(local_settings) -> None:  # type: ignore[no-untyped-def]
+    from pipelines.registry import Registry
+    from pipelines.train.run import training_finished
+
+    reg = Registry(local_settings.mlflow)
+    run_id = reg.client.create_run(reg.experiment_id()).info.run_id
+    assert not training_finished(local_settings, run_id)  # nothing logged: run the group again
+    reg.client.log_metric(run_id, "val_auc", 0.9)
+    assert not training_finished(local_settings, run_id)  # metrics without a model
+    reg.log_bytes(run_id, b"weights", "model", "model.pt")
+    assert training_finished(local_settings, run_id)

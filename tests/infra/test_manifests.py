@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -579,6 +580,7 @@ def test_profile_urls_point_at_the_services(tmp_path: Path) -> None:
     s = k8s_settings(tmp_path)
     service_for(s.mlflow.tracking_uri)
     service_for(s.serving.url or "")
+    service_for(s.canary.router_url or "")
     args = container("mlflow")["args"]
     allowed = args[args.index("--allowed-hosts") + 1].split(",")
     assert is_allowed_host_header(allowed, urlparse(s.mlflow.tracking_uri).netloc)
@@ -605,26 +607,29 @@ def test_tf_serving_configuration_lines_up(tmp_path: Path) -> None:
     assert server["args"] == dockerfile_cmd("serving.Dockerfile"), "Deployment args = image CMD"
     assert (args["port"], args["rest_api_port"]) == ("8500", "8501")
 
-    # models.config: the ConfigMap volume, parsed with TF Serving's protos via the project's code
-    config_dir, config_key = args["model_config_file"].rsplit("/", 1)
-    mount = next(m for m in server["volumeMounts"] if m["mountPath"] == config_dir)
-    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    configmap = find("ConfigMap", volume["configMap"]["name"])
-    (entry,) = model_config.parse(configmap["data"][config_key])
-    assert entry.name == s.mlflow.model_name
-    assert set(entry.labels) == {"stable", "canary"}
-    assert set(entry.labels.values()) <= set(entry.versions)
-
-    # versions: S3 (the lake's serving prefix) -> sidecar -> the base_path the server reads
-    env = {e["name"]: e["value"] for e in sync["env"]}
-    assert env["SOURCE"] == f"{s.store.root}/serving/{s.mlflow.model_name}"
-    assert env["TARGET"] == entry.base_path
+    # The controller publishes to serving.publish_root (versions, then models.config); the init
+    # container and the sidecar copy that prefix to the volume the server reads.
     (init,) = spec["initContainers"]
-    assert init["command"][:3] == ["aws", "s3", "sync"]
-    assert init["command"][3:5] == [env["SOURCE"], env["TARGET"]]
+    init_env = {e["name"]: e.get("value") for e in init["env"]}
+    env = {e["name"]: e.get("value") for e in sync["env"]}
+    assert env["SOURCE"] == init_env["SOURCE"] == s.serving.publish_root
+    assert env["TARGET"] == init_env["TARGET"]
+    assert args["model_config_file"] == f"{env['TARGET']}/models.config"
+    assert s.serving.model_base_path == f"{env['TARGET']}/{s.mlflow.model_name}"
     models_mount = next(m for m in server["volumeMounts"] if m["name"] == "models")
+    assert models_mount["mountPath"] == env["TARGET"] and models_mount.get("readOnly") is True
+    # the sidecar: version directories first, then the config by an atomic rename
+    loop = " ".join(sync["args"])
+    assert loop.index("--exclude models.config") < loop.index('"$SOURCE/models.config"')
+    assert 'mv "$TARGET/models.config.tmp" "$TARGET/models.config"' in loop
+    # the server can start before the first rollout: an empty config when none is published
+    assert "model_config_list" in " ".join(init["args"])
+    (entry,) = model_config.parse(
+        model_config.render(
+            [model_config.ModelEntry(s.mlflow.model_name, s.serving.model_base_path, [1], {})]
+        )
+    )
     assert entry.base_path.startswith(models_mount["mountPath"] + "/")
-    assert models_mount.get("readOnly") is True
 
     # monitoring and batching files: baked into the image by serving.Dockerfile
     dockerfile = (DOCKER / "serving.Dockerfile").read_text()
@@ -647,36 +652,52 @@ def free_port() -> int:
 
 
 def test_the_router_command_starts_the_router(tmp_path: Path) -> None:
-    """Run the Deployment's exact command (there is no `mlops router` CLI command)."""
+    """Run the Deployment's exact command line (``mlops router`` from the venv)."""
     router = container("mlops-router")
-    assert router["command"] == ["python", "-c"]
+    assert router["command"] == ["mlops", "router"]
+    args = router["args"]
     env = {e["name"]: e.get("value") for e in router["env"]}
     token_ref = next(e for e in router["env"] if e["name"] == "MLOPS__CANARY__ADMIN_TOKEN")
     secret = token_ref["valueFrom"]["secretKeyRef"]
     assert secret["key"] in example_secrets()[(kustomization()["namespace"], secret["name"])]
-    assert int(env["ROUTER_PORT"]) in {p["containerPort"] for p in router["ports"]}
+    assert int(args[args.index("--port") + 1]) in {p["containerPort"] for p in router["ports"]}
+    weights = Path(args[args.index("--weights-file") + 1])
+    mounts = {m["mountPath"] for m in router["volumeMounts"]}
+    assert str(weights.parent) in mounts, "the weight file sits on a writable volume"
 
     port, token = free_port(), "0a1b2c3d4e5f"
+    local_args = [a for a in args]
+    local_args[local_args.index("--host") + 1] = "127.0.0.1"
+    local_args[local_args.index("--port") + 1] = str(port)
+    local_args[local_args.index("--weights-file") + 1] = str(tmp_path / weights.name)
     proc = subprocess.Popen(
-        [sys.executable, "-c", router["args"][0]],
+        [str(Path(sys.executable).parent / "mlops"), "router", *local_args],
         cwd=ROOT,
         env={
             "PATH": "/usr/bin:/bin",
             "MLOPS_PROFILE": env["MLOPS_PROFILE"],
             "MLOPS_HOME": str(tmp_path / "home"),
-            "MLOPS__SERVING__BASE_DIR": str(tmp_path / "models"),
             "MLOPS__CANARY__ADMIN_TOKEN": token,
-            "ROUTER_HOST": "127.0.0.1",
-            "ROUTER_PORT": str(port),
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert f"router on http://127.0.0.1:{port}" in line, line
         base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(
+                    f"{base}{router['readinessProbe']['httpGet']['path']}", timeout=2
+                ).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.stdout else ""
+            )
+            time.sleep(0.2)
         assert requests.get(f"{base}/metrics", timeout=5).status_code == 200
         assert requests.get(f"{base}/admin/weights", timeout=5).status_code == 401
         r = requests.post(
@@ -686,7 +707,7 @@ def test_the_router_command_starts_the_router(tmp_path: Path) -> None:
             timeout=5,
         )
         assert r.status_code == 200 and r.json() == {"canary": 5.0}
-        assert (tmp_path / "models" / "fraud_detector.router.json").is_file()
+        assert (tmp_path / weights.name).is_file()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -238,7 +238,8 @@ def test_local_server_process_starts_and_stops(tmp_path: Path) -> None:
             stub.GetModelStatus(req, timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.ensure_running() == url  # reused, not restarted
-    pid = int(server.pid_file.read_text())
+    pid = server.pid()
+    assert pid is not None
     server.stop()
     assert not ServingClient(url).healthy()
     with pytest.raises(OSError):

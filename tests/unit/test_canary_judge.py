@@ -49,6 +49,22 @@ def test_errors_are_critical() -> None:
     assert {"success_rate", "errors_vs_stable"} <= failed
 
 
+def test_one_error_in_a_small_window_is_not_critical() -> None:
+    """60 canary requests with one error read 98.3 %: under the 99 % floor as a point estimate,
+    but not evidence of a worse canary when stable has the same 0.5 % error rate."""
+    canary = window(60, "canary", 1)
+    canary[7] = Sample(0.0, "canary", 500, 5.0, ())
+    v = judge_window(canary, window(900, "stable", 2, error_rate=0.005), CFG)
+    assert v.outcome == "pass", v.explain()
+
+
+def test_a_dead_backend_is_critical_at_once() -> None:
+    dead = [Sample(0.0, "canary", 503, 1.0, ()) for _ in range(50)]
+    v = judge_window(dead, window(900, "stable", 2), CFG)
+    assert v.outcome == "critical"
+    assert "success_rate" in {c.name for c in v.checks if not c.passed}
+
+
 def test_nan_output_is_critical() -> None:
     v = judge_window(window(300, "canary", 1, nan=True), window(900, "stable", 2), CFG)
     assert v.outcome == "critical"

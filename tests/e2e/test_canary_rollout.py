@@ -1,0 +1,248 @@
+"""Canary rollouts end to end on real components: the local TF-Serving-compatible server and
+router processes, real SavedModels, MLflow aliases, replayed held-out traffic.
+
+One model is trained and deployed as ``stable`` (and ``champion``) once for the module; each test
+then stages a new version of it as the canary: an identical copy (A/A, crash-resume), or a
+copy doctored in its SavedModel graph to answer NaN, to be slow, or to shift its scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines import stages
+from pipelines.config import Settings, settings, with_overrides
+from pipelines.data import layout
+from pipelines.registry import CHALLENGER, CHAMPION, Registry
+from pipelines.serving import monitor
+from pipelines.serving.client import LocalServer
+from pipelines.serving.daemon import LocalDaemon
+from pipelines.serving.rollout import canary_state_key
+from pipelines.store import open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ENV = {
+    "MLOPS__SERVING__REST_PORT": "0",
+    "MLOPS__SERVING__GRPC_PORT": "0",
+    "MLOPS__CANARY__ROUTER_PORT": "0",
+    "MLOPS__CANARY__REPLAY_RATE": "500",
+    "MLOPS__CANARY__REPLAY_CONCURRENCY": "8",
+    "MLOPS__TRAIN__NODES": "1",
+    "MLOPS__TRAIN__EPOCHS": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """v1 trained, registered, exported, staged and promoted: stable, canary and champion."""
+    home = tmp_path_factory.mktemp("canary") / "mlops"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLOPS_HOME", str(home))
+    for k, v in ENV.items():
+        mp.setenv(k, v)
+    mp.delenv("MLOPS_PROFILE", raising=False)
+    mp.delenv("MLOPS_CONFIG", raising=False)
+    settings.cache_clear()
+    s = settings()
+    try:
+        stages.generate_data(s, "2026-11-01", rows=6000)
+        stages.validate_data(s, "2026-11-01")
+        manifest = stages.shard_data(s, "2026-11-01")["manifest_uri"]
+        run_id = stages.train(s, manifest)["run_id"]
+        assert stages.evaluate(s, run_id)["blessed"]
+        v1 = stages.register(s, run_id)["model_version"]
+        stages.export_and_infra_validate(s, v1)
+        stages.stage_canary(s, v1)
+        assert stages.monitor_canary(s, v1)["decision"] == "promote"
+        stages.promote(s, v1)
+        yield {"settings": s, "run_id": run_id, "v1": v1, "home": home}
+    finally:
+        LocalDaemon(home / "serving", "router").stop()
+        LocalServer(home / "serving").stop()
+        mp.undo()
+        settings.cache_clear()
+
+
+def _doctored_saved_model(model: Any, out: Path, kind: str) -> None:
+    """The real model's graph with a fault built in: ``nan`` (NaN for large amounts), ``slow``
+    (a matmul loop that depends on the input, so it cannot be folded away), ``drift``
+    (scores pushed up by 0.25)."""
+    import tensorflow as tf
+
+    from pipelines.serving.export import OUTPUT, SIGNATURE, build_module, input_specs
+
+    inner = build_module(model)
+
+    class Doctored(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            p = self.inner(features)[OUTPUT]
+            if kind == "nan":
+                p = tf.where(features["amount"] > 30.0, tf.fill(tf.shape(p), float("nan")), p)
+            elif kind == "drift":
+                p = tf.minimum(p + 0.25, 1.0)
+            elif kind == "slow":
+                x = tf.ones([160, 160]) * (1.0 + tf.reduce_mean(features["amount"]) * 1e-9)
+
+                def body(i: tf.Tensor, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                    return i + 1, tf.tanh(tf.matmul(x, x) * 0.01)
+
+                _, x = tf.while_loop(lambda i, _: i < 300, body, [tf.constant(0), x])
+                p = p + 0.0 * tf.reduce_sum(x)
+            return {OUTPUT: p}
+
+    module = Doctored()
+    concrete = tf.function(module.__call__).get_concrete_function(input_specs(model))
+    tf.saved_model.save(module, str(out), signatures={SIGNATURE: concrete})
+
+
+def new_version(deployed: dict[str, Any], kind: str = "same") -> str:
+    """Another registered version of the deployed run, exported as-is or doctored; its
+    ``export.json`` records the served bytes' sha256, as the export stage does."""
+    import tempfile
+
+    from pipelines.evaluate.run import load_run_model
+    from pipelines.serving.rollout import _tree_sha256
+
+    s, run_id = deployed["settings"], deployed["run_id"]
+    reg, store, name = Registry(s.mlflow), open_store(s.store), s.mlflow.model_name
+    mv = reg.client.create_model_version(
+        name, source=f"runs:/{run_id}/model", run_id=run_id, tags={"mlops.test_kind": kind}
+    )
+    version = str(mv.version)
+    reg.set_alias(CHALLENGER, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "saved_model"
+        if kind == "same":
+            store.get_dir(f"{layout.export(name, deployed['v1'])}/saved_model", out)
+        else:
+            _doctored_saved_model(load_run_model(reg, run_id), out, kind)
+        store.put_dir(out, f"{layout.export(name, version)}/saved_model")
+        meta = {"version": version, "run_id": run_id, "files": _tree_sha256(out)}
+        store.write_text(f"{layout.export(name, version)}/export.json", json.dumps(meta))
+    return version
+
+
+def serving_snapshot(s: Settings) -> dict[str, Any]:
+    state = stages.serving_state(s)
+    return {"labels": state["labels"], "weight": state["canary_weight"]}
+
+
+def canary_then_decide(s: Settings, version: str) -> dict[str, Any]:
+    stages.stage_canary(s, version)
+    verdict = monitor.monitor_canary(s, version)
+    if verdict["decision"] == "promote":
+        stages.promote(s, version)
+    else:
+        stages.rollback(s, version, verdict["reason"])
+    return verdict
+
+
+@pytest.mark.parametrize(
+    ("kind", "failed_check"),
+    [("nan", "finite_outputs"), ("slow", "latency_vs_stable"), ("drift", "score_drift")],
+)
+def test_a_bad_canary_is_rolled_back_and_nothing_else_moves(
+    deployed: dict[str, Any], kind: str, failed_check: str
+) -> None:
+    s = deployed["settings"]
+    reg = Registry(s.mlflow)
+    champion, before = reg.alias_version(CHAMPION), serving_snapshot(s)
+    version = new_version(deployed, kind)
+    verdict = canary_then_decide(s, version)
+    assert verdict["decision"] == "rollback", verdict["reason"]
+    failed = {c["name"] for w in verdict["windows"] for c in w["checks"] if not c["passed"]}
+    assert failed_check in failed, verdict["reason"]
+    assert reg.alias_version(CHAMPION) == champion
+    assert reg.alias_version(CHALLENGER) is None
+    assert serving_snapshot(s) == before
+    assert reg.version(version).tags["mlops.rollout"] == "rolled_back"
+
+
+def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any]) -> None:
+    """The same model as canary and stable: 20 full analyses (5, 25, 50, 100 %), each with its
+    own replay order and routing salt, all promote."""
+    s = deployed["settings"]
+    version = new_version(deployed, "same")
+    stages.stage_canary(s, version)
+    store = open_store(s.store)
+    outcomes = []
+    for seed in range(20):
+        store.delete(canary_state_key(s, version))
+        verdict = monitor.monitor_canary(with_overrides(s, canary={"seed": seed}), version)
+        outcomes.append((seed, verdict["decision"], verdict["reason"]))
+        assert len(verdict["windows"]) == len(s.canary.steps)
+    assert [o for o in outcomes if o[1] != "promote"] == []
+    stages.rollback(s, version, "A/A test done")
+
+
+def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, Any]) -> None:
+    s = deployed["settings"]
+    version = new_version(deployed, "same")
+    stages.stage_canary(s, version)
+    store, key = open_store(s.store), canary_state_key(s, version)
+    code = (
+        "from pipelines import stages\nfrom pipelines.config import settings\n"
+        f"while not stages.canary_tick(settings(), {version!r})['done']: pass\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if store.exists(key) and len(json.loads(store.read_text(key))["windows"]) >= 1:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # inside the next window's replay
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    crashed = json.loads(store.read_text(key))
+    assert crashed["decision"] is None and 1 <= len(crashed["windows"]) < len(s.canary.steps)
+    verdict = monitor.monitor_canary(s, version)  # a new controller picks the state up
+    assert verdict["decision"] == "promote", verdict["reason"]
+    assert [w["weight"] for w in verdict["windows"]] == list(s.canary.steps)
+    assert verdict["windows"][: len(crashed["windows"])] == crashed["windows"]
+    stages.promote(s, version)
+    assert Registry(s.mlflow).alias_version(CHAMPION) == version
+    assert serving_snapshot(s)["labels"] == {"stable": int(version), "canary": int(version)}
+
+
+def test_killing_the_model_server_mid_canary_ends_in_rollback(deployed: dict[str, Any]) -> None:
+    s = deployed["settings"]
+    reg = Registry(s.mlflow)
+    champion, before = reg.alias_version(CHAMPION), serving_snapshot(s)
+    version = new_version(deployed, "same")
+    stages.stage_canary(s, version)
+    result: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: result.update(monitor.monitor_canary(s, version)), daemon=True
+    )
+    worker.start()
+    store, key = open_store(s.store), canary_state_key(s, version)
+    while not (store.exists(key) and json.loads(store.read_text(key))["windows"]):
+        time.sleep(0.05)
+    server_pid = LocalServer.from_settings(s).pid()
+    assert server_pid is not None
+    os.killpg(server_pid, signal.SIGKILL)
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the canary hung after the server died"
+    assert result["decision"] == "rollback"
+    assert "success_rate" in result["reason"] or "monitoring failed" in result["reason"]
+    stages.rollback(s, version, result["reason"])
+    assert reg.alias_version(CHAMPION) == champion
+    assert serving_snapshot(s) == before

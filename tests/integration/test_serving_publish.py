@@ -1,0 +1,114 @@
+"""Publishing the serving state for a remote TF Serving: versions first, then models.config,
+on local files and on the moto S3 server (with SSE), and nothing recorded when publishing fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.config import Settings, with_overrides
+from pipelines.serving import model_config, rollout
+from pipelines.store import ObjectStore, open_store
+
+pytestmark = pytest.mark.integration
+NAME = "fraud_detector"
+
+
+@pytest.fixture(params=["file", "s3"])
+def remote(request: pytest.FixtureRequest, local_settings: Settings, tmp_path: Path) -> Settings:
+    overrides: dict[str, Any] = {}
+    if request.param == "s3":
+        bucket, endpoint = (request.getfixturevalue(f) for f in ("s3_bucket", "moto_server"))
+        overrides["store"] = {"root": f"s3://{bucket}/lake", "endpoint_url": endpoint}
+        overrides["store"] |= {"key": "testing", "secret": "testing", "sse": "AES256"}
+        root = f"s3://{bucket}/serving"
+    else:
+        root = f"file://{tmp_path}/published"
+    overrides["serving"] = {"publish_root": root, "model_base_path": f"/models/{NAME}"}
+    return with_overrides(local_settings, **overrides)
+
+
+def _version_dir(settings: Settings, version: int) -> None:
+    d = Path(settings.serving.base_dir) / NAME / str(version)
+    (d / "variables").mkdir(parents=True)
+    (d / "saved_model.pb").write_bytes(b"graph-%d" % version)
+    (d / "variables" / "variables.index").write_bytes(b"index")
+
+
+def _target(settings: Settings) -> ObjectStore:
+    from pipelines.store import storage_options
+
+    assert settings.serving.publish_root
+    return ObjectStore(settings.serving.publish_root, storage_options(settings.store))
+
+
+def test_versions_are_published_before_the_config_that_names_them(
+    remote: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[str] = []
+    put_file, write_bytes = ObjectStore.put_file, ObjectStore.write_bytes
+
+    def spy_put(self: ObjectStore, local: Any, key: str) -> str:
+        writes.append(key)
+        return put_file(self, local, key)
+
+    def spy_write(self: ObjectStore, key: str, data: bytes) -> str:
+        writes.append(key)
+        return write_bytes(self, key, data)
+
+    monkeypatch.setattr(ObjectStore, "put_file", spy_put)
+    monkeypatch.setattr(ObjectStore, "write_bytes", spy_write)
+    _version_dir(remote, 1)
+    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1]))
+    _version_dir(remote, 2)
+    labels = {"stable": 1, "canary": 2}
+    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1, 2], labels))
+    target = _target(remote)
+    published = model_config.parse(target.read_text("models.config"))
+    assert [(e.name, e.base_path, e.versions, e.labels) for e in published] == [
+        (NAME, f"/models/{NAME}", [1, 2], labels)
+    ]
+    assert target.read_bytes(f"{NAME}/2/saved_model.pb") == b"graph-2"
+    config_writes = [i for i, k in enumerate(writes) if k == "models.config"]
+    v2_files = [i for i, k in enumerate(writes) if k.startswith(f"{NAME}/2/")]
+    assert max(v2_files) < config_writes[-1]  # the config naming v2 came after all its files
+    assert len([k for k in writes if k == f"{NAME}/1/saved_model.pb"]) == 1  # not re-uploaded
+    local = model_config.entry(Path(remote.serving.base_dir) / "models.config", NAME)
+    assert local is not None and local.labels == labels
+    # Another task (another pod, no shared disk) reads the state from what was published.
+    Path(remote.serving.base_dir, "models.config").unlink()
+    entry = rollout.current_entry(remote)
+    assert entry is not None and (entry.versions, entry.labels) == ([1, 2], labels)
+
+
+def test_a_failed_publish_records_nothing(remote: Settings) -> None:
+    _version_dir(remote, 1)
+    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1]))
+    with pytest.raises(rollout.RolloutError, match="version 9"):
+        rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1, 9]))  # no v9 dir
+    local = model_config.entry(Path(remote.serving.base_dir) / "models.config", NAME)
+    assert local is not None and local.versions == [1]
+    published = model_config.parse(_target(remote).read_text("models.config"))
+    assert published[0].versions == [1]
+
+
+def test_published_objects_carry_sse_on_s3(
+    local_settings: Settings, s3_bucket: str, moto_server: str
+) -> None:
+    import boto3
+
+    store = {"root": f"s3://{s3_bucket}/lake", "endpoint_url": moto_server, "key": "testing"}
+    store |= {"secret": "testing", "sse": "AES256"}
+    s = with_overrides(
+        local_settings, store=store, serving={"publish_root": f"s3://{s3_bucket}/srv"}
+    )
+    _version_dir(s, 3)
+    rollout._set_entry(s, model_config.ModelEntry(NAME, "local", [3]))
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="srv/")["Contents"]]
+    assert "srv/models.config" in keys and f"srv/{NAME}/3/saved_model.pb" in keys
+    for key in keys:
+        assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
+    assert open_store(s.store).uri("x").startswith("s3://")
