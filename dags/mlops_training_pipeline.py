@@ -262,13 +262,20 @@ def mlops_training_pipeline() -> None:
             record(ctx, {**out, "model_version": staged["model_version"]})
         return PokeReturnValue(is_done=out["done"], xcom_value=out)
 
-    @task.branch(trigger_rule=TriggerRule.ALL_DONE)
-    def decide(registered: dict) -> list[str]:
-        """Promote only on a promote verdict; a canary that failed or timed out rolls back."""
+    @task.branch(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+    def decide(registered: dict | None) -> list[str]:
+        """Promote only on a promote verdict; a canary that failed or timed out rolls back.
+        Runs after failures too (``all_done``): with nothing registered there is nothing to do."""
         from mlops_airflow.common import run_settings
 
         from pipelines import stages
 
+        if not registered or not registered.get("model_version"):
+            # An earlier stage failed (a blocked batch, a failed training): nothing was staged.
+            # Failing here (no retry) keeps the run failed; skipping would end it "success".
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException("nothing to promote or roll back: an earlier task failed")
         ctx = get_current_context()
         verdict = stages.canary_verdict(run_settings(ctx["params"]), registered["model_version"])
         if verdict is None:

@@ -131,6 +131,13 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     r3 = reports(s, "2026-11-03", dr.run_id)
     assert r3["validate_data"]["status"] == "blocked"
     assert "shard_dataset" not in r3 and "train_model" not in r3
+    # decide runs after failures (all_done) and fails at once (no retries) when nothing was
+    # registered, so the run ends failed; nothing else ran.
+    assert sorted(k for k in r3 if k.endswith(".failed")) == [
+        "decide.failed",
+        "validate_data.failed",
+    ], sorted(r3)
+    assert "earlier task failed" in r3["decide.failed"]["error"]
     assert store.list(layout.quarantine("transactions", "2026-11-03"))
     assert not store.exists(layout.landing("transactions", "2026-11-03"))
     assert store.list(layout.shards("transactions")) == shards_before
