@@ -112,3 +112,31 @@ def test_published_objects_carry_sse_on_s3(
     for key in keys:
         assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
     assert open_store(s.store).uri("x").startswith("s3://")
+
+
+def test_an_export_is_served_only_if_every_file_matches_its_sha256(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    """Staging downloads the export and checks each file against export.json: a swapped or
+    added file is refused before anything is copied under the serving base path."""
+    import json
+
+    from pipelines.data import layout
+
+    src = tmp_path / "export"
+    (src / "variables").mkdir(parents=True)
+    (src / "saved_model.pb").write_bytes(b"graph")
+    (src / "variables" / "variables.index").write_bytes(b"index")
+    prefix = layout.export(NAME, 7)
+    store.put_dir(src, f"{prefix}/saved_model")
+    meta = {"version": "7", "files": rollout._tree_sha256(src)}
+    store.write_text(f"{prefix}/export.json", json.dumps(meta))
+    rollout._fetch_verified(store, NAME, "7", tmp_path / "ok")
+    assert (tmp_path / "ok" / "saved_model.pb").read_bytes() == b"graph"
+    store.write_bytes(f"{prefix}/saved_model/saved_model.pb", b"tampered graph")
+    with pytest.raises(rollout.RolloutError, match=r"sha256 check: \['saved_model.pb'\]"):
+        rollout._fetch_verified(store, NAME, "7", tmp_path / "bad")
+    store.write_bytes(f"{prefix}/saved_model/saved_model.pb", b"graph")
+    store.write_bytes(f"{prefix}/saved_model/extra.pb", b"smuggled")
+    with pytest.raises(rollout.RolloutError, match=r"extra\.pb"):
+        rollout._fetch_verified(store, NAME, "7", tmp_path / "extra")
