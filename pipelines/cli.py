@@ -139,13 +139,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_router(a: argparse.Namespace) -> int:
-    from pipelines.serving.router import run_router
+    from pipelines.serving.router import run_router, weights_file
 
     s = _settings()
     run_router(
         a.backend or s.serving.url or f"http://127.0.0.1:{s.serving.rest_port}",
         a.model or s.mlflow.model_name,
-        a.weights_file or f"{s.serving.base_dir}/{s.mlflow.model_name}.router.json",
+        a.weights_file or weights_file(s.serving.base_dir, s.mlflow.model_name),
         s.canary.admin_token,
         a.host or s.serving.host,
         s.canary.router_port if a.port is None else a.port,

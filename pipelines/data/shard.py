@@ -80,9 +80,9 @@ class _FeatureStats:
         self.spec = spec
         self.moments = {n: Moments() for n in spec.numeric_features}
 
-    def add(self, df: pd.DataFrame) -> None:
+    def add(self, frame: pd.DataFrame | pa.Table) -> None:
         for name, m in self.moments.items():
-            x = df[name].to_numpy(dtype="float64")
+            x = np.asarray(frame[name], dtype="float64")
             m.add(np.log1p(np.clip(x, 0, None)) if name in self.spec.log_features else x)
 
     def result(self) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def shard_dataset(
             for i in range(3):
                 rows[i] += int((split == i).sum())
                 positives[i] += int(label[split == i].sum())
-            stats.add(table.filter(pa.array(split == 0)).to_pandas())
+            stats.add(table.select(spec.numeric_features).filter(pa.array(split == 0)))
         manifest = _manifest_head(spec, date, schema, nodes)
         manifest["stats"] = stats.result()
         files: list[tuple[Path, str]] = []

@@ -30,6 +30,7 @@ from pipelines.serving.rollout import (
     _save_state,
     canary_state_key,
     current_entry,
+    remote_router,
 )
 from pipelines.serving.router import LocalRouter, RouterClient
 from pipelines.store import open_store
@@ -54,9 +55,7 @@ def router_client(settings: Settings) -> RouterClient:
     """The router in front of serving: the remote one, or the local one (started if needed)."""
     cfg = settings.canary
     if settings.serving.mode == "remote":
-        if not cfg.router_url:
-            raise RolloutError("serving.mode is 'remote' but canary.router_url is not set.")
-        return RouterClient(cfg.router_url, cfg.admin_token)
+        return remote_router(settings)
     local = LocalRouter(
         settings.serving.base_dir,
         serving_url(settings),
@@ -174,7 +173,8 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
                     cfg.replay_concurrency,
                     state["offset"],
                 )
-                if len(router.window(start)["canary"]) >= cfg.min_samples:
+                window = router.window(start)
+                if len(window["canary"]) >= cfg.min_samples:
                     break
         else:  # live traffic: a window is the time since it opened
             if state["window_start"] is None:
@@ -183,8 +183,7 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
                 return state
             if time.time() - state["window_start"] < cfg.window_seconds:
                 return state
-            start = state["window_start"]
-        window = router.window(start)
+            window = router.window(state["window_start"])
     except (requests.RequestException, RolloutError, OSError) as exc:
         log.exception("canary monitoring failed")
         _decide(state, "rollback", f"monitoring failed at {step}%: {exc}")

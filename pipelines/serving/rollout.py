@@ -30,9 +30,9 @@ from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
 from pipelines.serving.client import ServingClient, serving_url
 from pipelines.serving.export import export_saved_model, parity, to_instances
-from pipelines.serving.router import RouterClient, WeightStore
+from pipelines.serving.router import RouterClient, WeightStore, weights_file
 from pipelines.serving.server import ModelManager, make_server
-from pipelines.store import ObjectStore, open_store
+from pipelines.store import ObjectStore, open_store, storage_options
 from pipelines.train.model import predict_proba
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,23 @@ class RolloutError(RuntimeError):
     """A rollout step failed; serving state was restored to what it was before the step."""
 
 
+def remote_router(settings: Settings) -> RouterClient:
+    """The admin API of the router in front of a remote TF Serving (``canary.router_url``)."""
+    if not settings.canary.router_url:
+        raise RolloutError("serving.mode is 'remote' but canary.router_url is not set.")
+    return RouterClient(settings.canary.router_url, settings.canary.admin_token)
+
+
 def _paths(settings: Settings) -> tuple[Path, Path, WeightStore | RouterClient]:
     """Config file, model directory, and the canary weight: the local router's file, or the
     remote router's admin API."""
-    base = Path(settings.serving.base_dir)
-    weights: WeightStore | RouterClient = WeightStore(
-        base / f"{settings.mlflow.model_name}.router.json"
+    base, name = Path(settings.serving.base_dir), settings.mlflow.model_name
+    weights: WeightStore | RouterClient = (
+        remote_router(settings)
+        if settings.serving.mode == "remote"
+        else WeightStore(weights_file(base, name))
     )
-    if settings.serving.mode == "remote":
-        if not settings.canary.router_url:
-            raise RolloutError("serving.mode is 'remote' but canary.router_url is not set.")
-        weights = RouterClient(settings.canary.router_url, settings.canary.admin_token)
-    return base / "models.config", base / settings.mlflow.model_name, weights
+    return base / "models.config", base / name, weights
 
 
 def _set_entry(settings: Settings, entry: model_config.ModelEntry | None) -> None:
@@ -88,8 +93,6 @@ def current_entry(settings: Settings) -> model_config.ModelEntry | None:
 
 
 def _publish_target(settings: Settings) -> ObjectStore:
-    from pipelines.store import storage_options
-
     assert settings.serving.publish_root
     return ObjectStore(settings.serving.publish_root, storage_options(settings.store))
 

@@ -44,6 +44,11 @@ def route(key: str, canary_weight: float) -> str:
     return "canary" if bucket % 10_000 < canary_weight * 100 else "stable"
 
 
+def weights_file(base_dir: str | Path, model: str) -> Path:
+    """Where the local router and the controller share the canary weight."""
+    return Path(base_dir) / f"{model}.router.json"
+
+
 class WeightStore:
     """Canary weight (0-100) persisted as JSON so promote/rollback and the router agree."""
 
@@ -337,11 +342,7 @@ class LocalRouter:
 
         self.daemon = LocalDaemon(base_dir, "router")
         self.backend_url, self.model, self.admin_token = backend_url, model, admin_token
-        self.weights_file = Path(base_dir) / f"{model}.router.json"
-
-    def url(self) -> str | None:
-        info = self.daemon.info()
-        return f"http://{info['host']}:{info['port']}" if info else None
+        self.weights_file = weights_file(base_dir, model)
 
     def ensure_running(self, host: str = "127.0.0.1", port: int = 8601) -> str:
         import sys
