@@ -7,9 +7,16 @@ Both run in this process on the same model, batch size, data and number of optim
 - ``trainer``: ``pipelines.train.worker.Trainer`` in a world of one (gloo), reading and
   checksumming its shards from the object store, DDP-wrapped, logging to MLflow, with
   ``checkpoint_every`` steps between atomic checkpoints; its rate includes reading the shards;
-- ``trainer_no_ckpt``: the same with checkpoints off, to isolate the checkpoint share.
+- ``trainer_no_ckpt``: the same with snapshots disabled (none at all, not even at epoch ends),
+  to isolate the checkpoint share.
+
+A single ~1 s run moves by several per cent on a shared machine, so the three modes run in
+``--rounds`` interleaved rounds (after one warm-up) and the figures are medians: trainer/bare
+from the median rates, the checkpoint share from the median of each round's paired loop-time
+difference. The spread across rounds is printed too.
 
     .venv/bin/python bench/training.py [--rows 100000] [--epochs 4] [--checkpoint-every 200]
+                                       [--rounds 5]
 
 The last line printed is one JSON object with the figures.
 """
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 
@@ -36,6 +44,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--checkpoint-every", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     home = tempfile.mkdtemp(prefix="bench-training-")
     os.environ.update(
@@ -68,7 +77,7 @@ def main() -> None:
     manifest = load_manifest(store, manifest_uri)
     dist.init_process_group("gloo")
 
-    def trainer(checkpoint_every: int) -> dict[str, float]:
+    def trainer(checkpoint_every: int, snapshots: bool = True) -> dict[str, float]:
         run_id, _ = start_training_run(settings, manifest_uri, None)  # fresh: no resume
         targs = TrainArgs(
             manifest_uri,
@@ -84,6 +93,8 @@ def main() -> None:
         t0 = time.perf_counter()
         tr = Trainer(targs, store, 0, 1, 0, 1)
         load_s = time.perf_counter() - t0
+        if not snapshots:
+            tr._save_snapshot = lambda epoch, step_in_epoch: None  # type: ignore[method-assign]
         result = tr.train()
         loop_s = result["steps"] * args.batch_size / result["samples_per_s"]
         return {
@@ -121,25 +132,45 @@ def main() -> None:
         }
 
     trainer(10**9)  # warm-up: imports, MLflow tables, allocator
-    with_ckpt = trainer(args.checkpoint_every)
-    no_ckpt = trainer(10**9)
-    base = bare(int(with_ckpt["steps"]))
+    rounds: dict[str, list[dict[str, float]]] = {"trainer": [], "no_ckpt": [], "bare": []}
+    for _ in range(args.rounds):
+        rounds["trainer"].append(trainer(args.checkpoint_every))
+        rounds["no_ckpt"].append(trainer(args.checkpoint_every, snapshots=False))
+        rounds["bare"].append(bare(int(rounds["trainer"][-1]["steps"])))
     dist.destroy_process_group()
-    ckpt_share = max(with_ckpt["loop_s"] - no_ckpt["loop_s"], 0.0) / with_ckpt["loop_s"]
+
+    def med(mode: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in rounds[mode]))
+
+    ratios = [
+        t["samples_per_s"] / b["samples_per_s"]
+        for t, b in zip(rounds["trainer"], rounds["bare"], strict=True)
+    ]
+    shares = [
+        (t["loop_s"] - n["loop_s"]) / t["loop_s"]
+        for t, n in zip(rounds["trainer"], rounds["no_ckpt"], strict=True)
+    ]
+    steps = int(rounds["trainer"][0]["steps"])
     result = {
         "bench": "training",
         "rows": args.rows,
         "train_rows": manifest.rows("train"),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
-        "steps": int(with_ckpt["steps"]),
+        "steps": steps,
         "checkpoint_every": args.checkpoint_every,
-        "bare_samples_per_s": round(base["samples_per_s"]),
-        "trainer_samples_per_s": round(with_ckpt["samples_per_s"]),
-        "trainer_over_bare": round(with_ckpt["samples_per_s"] / base["samples_per_s"], 3),
-        "shard_read_s": round(with_ckpt["load_s"], 3),
-        "checkpoint_share_of_step_time": round(ckpt_share, 4),
-        "trainer_no_ckpt_samples_per_s": round(no_ckpt["samples_per_s"]),
+        "checkpoints_per_run": steps // args.checkpoint_every + args.epochs,
+        "rounds": args.rounds,
+        "bare_samples_per_s": round(med("bare", "samples_per_s")),
+        "trainer_samples_per_s": round(med("trainer", "samples_per_s")),
+        "trainer_no_ckpt_samples_per_s": round(med("no_ckpt", "samples_per_s")),
+        "trainer_over_bare": round(
+            med("trainer", "samples_per_s") / med("bare", "samples_per_s"), 3
+        ),
+        "trainer_over_bare_per_round": [round(r, 3) for r in ratios],
+        "shard_read_s": round(med("trainer", "load_s"), 3),
+        "checkpoint_share_of_step_time": round(float(statistics.median(shares)), 4),
+        "checkpoint_share_per_round": [round(s, 4) for s in shares],
     }
     print(json.dumps(result))
 

@@ -208,6 +208,9 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> DatasetSpec:
                 )
             if "values" in col and col["values"] is not None:
                 col["values"] = tuple(col["values"])
+                repeated = sorted({str(v) for v in col["values"] if col["values"].count(v) > 1})
+                if repeated:
+                    raise SpecError(f"{source}: column {name!r} lists {repeated} more than once.")
             columns.append(ColumnSpec(name=name, **col))
         spec = DatasetSpec(
             name=raw["name"],

@@ -90,8 +90,12 @@ def encode_frame(
             .to_numpy()
         )
     for name, vocab in categorical.items():
-        index = {v: i + 1 for i, v in enumerate(vocab)}
-        cols.append(df[name].astype(str).map(index).fillna(0).to_numpy(dtype="float64"))
+        # Vocabulary position + 1; unseen and missing -> 0 (hash lookup, no per-value Python).
+        values = df[name]
+        if not isinstance(values.dtype, pd.StringDtype):
+            values = values.astype(str).where(values.notna())
+        codes = pd.Categorical(values, categories=vocab).codes
+        cols.append(codes.astype("float64") + 1.0)
     return np.stack(cols, axis=1).astype("float32") if cols else np.zeros((len(df), 0), "float32")
 
 

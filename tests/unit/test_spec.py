@@ -39,3 +39,19 @@ def test_unknown_type_is_named() -> None:
 def test_unknown_spec_lists_known_ones() -> None:
     with pytest.raises(SpecError, match="transactions"):
         load_spec("does_not_exist")
+
+
+def test_repeated_category_is_named() -> None:
+    # A repeated value would give one category two vocabulary positions (two embeddings).
+    raw = {
+        "name": "x",
+        "key": "id",
+        "label": "y",
+        "columns": {
+            "id": {"type": "string"},
+            "y": {"type": "int", "values": [0, 1]},
+            "c": {"type": "category", "feature": True, "values": ["a", "b", "a"]},
+        },
+    }
+    with pytest.raises(SpecError, match=r"column 'c' lists \['a'\] more than once"):
+        parse_spec(raw)
