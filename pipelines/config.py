@@ -76,6 +76,15 @@ class DataSettings(_Section):
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/val/test fractions of entities (hash split)"
     )
+    batch_rows: int = Field(
+        500_000, ge=1, description="rows per record batch validate and shard hold in memory"
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="GE worker processes (validate) and shard writer threads; "
+        "default one per CPU (at most 4); 0 runs GE in the task's process",
+    )
 
 
 class TrainSettings(_Section):

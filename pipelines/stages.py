@@ -56,7 +56,9 @@ def validate_data(settings: Settings, date: str, dataset: str | None = None) -> 
 
     store, spec = _data(settings, dataset)
     try:
-        summary = validate_partition(store, spec, date)
+        summary = validate_partition(
+            store, spec, date, settings.data.batch_rows, settings.data.workers
+        )
     except ValidationBlocked as exc:
         s = exc.summary
         _audit(
@@ -97,6 +99,8 @@ def shard_data(settings: Settings, date: str, dataset: str | None = None) -> dic
         settings.data.shard_target_rows,
         settings.train.nodes,
         settings.data.split_fractions,
+        settings.data.batch_rows,
+        settings.data.workers,
     )
     return {
         "manifest_uri": m.uri,

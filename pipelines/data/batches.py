@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 from pipelines.store import ObjectStore
 
 DEFAULT_BATCH_ROWS = 500_000
+T = TypeVar("T")
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -49,6 +51,61 @@ def iter_partition(
                     yield pa.Table.from_batches([batch])
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise PartitionUnreadable(f"{store.uri(key)} is not readable parquet: {exc}") from exc
+
+
+def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` while a background thread produces up to ``depth`` of them ahead.
+
+    Parquet decoding releases the GIL, so the next batch is read while this one is processed;
+    memory grows by ``depth`` batches, not with the partition. The producer's exception is
+    raised here, in order; a consumer that stops early stops the producer too."""
+    import queue
+    import threading
+
+    done = object()
+    box: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = box.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def cpu_workers(limit: int = 4) -> int:
+    """CPUs this process may use (its affinity, not the host's count), at most ``limit``."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, limit))
 
 
 def partition_rows(store: ObjectStore, prefix: str) -> int:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from pipelines.data.batches import (
     DEFAULT_BATCH_ROWS,
     Moments,
     PartitionUnreadable,
+    cpu_workers,
     iter_partition,
     partition_rows,
+    prefetch,
     stable_hash,
 )
 from pipelines.data.spec import DatasetSpec
@@ -149,12 +152,15 @@ def shard_dataset(
     nodes: int = 1,
     fractions: Fractions = (0.7, 0.15, 0.15),
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    workers: int | None = None,
 ) -> Manifest:
     """Shard the validated landing partition of ``date`` and publish its manifest.
 
     Rows go to a split by their entity's hash and to a shard of that split by their key's hash,
     then each shard is sorted by key: the bytes depend on the rows only, not on file or row
-    order. Two passes over ``batch_rows``-row batches keep memory bounded by a batch or a shard."""
+    order. Two passes over ``batch_rows``-row batches keep memory bounded by a batch or by
+    ``workers`` shards (default: one per CPU)."""
+    threads = cpu_workers() if workers is None else max(workers, 1)
     prefix = layout.landing(spec.name, date)
     try:
         total = partition_rows(store, prefix) if store.exists(prefix) else 0
@@ -172,7 +178,7 @@ def shard_dataset(
     digest = hashlib.sha256(spec.fingerprint().encode())
     with tempfile.TemporaryDirectory(prefix="shards-") as tmp:
         spill = _Spill(Path(tmp))
-        for table in iter_partition(store, prefix, batch_rows):
+        for table in prefetch(iter_partition(store, prefix, batch_rows)):
             table = table.select(spec.column_names)
             split = split_of(table.column(spec.entity), fractions)
             shard = stable_hash(table.column(spec.key)) % np.asarray(counts, np.uint64)[split]
@@ -184,28 +190,33 @@ def shard_dataset(
             stats.add(table.select(spec.numeric_features).filter(pa.array(split == 0)))
         manifest = _manifest_head(spec, date, schema, nodes)
         manifest["stats"] = stats.result()
+        jobs = [
+            (name, k, int(first_group[i]) + k)
+            for i, name in enumerate(SPLITS)
+            for k in range(counts[i])
+        ]
+
+        def write(job: tuple[str, int, int]) -> tuple[Path, str, int, str]:
+            name, k, group = job
+            rel = f"{name}/part-{k:05d}.parquet"
+            rows_, sha = _write_shard(spill.read(group, schema), spec.key, Path(tmp) / rel)
+            return Path(tmp) / rel, rel, rows_, sha
+
+        # Sorting, encoding and hashing release the GIL: shards are written on `threads`
+        # threads (each holds one shard), and their digests are folded in a fixed order.
+        with ThreadPoolExecutor(threads) as pool:
+            written = list(pool.map(write, jobs))
         files: list[tuple[Path, str]] = []
+        by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+        for (name, k, _), (local, rel, n, sha) in zip(jobs, written, strict=True):
+            files.append((local, rel))
+            digest.update(sha.encode())
+            by_split[name].append({"path": rel, "rows": n, "sha256": sha, "node": k % nodes})
         for i, name in enumerate(SPLITS):
-            shards = []
-            for k in range(counts[i]):
-                part = spill.read(int(first_group[i]) + k, schema)
-                order = pc.sort_indices(part, [(spec.key, "ascending")])
-                part = part.take(order).combine_chunks()  # chunking must not shape the bytes
-                data = _parquet_bytes(part)
-                sha = hashlib.sha256(data).hexdigest()
-                rel = f"{name}/part-{k:05d}.parquet"
-                local = Path(tmp) / rel
-                local.parent.mkdir(parents=True, exist_ok=True)
-                local.write_bytes(data)
-                files.append((local, rel))
-                digest.update(sha.encode())
-                shards.append(
-                    {"path": rel, "rows": part.num_rows, "sha256": sha, "node": k % nodes}
-                )
             manifest["splits"][name] = {
                 "rows": rows[i],
                 "positives": positives[i],
-                "shards": shards,
+                "shards": by_split[name],
             }
         version = digest.hexdigest()[:16]
         manifest["data_version"] = version
@@ -254,6 +265,15 @@ def _manifest_head(spec: DatasetSpec, date: str, schema: pa.Schema, nodes: int) 
         "nodes": nodes,
         "splits": {},
     }
+
+
+def _write_shard(part: pa.Table, key: str, path: Path) -> tuple[int, str]:
+    """Sort a shard's rows by key and write them as zstd parquet; (rows, sha256 of the file)."""
+    part = part.take(pc.sort_indices(part, [(key, "ascending")]))
+    data = _parquet_bytes(part.combine_chunks())  # chunking must not shape the bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return part.num_rows, hashlib.sha256(data).hexdigest()
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -18,10 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy import stats
 
 from pipelines.data import layout
-from pipelines.data.batches import DEFAULT_BATCH_ROWS, PartitionUnreadable, iter_partition
+from pipelines.data.batches import (
+    DEFAULT_BATCH_ROWS,
+    PartitionUnreadable,
+    cpu_workers,
+    iter_partition,
+    partition_rows,
+    prefetch,
+)
 from pipelines.data.spec import ColumnSpec, DatasetSpec
 from pipelines.store import ObjectStore
 
@@ -262,7 +270,12 @@ class SuiteRunner:
 
     Row-wise expectations add up; the row count and the label's distinct values are decided on
     the totals; key uniqueness within a batch comes from GE and across batches from 64-bit
-    hashes of every key (8 bytes a row, the one state that grows with the partition)."""
+    hashes of every key (8 bytes a row, the one state that grows with the partition).
+
+    The suite is validated as one GE suite per domain: the table-level expectations on the whole
+    batch, each column's on a one-column frame. GE's pandas engine filters the batch's frame
+    (every column of it) for each column metric; on one column that is 15x less copying, and
+    it halved GE's time per batch. Results are put back in the spec's order."""
 
     def __init__(self, spec: DatasetSpec):
         import great_expectations as gx
@@ -279,11 +292,21 @@ class SuiteRunner:
             .add_dataframe_asset(spec.name)
             .add_batch_definition_whole_dataframe("batch")
         )
-        self._suite = gx.ExpectationSuite(name=f"{spec.name}_suite")
+        self._groups: list[tuple[str | None, Any]] = []  # (column or None, its suite)
+        self._where: list[tuple[int, str]] = []  # spec order -> (group, expectation type)
         self._distinct: dict[str, set[Any]] = {}
+        group_of: dict[str | None, int] = {}
         for exp, severity in _expectations(spec):
             exp.meta = {"severity": severity}
-            self._suite.add_expectation(exp)
+            column = getattr(exp, "column", None)
+            if column not in group_of:
+                group_of[column] = len(self._groups)
+                self._groups.append((column, gx.ExpectationSuite(name=f"{spec.name}_suite")))
+            where = (group_of[column], exp.expectation_type)
+            if where in self._where:  # results are matched to expectations by type in a group
+                raise ValueError(f"Two {where[1]} expectations on column {column!r}")
+            self._groups[where[0]][1].add_expectation(exp)
+            self._where.append(where)
             if exp.expectation_type == "expect_column_distinct_values_to_contain_set":
                 self._distinct[exp.column] = set()
         self._last: Any = None
@@ -292,29 +315,57 @@ class SuiteRunner:
         self.rows = 0
         self.batches = 0
 
-    def add(self, df: pd.DataFrame) -> None:
-        from pipelines.data.batches import stable_hash
-
-        result = self._batch_def.get_batch(batch_parameters={"dataframe": _ge_frame(df)}).validate(
-            self._suite, result_format="SUMMARY"
-        )
+    def validate_frame(self, df: pd.DataFrame) -> tuple[list[dict[str, Any]], Any]:
+        """GE's result for one batch: per-expectation dicts, and one suite result object holding
+        every expectation's result in the spec's order."""
+        frame = _ge_frame(df)
+        found: dict[tuple[int, str], Any] = {}
+        result: Any = None
+        for group, (column, suite) in enumerate(self._groups):
+            # A column missing from the batch is validated on the whole frame, where GE reports
+            # it as missing, as the single-suite run did.
+            domain = frame[[column]] if column is not None and column in frame else frame
+            res = self._batch_def.get_batch(batch_parameters={"dataframe": domain}).validate(
+                suite, result_format="SUMMARY"
+            )
+            # GE orders results its own way (an expectation that raised comes last).
+            found.update(((group, r.expectation_config.type), r) for r in res.results)
+            result = res if result is None else result
+        result.results = [found[w] for w in self._where]
         dicts: list[dict[str, Any]] = [dict(r.to_json_dict()) for r in result.results]
         for d in dicts:
             d["exception_info"] = d.get("exception_info") or {}
             d["result"] = dict(d.get("result") or {})
+        return dicts, result
+
+    def merge(self, dicts: list[dict[str, Any]], result: Any, offset: int) -> None:
+        """Fold one batch's GE result (its first row at ``offset``) into the partition's."""
         if not self._merged:
             self._merged = dicts
         else:
             for acc, new in zip(self._merged, dicts, strict=True):
-                _merge_result(acc["expectation_config"]["type"], acc, new, self.rows)
-        if self.spec.key in df:
-            self._key_hashes.append(stable_hash(df[self.spec.key]))
-        for col in self._distinct:  # GE 1.24 reports no observed values for this one
-            if col in df:
-                self._distinct[col] |= {_clean(v) for v in df[col].dropna().unique()}
+                _merge_result(acc["expectation_config"]["type"], acc, new, offset)
         self._last = result
-        self.rows += len(df)
+
+    def observe(self, table: pa.Table) -> None:
+        """What is decided on the whole partition: row count, key hashes, label classes."""
+        from pipelines.data.batches import stable_hash
+
+        names = set(table.column_names)
+        if self.spec.key in names:
+            self._key_hashes.append(stable_hash(table.column(self.spec.key)))
+        for col in self._distinct:  # GE 1.24 reports no observed values for this one
+            if col in names:
+                values = pc.unique(table.column(col).drop_null()).to_pylist()
+                self._distinct[col] |= {_clean(v) for v in values}
+        self.rows += table.num_rows
         self.batches += 1
+
+    def add(self, table: pa.Table) -> None:
+        """One batch, validated in this process."""
+        dicts, result = self.validate_frame(table.to_pandas())
+        self.merge(dicts, result, self.rows)
+        self.observe(table)
 
     def _sorted_key_hashes(self) -> np.ndarray:
         """All key hashes as one array, sorted in place (one copy of 8 bytes a row)."""
@@ -373,6 +424,7 @@ class SuiteRunner:
             n_ok = sum(bool(d["success"]) for d in self._merged)
             suite_result.success = n_ok == len(self._merged)
             suite_result.statistics.update(
+                evaluated_expectations=len(self._merged),
                 successful_expectations=n_ok,
                 unsuccessful_expectations=len(self._merged) - n_ok,
                 success_percent=100.0 * n_ok / max(len(self._merged), 1),
@@ -419,8 +471,93 @@ def _check_result(d: dict[str, Any], spec: DatasetSpec) -> CheckResult:
 def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckResult], str]:
     """Validate one in-memory frame with the suite (the partition path streams batches)."""
     runner = SuiteRunner(spec)
-    runner.add(df)
+    runner.add(pa.Table.from_pandas(df, preserve_index=False))
     return runner.finish()
+
+
+_FORKED: SuiteRunner | None = None  # the runner a forked GE worker inherits
+
+
+def _validate_in_worker(path: str) -> tuple[list[dict[str, Any]], Any]:
+    assert _FORKED is not None, "GE worker started without a suite"
+    with pa.memory_map(path) as src:
+        table = pa.ipc.open_file(src).read_all()
+    return _FORKED.validate_frame(table.to_pandas())
+
+
+class ParallelSuite:
+    """GE's pandas engine on forked worker processes, one batch each, while this process reads
+    the next batch and streams the partition-wide statistics.
+
+    A batch is handed over as an Arrow IPC file in memory-backed temporary storage, which the
+    worker maps without copying (pickling a 1M-row table through the pool's pipe took longer
+    than validating it). At most ``workers`` batches are in flight; results are folded in
+    submission order, so the merged result (offsets, examples) equals a sequential run's.
+    Workers are forked from this process (GE already imported, the suite built: no start-up
+    cost) and joined on exit, also when a batch fails."""
+
+    def __init__(self, runner: SuiteRunner, workers: int):
+        import multiprocessing
+        import os
+        import tempfile
+        from collections import deque
+        from concurrent.futures import Future, ProcessPoolExecutor
+
+        global _FORKED
+        _FORKED = runner
+        self.runner, self.workers = runner, workers
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._tmp = tempfile.mkdtemp(prefix="mlops-validate-", dir=shm)
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        self._pending: deque[tuple[Future[Any], int, str]] = deque()
+        self._offset = self._count = 0
+
+    def submit(self, table: pa.Table) -> None:
+        while len(self._pending) >= self.workers:
+            self._fold_oldest()
+        path = f"{self._tmp}/batch-{self._count:06d}.arrow"
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        future = self._pool.submit(_validate_in_worker, path)
+        self._pending.append((future, self._offset, path))
+        self._offset += table.num_rows
+        self._count += 1
+
+    def _fold_oldest(self) -> None:
+        import os
+
+        future, offset, path = self._pending.popleft()
+        dicts, result = future.result()
+        os.remove(path)
+        self.runner.merge(dicts, result, offset)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._fold_oldest()
+
+    def __enter__(self) -> ParallelSuite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        global _FORKED
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            _FORKED = None
+
+
+def validate_workers(requested: int | None, batches: int) -> int:
+    """GE worker processes for a partition of ``batches`` batches: ``requested`` (0: GE runs in
+    this process), or by default one per CPU this process may use (at most 4); none for a
+    single batch."""
+    if batches < 2:
+        return 0
+    if requested is not None:
+        return requested
+    return cpu_workers()
 
 
 # -- custom checks: leakage, drift and the reference profile, one batch at a time ---------
@@ -477,18 +614,19 @@ class BatchStats:
         self.bins: dict[str, np.ndarray] = {}
         self.counts: dict[str, dict[str, int]] = {n: {} for n in spec.categorical_features}
 
-    def add(self, df: pd.DataFrame) -> None:
-        self.rows += len(df)
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
         spec, ref_num = self.spec, (self.ref or {}).get("numeric", {})
-        y = pd.to_numeric(df[spec.label], errors="coerce") if spec.label in df else None
+        names = set(table.column_names)
+        y = _floats(table.column(spec.label)) if spec.label in names else None
         if y is not None:
-            self.labels |= set(y.dropna().unique().tolist())
+            self.labels |= set(np.unique(y[~np.isnan(y)]).tolist())
         for name in spec.numeric_features:
-            if name not in df:
+            if name not in names:
                 continue
-            x = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+            x = _floats(table.column(name))
             if y is not None:
-                self.corr[name].add(x, y.to_numpy(dtype=float))
+                self.corr[name].add(x, y)
             x = x[~np.isnan(x)]
             self.sample[name].add(x)
             edges = (ref_num.get(name) or {}).get("edges") or []
@@ -497,9 +635,9 @@ class BatchStats:
                 counts = np.bincount(idx, minlength=len(edges) - 1)
                 self.bins[name] = self.bins.get(name, 0) + counts
         for name, acc in self.counts.items():
-            if name in df:
-                for k, v in df[name].astype(str).value_counts().items():
-                    acc[str(k)] = acc.get(str(k), 0) + int(v)
+            if name in names:
+                for k, v in _value_counts(table.column(name)).items():
+                    acc[k] = acc.get(k, 0) + v
 
     def leakage_checks(self) -> list[CheckResult]:
         """A feature almost perfectly correlated with the label is leakage, not signal."""
@@ -568,6 +706,25 @@ class BatchStats:
         return prof
 
 
+def _floats(col: pa.ChunkedArray) -> np.ndarray:
+    """A column as float64 with NaN for nulls; text that is not a number becomes NaN too."""
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=float)
+    return np.asarray(pd.to_numeric(col.to_pandas(), errors="coerce"), dtype=float)
+
+
+def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
+    """Counts of each non-null value, keyed by its text (as the reference profile stores it)."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        counts = col.to_pandas().dropna().astype(str).value_counts()
+        return {str(k): int(v) for k, v in counts.items()}
+    out: dict[str, int] = {}
+    for row in pc.value_counts(col.drop_null()).to_pylist():
+        out[str(row["values"])] = out.get(str(row["values"]), 0) + int(row["counts"])
+    return out
+
+
 def psi(expected: np.ndarray, actual: np.ndarray, eps: float = 1e-4) -> float:
     """Population stability index of two share vectors over the same bins."""
     e = np.clip(np.asarray(expected, float), eps, None)
@@ -622,11 +779,16 @@ def _keys_with_hashes(
 
 # -- the stage ----------------------------------------------------------------------------
 def validate_partition(
-    store: ObjectStore, spec: DatasetSpec, date: str, batch_rows: int = DEFAULT_BATCH_ROWS
+    store: ObjectStore,
+    spec: DatasetSpec,
+    date: str,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    workers: int | None = None,
 ) -> ValidationSummary:
     """Validate ``landing/<dataset>/dt=<date>``; quarantine it and raise if a check blocks.
 
-    The partition is read ``batch_rows`` rows at a time, so memory does not grow with it."""
+    The partition is read ``batch_rows`` rows at a time, so memory does not grow with it; when
+    it spans several batches, GE runs on ``workers`` forked processes (default: one per CPU)."""
     prefix = layout.landing(spec.name, date)
     if not store.exists(prefix):
         moved = store.list(layout.quarantine(spec.name, date))
@@ -638,12 +800,20 @@ def validate_partition(
     html = ""
     drift: dict[str, dict[str, float]] = {}
     try:
-        for table in iter_partition(store, prefix, batch_rows):
-            df = table.to_pandas()
-            runner.add(df)
-            batch_stats.add(df)
+        n_workers = validate_workers(workers, -(-partition_rows(store, prefix) // batch_rows))
+        if n_workers:
+            with ParallelSuite(runner, n_workers) as suite:
+                for table in prefetch(iter_partition(store, prefix, batch_rows)):
+                    suite.submit(table)
+                    runner.observe(table)
+                    batch_stats.add(table)
+                suite.drain()
+        else:
+            for table in prefetch(iter_partition(store, prefix, batch_rows)):
+                runner.add(table)
+                batch_stats.add(table)
         if runner.batches == 0:
-            runner.add(pd.DataFrame())  # no files at all: the schema and row checks still run
+            runner.add(pa.table({}))  # no files at all: the schema and row checks still run
     except PartitionUnreadable as exc:
         checks.append(CheckResult("readable_parquet", None, "block", False, str(exc)))
     else:

@@ -176,27 +176,37 @@ def _write_landing(store: ObjectStore, date: str, parts: list[pd.DataFrame]) -> 
 
 
 def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
-    """Checks merged over 400-row batches equal one pass over the whole partition, including a
-    duplicate key whose two rows sit in different batches (only the hash check can see it)."""
-    one, many = (ObjectStore(f"file://{tmp_path}/{n}") for n in ("one", "many"))
-    generate_partition(one, SPEC, "2026-11-03", 3000)
-    df = _landing_frame(one, "2026-11-03")
+    """Checks merged over 400-row batches, in this process or on two forked GE workers, equal
+    one pass over the whole partition, including a duplicate key whose two rows sit in
+    different batches (only the hash check can see it), in the spec's order of checks."""
+    runs = {"one": (1_000_000, None), "many": (400, 0), "forked": (400, 2)}
+    stores = {n: ObjectStore(f"file://{tmp_path}/{n}") for n in runs}
+    generate_partition(stores["one"], SPEC, "2026-11-03", 3000)
+    df = _landing_frame(stores["one"], "2026-11-03")
     df.loc[2900, "transaction_id"] = df.loc[10, "transaction_id"]
     df.loc[[5, 1500, 2999], "amount"] = None
     df.loc[[7, 2200], "memo"] = "write to jane.doe@example.com"
-    for store in (one, many):
+    df.loc[2700, "channel"] = "carrier-pigeon"
+    for store in stores.values():
         _write_landing(store, "2026-11-03", [df])
-    verdicts = []
-    for store, batch_rows in ((one, 1_000_000), (many, 400)):
+    verdicts, orders = [], []
+    for name, (batch_rows, workers) in runs.items():
         with pytest.raises(ValidationBlocked) as info:
-            validate_partition(store, SPEC, "2026-11-03", batch_rows=batch_rows)
+            validate_partition(stores[name], SPEC, "2026-11-03", batch_rows, workers)
+        summary = info.value.summary
         verdicts.append(
-            sorted(
-                (c.check, c.column, c.detail, tuple(c.examples))
-                for c in info.value.summary.failures
-            )
+            [(c.check, c.column, c.detail, tuple(c.examples)) for c in summary.failures]
         )
-    assert verdicts[0] == verdicts[1]
+        orders.append([(c.check, c.column) for c in summary.checks])
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert orders[0] == orders[1] == orders[2]
+    assert orders[0][:4] == [  # the spec's order: table checks, key, label, then by column
+        ("expect_table_columns_to_match_set", None),
+        ("expect_table_row_count_to_be_between", None),
+        ("expect_column_values_to_be_unique", "transaction_id"),
+        ("expect_column_distinct_values_to_contain_set", "is_fraud"),
+    ]
+    assert list(tmp_path.glob("forked/**/*.arrow")) == []
     failed = {(check, column): detail for check, column, detail, _ in verdicts[1]}
     assert failed[("expect_column_values_to_be_unique", "transaction_id")].startswith(
         "2 unexpected"
@@ -217,7 +227,9 @@ def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -
     df = _landing_frame(store, "2026-11-01")
     _write_landing(store, "2026-11-01", [df.iloc[2500:].iloc[::-1], df.iloc[:2500]])
     split_files = shard_dataset(store, SPEC, "2026-11-01", 800, nodes=2, batch_rows=1000)
+    one_thread = shard_dataset(store, SPEC, "2026-11-01", 800, 2, batch_rows=700, workers=1)
     assert whole.data_version == small.data_version == split_files.data_version
+    assert one_thread.data_version == whole.data_version
     sizes = [s["rows"] for s in whole.shards("train")]
     assert len(sizes) == 5 and min(sizes) > 0.5 * 800 and max(sizes) < 1.5 * 800
     assert sum(whole.rows(s) for s in SPLITS) == 5000
