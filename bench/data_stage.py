@@ -6,13 +6,19 @@ its own wall time and peak RSS (``VmHWM``):
 
 - ``pyarrow``: ``pq.read_table`` of the landing files, then ``pq.write_table`` of the same rows
   (zstd) to local disk: the raw rate, with no checks at all;
-- ``validate``: ``validate_partition`` (the GE suite over record batches, leakage, drift);
-- ``shard``: ``shard_dataset`` (hash split, spill, sorted zstd shards, sha256, manifest).
+- ``validate``: ``validate_partition`` (the GE suite over record batches on forked GE worker
+  processes, leakage, drift);
+- ``shard``: ``shard_dataset`` (hash split, spill, sorted zstd shards written on threads,
+  sha256, manifest).
 
-Figures: rows per second of validate + shard over the pyarrow rate (goal >= 0.5), and the peak
-RSS of validate and of shard at 4N over N (goal < 1.3).
+Figures: rows per second of validate + shard run one after the other over the pyarrow rate
+(goal >= 0.5), each stage's own rate over the pyarrow rate, and the peak RSS of validate and
+of shard at 4N over N (goal < 1.3). A step's peak RSS is its process's ``VmHWM`` plus, for
+validate, ``workers`` times the largest GE worker's peak (an upper bound: forked workers
+share pages with their parent). ``--workers`` as ``data.workers`` (default: one per CPU).
 
     .venv/bin/python bench/data_stage.py [--rows 2000000] [--factor 4] [--batch-rows 500000]
+                                         [--workers N]
 
 The last line printed is one JSON object with the figures.
 """
@@ -39,11 +45,16 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _child(step: str, lake: str, rows: int, batch_rows: int, target_rows: int) -> dict[str, Any]:
+def _child(
+    step: str, lake: str, rows: int, batch_rows: int, target_rows: int, workers: int | None
+) -> dict[str, Any]:
     """One measured step in this (fresh) process; heavy imports happen before the clock starts."""
+    import resource
+
     import pyarrow.parquet as pq
 
     from pipelines.data import layout
+    from pipelines.data.batches import cpu_workers
     from pipelines.data.generate import generate_partition
     from pipelines.data.shard import shard_dataset
     from pipelines.data.spec import load_spec
@@ -66,18 +77,30 @@ def _child(step: str, lake: str, rows: int, batch_rows: int, target_rows: int) -
             pq.write_table(table, f"{tmp}/copy.parquet", compression="zstd")
         n = table.num_rows
     elif step == "validate":
-        n = validate_partition(store, spec, DATE, batch_rows=batch_rows).rows
+        n = validate_partition(store, spec, DATE, batch_rows, workers).rows
     elif step == "shard":
-        m = shard_dataset(store, spec, DATE, target_rows, nodes=2, batch_rows=batch_rows)
+        m = shard_dataset(store, spec, DATE, target_rows, 2, batch_rows=batch_rows, workers=workers)
         n = sum(m.rows(s) for s in ("train", "val", "test"))
     else:
         raise SystemExit(f"unknown step {step}")
     seconds = time.perf_counter() - t0
-    return {"rows": n, "seconds": seconds, "rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before}
+    forked = (cpu_workers() if workers is None else workers) if step == "validate" else 0
+    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if forked else 0.0
+    return {
+        "rows": n,
+        "seconds": seconds,
+        "rss_mb": _peak_rss_mb() + forked * worker_mb,
+        "rss_process_mb": _peak_rss_mb(),
+        "rss_worker_mb": worker_mb,
+        "workers": forked,
+        "rss_before_mb": rss_before,
+    }
 
 
 def _run(step: str, lake: str, rows: int, args: argparse.Namespace) -> dict[str, Any]:
     knobs = ["--batch-rows", str(args.batch_rows), "--target-rows", str(args.target_rows)]
+    if args.workers is not None:
+        knobs += ["--workers", str(args.workers)]
     out = subprocess.run(
         [sys.executable, __file__, "--child", step, "--lake", lake, "--rows", str(rows), *knobs],
         check=True,
@@ -93,12 +116,22 @@ def main() -> None:
     ap.add_argument("--factor", type=int, default=4)
     ap.add_argument("--batch-rows", type=int, default=500_000)
     ap.add_argument("--target-rows", type=int, default=250_000)
+    ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--child")
     ap.add_argument("--lake")
     args = ap.parse_args()
     if args.child:
         print(
-            json.dumps(_child(args.child, args.lake, args.rows, args.batch_rows, args.target_rows))
+            json.dumps(
+                _child(
+                    args.child,
+                    args.lake,
+                    args.rows,
+                    args.batch_rows,
+                    args.target_rows,
+                    args.workers,
+                )
+            )
         )
         return
     figures: dict[str, Any] = {"bench": "data_stage", "batch_rows": args.batch_rows}
@@ -118,6 +151,13 @@ def main() -> None:
             "shard_rows_per_s": round(rows / shard["seconds"]),
             "stage_rows_per_s": round(rows / stage_s),
             "stage_over_pyarrow": round(raw["seconds"] / stage_s, 3),
+            "validate_over_pyarrow": round(raw["seconds"] / val["seconds"], 3),
+            "shard_over_pyarrow": round(raw["seconds"] / shard["seconds"], 3),
+            "validate_workers": val["workers"],
+            "validate_rss_process_and_worker_mb": [
+                round(val["rss_process_mb"]),
+                round(val["rss_worker_mb"]),
+            ],
             "peak_rss_mb": {
                 k: round(v["rss_mb"])
                 for k, v in [("pyarrow", raw), ("validate", val), ("shard", shard)]

@@ -83,6 +83,8 @@ def validate_data(settings: Settings, date: str, dataset: str | None = None) -> 
     return {
         "status": summary.status,
         "rows": summary.rows,
+        "batches": summary.batches,
+        "ge_workers": summary.ge_workers,
         "report_uri": summary.report_uri,
         "warnings": [f"{c.check}:{c.column}" for c in summary.failures],
     }

@@ -87,6 +87,8 @@ class ValidationSummary:
     drift: dict[str, dict[str, float]]
     report_uri: str = ""
     quarantine_uri: str | None = None
+    batches: int = 0  # record batches read
+    ge_workers: int = 0  # forked GE processes (0: GE ran in the task's process)
 
     @property
     def accepted(self) -> bool:
@@ -525,9 +527,17 @@ class ParallelSuite:
 
     def _fold_oldest(self) -> None:
         import os
+        from concurrent.futures.process import BrokenProcessPool
 
         future, offset, path = self._pending.popleft()
-        dicts, result = future.result()
+        try:
+            dicts, result = future.result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(
+                f"A GE worker process died while validating the batch at row {offset} (killed, "
+                "or out of memory?); lower data.batch_rows or data.workers, or set "
+                "data.workers=0 to validate in the task's process."
+            ) from exc
         os.remove(path)
         self.runner.merge(dicts, result, offset)
 
@@ -799,6 +809,7 @@ def validate_partition(
     checks: list[CheckResult] = []
     html = ""
     drift: dict[str, dict[str, float]] = {}
+    n_workers = 0
     try:
         n_workers = validate_workers(workers, -(-partition_rows(store, prefix) // batch_rows))
         if n_workers:
@@ -828,6 +839,7 @@ def validate_partition(
     warned = any(not c.success for c in checks)
     status = "blocked" if blocked else ("warned" if warned else "accepted")
     summary = ValidationSummary(spec.name, date[:10], rows, status, checks, drift)
+    summary.batches, summary.ge_workers = runner.batches, n_workers
     report_prefix = layout.validation_report(spec.name, date)
     summary.report_uri = store.uri(f"{report_prefix}/summary.json")
     if html:

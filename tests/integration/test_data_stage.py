@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,44 @@ def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
     assert failed[("expect_column_values_to_not_match_regex_list", "memo")].startswith(
         "2 unexpected"
     )
+
+
+def _die(path: str) -> None:
+    import os
+
+    os._exit(9)  # a GE worker killed mid-batch (the OOM killer, say)
+
+
+def test_ge_workers_leave_nothing_behind_when_a_file_is_corrupt_or_a_worker_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+
+    from pipelines.data import validate
+
+    store = ObjectStore(f"file://{tmp_path}/lake")
+    generate_partition(store, SPEC, "2026-11-03", 2000)
+    df = _landing_frame(store, "2026-11-03")
+    _write_landing(store, "2026-11-03", [df.iloc[:1000], df.iloc[1000:]])
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    before = set(shm.glob("mlops-validate-*"))
+
+    monkeypatch.setattr(validate, "_validate_in_worker", _die)
+    with pytest.raises(RuntimeError, match=r"GE worker process died .* data\.workers=0"):
+        validate_partition(store, SPEC, "2026-11-03", batch_rows=400, workers=2)
+    assert multiprocessing.active_children() == []
+    assert set(shm.glob("mlops-validate-*")) == before
+    monkeypatch.undo()
+
+    second = f"{layout.landing('transactions', '2026-11-03')}/part-00001.parquet"
+    data = store.read_bytes(second)
+    store.write_bytes(second, data[: len(data) // 2])  # truncated: the footer is gone
+    with pytest.raises(ValidationBlocked) as info:
+        validate_partition(store, SPEC, "2026-11-03", batch_rows=400, workers=2)
+    assert [c.check for c in info.value.summary.failures] == ["readable_parquet"]
+    assert "part-00001.parquet" in info.value.summary.failures[0].detail
+    assert multiprocessing.active_children() == []
+    assert set(shm.glob("mlops-validate-*")) == before
 
 
 def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -55,3 +57,42 @@ def test_moments_merge_batches_exactly() -> None:
     assert m.n == len(x)
     assert m.mean == pytest.approx(x.mean(), rel=1e-12)
     assert m.std == pytest.approx(x.std(), rel=1e-10)
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error_in_place() -> None:
+    from pipelines.data.batches import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise ValueError("page 3 is corrupt")
+
+    got = []
+    with pytest.raises(ValueError, match="page 3 is corrupt"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1, 2]
+
+
+def test_prefetch_stops_its_producer_when_the_consumer_stops() -> None:
+    import threading
+
+    from pipelines.data.batches import prefetch
+
+    produced = []
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    stream = prefetch(endless(), depth=1)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert threading.active_count() == before
+    assert len(produced) <= 3 + 2  # at most depth + one in hand were read ahead
