@@ -15,7 +15,8 @@ Figures: rows per second of validate + shard run one after the other over the py
 (goal >= 0.5), each stage's own rate over the pyarrow rate, and the peak RSS of validate and
 of shard at 4N over N (goal < 1.3). A step's peak RSS is its process's ``VmHWM`` plus, for
 validate, ``workers`` times the largest GE worker's peak (an upper bound: forked workers
-share pages with their parent). ``--workers`` as ``data.workers`` (default: one per CPU).
+share pages with their parent). CPU seconds of each step (its workers included) show how
+many cores it kept busy. ``--workers`` as ``data.workers`` (default: one per CPU).
 
     .venv/bin/python bench/data_stage.py [--rows 2000000] [--factor 4] [--batch-rows 500000]
                                          [--workers N]
@@ -69,6 +70,7 @@ def _child(
         return {"rss_mb": _peak_rss_mb()}
     SuiteRunner(spec)  # GE's import and first-context cost is not the stage's per-row cost
     rss_before = _peak_rss_mb()
+    c0 = os.times()
     t0 = time.perf_counter()
     if step == "pyarrow":
         keys = store.list(layout.landing(spec.name, DATE))
@@ -84,11 +86,15 @@ def _child(
     else:
         raise SystemExit(f"unknown step {step}")
     seconds = time.perf_counter() - t0
+    c1 = os.times()  # workers are joined by now, so their CPU time is in children_*
+    cpu_s = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system"))
+    cpu_s += sum(getattr(c1, f) - getattr(c0, f) for f in ("children_user", "children_system"))
     forked = (cpu_workers() if workers is None else workers) if step == "validate" else 0
     worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if forked else 0.0
     return {
         "rows": n,
         "seconds": seconds,
+        "cpu_s": cpu_s,
         "rss_mb": _peak_rss_mb() + forked * worker_mb,
         "rss_process_mb": _peak_rss_mb(),
         "rss_worker_mb": worker_mb,
@@ -153,6 +159,10 @@ def main() -> None:
             "stage_over_pyarrow": round(raw["seconds"] / stage_s, 3),
             "validate_over_pyarrow": round(raw["seconds"] / val["seconds"], 3),
             "shard_over_pyarrow": round(raw["seconds"] / shard["seconds"], 3),
+            "cpu_s": {
+                k: round(v["cpu_s"], 2)
+                for k, v in [("pyarrow", raw), ("validate", val), ("shard", shard)]
+            },
             "validate_workers": val["workers"],
             "validate_rss_process_and_worker_mb": [
                 round(val["rss_process_mb"]),
