@@ -567,6 +567,16 @@ class ParallelSuite:
             _FORKED = None
 
 
+def _start_workers(runner: SuiteRunner, workers: int) -> ParallelSuite | None:
+    """The GE worker pool, or None where this process may not fork workers (a daemonic
+    process, a process limit): validation then runs in this process, only slower."""
+    try:
+        return ParallelSuite(runner, workers)
+    except (AssertionError, OSError) as exc:
+        log.warning("GE worker processes could not start (%s); validating in this process", exc)
+        return None
+
+
 def validate_workers(requested: int | None, batches: int) -> int:
     """GE worker processes for a partition of ``batches`` batches: ``requested`` (0: GE runs in
     this process), or by default one per CPU this process may use (at most 4); none for a
@@ -820,8 +830,10 @@ def validate_partition(
     n_workers = 0
     try:
         n_workers = validate_workers(workers, -(-partition_rows(store, prefix) // batch_rows))
-        if n_workers:
-            with ParallelSuite(runner, n_workers) as suite:
+        suite = _start_workers(runner, n_workers) if n_workers else None
+        n_workers = suite.workers if suite else 0
+        if suite is not None:
+            with suite:
                 for table in prefetch(iter_partition(store, prefix, batch_rows)):
                     suite.submit(table)
                     runner.observe(table)

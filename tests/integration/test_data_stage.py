@@ -6,6 +6,7 @@ import io
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -254,6 +255,25 @@ def test_ge_workers_leave_nothing_behind_when_a_file_is_corrupt_or_a_worker_dies
     assert "part-00001.parquet" in info.value.summary.failures[0].detail
     assert multiprocessing.active_children() == []
     assert set(shm.glob("mlops-validate-*")) == before
+
+
+def _validate_in_daemon(root: str, out: Any) -> None:
+    s = validate_partition(ObjectStore(f"file://{root}"), SPEC, "2026-11-03", 400, workers=2)
+    out.put((s.status, s.batches, s.ge_workers))
+
+
+def test_a_daemonic_task_process_validates_in_process(tmp_path: Path) -> None:
+    """Where the task may not have children (a daemonic process), GE runs in the task."""
+    import multiprocessing
+
+    generate_partition(ObjectStore(f"file://{tmp_path}/lake"), SPEC, "2026-11-03", 2000)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_validate_in_daemon, args=(f"{tmp_path}/lake", out), daemon=True)
+    proc.start()
+    proc.join(180)
+    assert proc.exitcode == 0
+    assert out.get(timeout=5) == ("accepted", 5, 0)
 
 
 def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -> None:
