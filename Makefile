@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MLOPS_HOME ?= $(CURDIR)/.mlops
 AIRFLOW_ENV = AIRFLOW_HOME=$(MLOPS_HOME)/airflow \
+	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN='sqlite:///$(abspath $(MLOPS_HOME))/airflow/airflow.db?timeout=60' \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False \

@@ -41,6 +41,10 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         "MLOPS__SERVING__GRPC_PORT": "0",
         "MLOPS__TRAIN__EPOCHS": "3",
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        # SQLite serialises writers; its default 5 s busy timeout is short on two busy cores
+        # (the CLI's backfill insert then fails with "database is locked" while the scheduler
+        # writes).
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow/airflow.db?timeout=60",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -118,6 +122,26 @@ def _wait(a: dict, headers: dict[str, str], pred, timeout: float) -> list[dict]:
     raise AssertionError(f"timed out; runs: {[(r['dag_run_id'], r['state']) for r in runs]}")
 
 
+def _cli(a: dict, *args: str) -> None:
+    """Run the airflow CLI; a failure shows what the CLI said."""
+    out = subprocess.run(
+        [a["airflow"], *args], env=a["env"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, (
+        f"airflow {' '.join(args)}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
+    )
+
+
+def _wait_for_dag(a: dict, headers: dict[str, str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = requests.get(f"{a['base']}/api/v2/dags/{DAG_ID}/details", headers=headers, timeout=30)
+        if r.status_code == 200:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{DAG_ID} was not parsed within {timeout} s: {r.status_code} {r.text}")
+
+
 def test_backfill_then_a_rest_trigger_with_params(airflow: dict) -> None:
     from pipelines import stages
     from pipelines.config import load_settings
@@ -130,36 +154,27 @@ def test_backfill_then_a_rest_trigger_with_params(airflow: dict) -> None:
     reg = Registry(settings.mlflow)
     assert reg.alias_version("champion") is None
 
-    # 1. A 3-day backfill from the CLI; the scheduler runs it. New DAGs start paused, and the
-    # scheduler runs nothing of a paused DAG; unpausing also schedules the latest interval,
-    # which fails at validation (no data landed for it) and is ignored here.
-    subprocess.run(
-        [airflow["airflow"], "dags", "unpause", DAG_ID],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    subprocess.run(
-        [
-            airflow["airflow"],
-            "backfill",
-            "create",
-            "--dag-id",
-            DAG_ID,
-            "--from-date",
-            DAYS[0],
-            "--to-date",
-            DAYS[-1],
-            "--max-active-runs",
-            "1",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    # 1. A 3-day backfill from the CLI; the scheduler runs it. "Healthy" does not mean the
+    # dag-processor has parsed the DAG yet, and the CLI needs it serialized: wait for the API to
+    # know it. New DAGs start paused, and the scheduler runs nothing of a paused DAG; unpausing
+    # also schedules the latest interval, which fails at validation (no data landed for it)
+    # and is ignored here.
     headers = _token(airflow)
+    _wait_for_dag(airflow, headers, timeout=240)
+    _cli(airflow, "dags", "unpause", DAG_ID)
+    _cli(
+        airflow,
+        "backfill",
+        "create",
+        "--dag-id",
+        DAG_ID,
+        "--from-date",
+        DAYS[0],
+        "--to-date",
+        DAYS[-1],
+        "--max-active-runs",
+        "1",
+    )
     done = {"success", "failed"}
     runs = _wait(
         airflow,

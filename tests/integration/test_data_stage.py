@@ -311,9 +311,11 @@ def test_every_object_the_data_stage_writes_on_s3_is_encrypted(
 
     store = {"root": f"s3://{s3_bucket}/lake", "endpoint_url": moto_server, "key": "testing"}
     store |= {"secret": "testing", "sse": "aws:kms", "sse_kms_key_id": "alias/mlops-lake"}
-    settings = with_overrides(local_settings, store=store)
+    # Three record batches: read through s3fs, validated on forked GE workers.
+    data = {"batch_rows": 1000, "workers": 2}
+    settings = with_overrides(local_settings, store=store, data=data)
     stages.generate_data(settings, "2026-11-01", rows=3000)
-    stages.validate_data(settings, "2026-11-01")
+    assert stages.validate_data(settings, "2026-11-01")["ge_workers"] == 2
     stages.shard_data(settings, "2026-11-01")
     stages.generate_data(settings, "2026-11-02", rows=3000, defect="nulls")
     with pytest.raises(ValidationBlocked):
