@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.serving.server import WARMUP_FILE
 from pipelines.train.model import TabularMLP, predict_proba
 
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 
 
 class ExportError(RuntimeError):

@@ -63,6 +63,7 @@ class Servable:
     error_message: str = ""
     signature: Any = None
     signature_defs: dict[str, Any] = field(default_factory=dict)
+    warmup_requests: int = 0  # warmup records replayed before the version became AVAILABLE
 
     def status(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,34 @@ class ModelState:
     base_path: str
     servables: dict[int, Servable] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+
+
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"  # where TF Serving looks for them
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+
+
+def _warm_up(signatures: Any, path: Path) -> int:
+    """Replay the SavedModel's warmup records, as TF Serving does before a version becomes
+    AVAILABLE: its first real requests then do not pay for the graph's first run. A record
+    that fails fails the load. Only PredictLog records are replayed (this server has no
+    Classify/Regress); others are skipped with a warning. Returns the requests replayed."""
+    records = path / WARMUP_FILE
+    if not records.exists():
+        return 0
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    done = 0
+    for raw in tf.data.TFRecordDataset(str(records)).take(MAX_WARMUP_RECORDS):
+        entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        if not entry.HasField("predict_log"):
+            log.warning("skipping a %s warmup record", entry.WhichOneof("log_type"))
+            continue
+        request = entry.predict_log.request
+        fn = signatures[request.model_spec.signature_name or "serving_default"]
+        fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        done += 1
+    return done
 
 
 def _local_path(base_path: str) -> Path:
@@ -197,8 +226,14 @@ class ModelManager:
             servable.signature_defs = _load_signature_defs(path)
             servable.signature = loaded.signatures
             servable._loaded = loaded  # type: ignore[attr-defined]  # keep the object alive
+            servable.warmup_requests = _warm_up(loaded.signatures, path)
             servable.state = "AVAILABLE"
-            log.info("model %s version %d AVAILABLE", state.name, version)
+            log.info(
+                "model %s version %d AVAILABLE (%d warmup requests)",
+                state.name,
+                version,
+                servable.warmup_requests,
+            )
         except Exception as exc:  # noqa: BLE001 - a failed load is a version state, not a crash
             servable.state, servable.error_code = "END", "UNKNOWN"
             servable.error_message = f"Failed to load {path}: {exc}"

@@ -185,6 +185,13 @@ def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any])
         store.delete(canary_state_key(s, version))
         verdict = monitor.monitor_canary(with_overrides(s, canary={"seed": seed}), version)
         outcomes.append((seed, verdict["decision"], verdict["reason"]))
+        failed = [
+            (w["weight"], c["name"], c["detail"])
+            for w in verdict["windows"]
+            for c in w["checks"]
+            if not c["passed"]
+        ]
+        assert verdict["decision"] == "promote", (seed, verdict["reason"], failed)
         assert len(verdict["windows"]) == len(s.canary.steps)
     assert [o for o in outcomes if o[1] != "promote"] == []
     stages.rollback(s, version, "A/A test done")

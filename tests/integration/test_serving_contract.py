@@ -215,6 +215,49 @@ def _rows():  # type: ignore[no-untyped-def]
     return transactions(dt.date(2026, 11, 4), 8)
 
 
+def test_warmup_records_are_replayed_before_a_version_is_available(
+    models: dict, tmp_path: Path
+) -> None:
+    """As TF Serving does: the export's PredictLog warmup record runs before AVAILABLE, and a
+    record the signature cannot run fails the load (our server only: the count is internal)."""
+    import shutil
+
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from pipelines.serving.server import WARMUP_FILE
+
+    base = tmp_path / MODEL
+    shutil.copytree(models["base"] / "1", base / "1")
+    shutil.copytree(models["base"] / "1", base / "2")
+    records = base / "2" / WARMUP_FILE
+    entry = prediction_log_pb2.PredictionLog.FromString(_first_record(records))
+    del entry.predict_log.request.inputs["amount"]  # the signature needs every feature
+    _write_record(records, entry.SerializeToString())
+    config = tmp_path / "models.config"
+    model_config.write(config, [model_config.ModelEntry(MODEL, str(base), [1, 2])])
+    manager = ModelManager(config, poll_seconds=60)
+    manager.poll_once()  # loads each version on its own thread
+    good, bad = manager.models[MODEL].servables[1], manager.models[MODEL].servables[2]
+    deadline = time.monotonic() + 60
+    while "LOADING" in (good.state, bad.state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (good.state, good.warmup_requests) == ("AVAILABLE", 1)
+    assert bad.state == "END" and "amount" in bad.error_message
+
+
+def _first_record(path: Path) -> bytes:
+    import tensorflow as tf
+
+    return bytes(next(iter(tf.data.TFRecordDataset(str(path)))).numpy())
+
+
+def _write_record(path: Path, record: bytes) -> None:
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(record)
+
+
 def test_prometheus_endpoint_counts_requests(server: tuple[str, Path]) -> None:
     url, _ = server
     r = requests.get(f"{url}/monitoring/prometheus/metrics", timeout=10)
