@@ -224,8 +224,11 @@ def test_dag_runs_on_s3_leak_no_secret(
     assert {"data.accepted", "model.registered", "rollout.canary_staged"} <= events, events
     # Day 2's controller called the router's admin API with the token, and was let in: the
     # router is its own process, and a judged window needs /admin/weights and /admin/samples
-    # (a 401 there ends the canary as "monitoring failed").
+    # (a 401 there ends the canary as "monitoring failed", before any window is judged).
+    # Whether the judge then promotes is the canary tests' business, not this one's.
     monitor = [json.loads(v) for k, v in reports.items() if k.endswith("/monitor_canary.json")]
     judged = [m for m in monitor if m.get("windows", 0) >= 1]
-    assert judged and judged[-1]["decision"] == "promote", monitor
-    assert judged[-1]["last_window"]["canary_n"] > 0
+    assert judged and judged[-1]["decision"] in ("promote", "rollback"), monitor
+    assert not judged[-1]["reason"].startswith("monitoring failed"), judged[-1]
+    assert judged[-1]["last_window"]["canary_n"] > 0, judged[-1]
+    assert judged[-1]["last_window"]["stable_n"] > 0, judged[-1]
