@@ -6,17 +6,15 @@ its own wall time and peak RSS (``VmHWM``):
 
 - ``pyarrow``: ``pq.read_table`` of the landing files, then ``pq.write_table`` of the same rows
   (zstd) to local disk: the raw rate, with no checks at all;
-- ``validate``: ``validate_partition`` (the GE suite over record batches on forked GE worker
-  processes, leakage, drift);
+- ``validate``: ``validate_partition`` (the GE suite over record batches, leakage, drift);
 - ``shard``: ``shard_dataset`` (hash split, spill, sorted zstd shards written on threads,
   sha256, manifest).
 
 Figures: rows per second of validate + shard run one after the other over the pyarrow rate
 (goal >= 0.5), each stage's own rate over the pyarrow rate, and the peak RSS of validate and
-of shard at 4N over N (goal < 1.3). A step's peak RSS is its process's ``VmHWM`` plus, for
-validate, ``workers`` times the largest GE worker's peak (an upper bound: forked workers
-share pages with their parent). CPU seconds of each step (its workers included) show how
-many cores it kept busy. ``--workers`` as ``data.workers`` (default: one per CPU).
+of shard at 4N over N (goal < 1.3). A step's peak RSS is its process's ``VmHWM``; CPU
+seconds of each step show how many cores it kept busy. ``--workers`` as ``data.workers``
+(shard writer threads; default one per CPU).
 
     .venv/bin/python bench/data_stage.py [--rows 2000000] [--factor 4] [--batch-rows 500000]
                                          [--workers N]
@@ -50,12 +48,9 @@ def _child(
     step: str, lake: str, rows: int, batch_rows: int, target_rows: int, workers: int | None
 ) -> dict[str, Any]:
     """One measured step in this (fresh) process; heavy imports happen before the clock starts."""
-    import resource
-
     import pyarrow.parquet as pq
 
     from pipelines.data import layout
-    from pipelines.data.batches import cpu_workers
     from pipelines.data.generate import generate_partition
     from pipelines.data.shard import shard_dataset
     from pipelines.data.spec import load_spec
@@ -79,26 +74,21 @@ def _child(
             pq.write_table(table, f"{tmp}/copy.parquet", compression="zstd")
         n = table.num_rows
     elif step == "validate":
-        n = validate_partition(store, spec, DATE, batch_rows, workers).rows
+        n = validate_partition(store, spec, DATE, batch_rows).rows
     elif step == "shard":
         m = shard_dataset(store, spec, DATE, target_rows, 2, batch_rows=batch_rows, workers=workers)
         n = sum(m.rows(s) for s in ("train", "val", "test"))
     else:
         raise SystemExit(f"unknown step {step}")
     seconds = time.perf_counter() - t0
-    c1 = os.times()  # workers are joined by now, so their CPU time is in children_*
+    c1 = os.times()
     cpu_s = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system"))
     cpu_s += sum(getattr(c1, f) - getattr(c0, f) for f in ("children_user", "children_system"))
-    forked = (cpu_workers() if workers is None else workers) if step == "validate" else 0
-    worker_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if forked else 0.0
     return {
         "rows": n,
         "seconds": seconds,
         "cpu_s": cpu_s,
-        "rss_mb": _peak_rss_mb() + forked * worker_mb,
-        "rss_process_mb": _peak_rss_mb(),
-        "rss_worker_mb": worker_mb,
-        "workers": forked,
+        "rss_mb": _peak_rss_mb(),
         "rss_before_mb": rss_before,
     }
 
@@ -163,11 +153,6 @@ def main() -> None:
                 k: round(v["cpu_s"], 2)
                 for k, v in [("pyarrow", raw), ("validate", val), ("shard", shard)]
             },
-            "validate_workers": val["workers"],
-            "validate_rss_process_and_worker_mb": [
-                round(val["rss_process_mb"]),
-                round(val["rss_worker_mb"]),
-            ],
             "peak_rss_mb": {
                 k: round(v["rss_mb"])
                 for k, v in [("pyarrow", raw), ("validate", val), ("shard", shard)]

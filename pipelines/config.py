@@ -80,10 +80,7 @@ class DataSettings(_Section):
         500_000, ge=1, description="rows per record batch validate and shard hold in memory"
     )
     workers: int | None = Field(
-        None,
-        ge=0,
-        description="GE worker processes (validate) and shard writer threads; "
-        "default one per CPU (at most 4); 0 runs GE in the task's process",
+        None, ge=1, description="shard writer threads; default one per CPU (at most 4)"
     )
 
 

@@ -56,9 +56,7 @@ def validate_data(settings: Settings, date: str, dataset: str | None = None) -> 
 
     store, spec = _data(settings, dataset)
     try:
-        summary = validate_partition(
-            store, spec, date, settings.data.batch_rows, settings.data.workers
-        )
+        summary = validate_partition(store, spec, date, settings.data.batch_rows)
     except ValidationBlocked as exc:
         s = exc.summary
         _audit(
@@ -84,7 +82,6 @@ def validate_data(settings: Settings, date: str, dataset: str | None = None) -> 
         "status": summary.status,
         "rows": summary.rows,
         "batches": summary.batches,
-        "ge_workers": summary.ge_workers,
         "report_uri": summary.report_uri,
         "warnings": [f"{c.check}:{c.column}" for c in summary.failures],
     }

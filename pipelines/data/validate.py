@@ -25,9 +25,7 @@ from pipelines.data import layout
 from pipelines.data.batches import (
     DEFAULT_BATCH_ROWS,
     PartitionUnreadable,
-    cpu_workers,
     iter_partition,
-    partition_rows,
     prefetch,
 )
 from pipelines.data.spec import ColumnSpec, DatasetSpec
@@ -88,7 +86,6 @@ class ValidationSummary:
     report_uri: str = ""
     quarantine_uri: str | None = None
     batches: int = 0  # record batches read
-    ge_workers: int = 0  # forked GE processes (0: GE ran in the task's process)
 
     @property
     def accepted(self) -> bool:
@@ -471,123 +468,6 @@ def _check_result(d: dict[str, Any], spec: DatasetSpec) -> CheckResult:
     )
 
 
-_FORKED: SuiteRunner | None = None  # the runner a forked GE worker inherits
-
-
-def _worker_ready() -> bool:
-    return _FORKED is not None
-
-
-def _validate_in_worker(path: str) -> tuple[list[dict[str, Any]], Any]:
-    assert _FORKED is not None, "GE worker started without a suite"
-    with pa.memory_map(path) as src:
-        table = pa.ipc.open_file(src).read_all()
-    return _FORKED.validate_frame(table.to_pandas())
-
-
-class ParallelSuite:
-    """GE's pandas engine on forked worker processes, one batch each, while this process reads
-    the next batch and streams the partition-wide statistics.
-
-    A batch is handed over as an Arrow IPC file in memory-backed temporary storage, which the
-    worker maps without copying (pickling a 1M-row table through the pool's pipe took longer
-    than validating it). At most ``workers`` batches are in flight; results are folded in
-    submission order, so the merged result (offsets, examples) equals a sequential run's.
-    Workers are forked from this process (GE already imported, the suite built: no start-up
-    cost) and joined on exit, also when a batch fails."""
-
-    def __init__(self, runner: SuiteRunner, workers: int):
-        import multiprocessing
-        import os
-        import shutil
-        import tempfile
-        from collections import deque
-        from concurrent.futures import Future, ProcessPoolExecutor
-
-        global _FORKED
-        _FORKED = runner
-        self.runner, self.workers = runner, workers
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self._tmp = tempfile.mkdtemp(prefix="mlops-validate-", dir=shm)
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-        # A fork pool starts all its workers at the first submit: do it now, before the
-        # prefetching reader thread exists, so no child inherits a lock that thread holds.
-        try:
-            assert self._pool.submit(_worker_ready).result(), "GE worker has no suite"
-        except BaseException:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            _FORKED = None
-            raise
-        self._pending: deque[tuple[Future[Any], int, str]] = deque()
-        self._offset = self._count = 0
-
-    def submit(self, table: pa.Table) -> None:
-        while len(self._pending) >= self.workers:
-            self._fold_oldest()
-        path = f"{self._tmp}/batch-{self._count:06d}.arrow"
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        future = self._pool.submit(_validate_in_worker, path)
-        self._pending.append((future, self._offset, path))
-        self._offset += table.num_rows
-        self._count += 1
-
-    def _fold_oldest(self) -> None:
-        import os
-        from concurrent.futures.process import BrokenProcessPool
-
-        future, offset, path = self._pending.popleft()
-        try:
-            dicts, result = future.result()
-        except BrokenProcessPool as exc:
-            raise RuntimeError(
-                f"A GE worker process died while validating the batch at row {offset} (killed, "
-                "or out of memory?); lower data.batch_rows or data.workers, or set "
-                "data.workers=0 to validate in the task's process."
-            ) from exc
-        os.remove(path)
-        self.runner.merge(dicts, result, offset)
-
-    def drain(self) -> None:
-        while self._pending:
-            self._fold_oldest()
-
-    def __enter__(self) -> ParallelSuite:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import shutil
-
-        global _FORKED
-        try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            _FORKED = None
-
-
-def _start_workers(runner: SuiteRunner, workers: int) -> ParallelSuite | None:
-    """The GE worker pool, or None where this process may not fork workers (a daemonic
-    process, a process limit): validation then runs in this process, only slower."""
-    try:
-        return ParallelSuite(runner, workers)
-    except (AssertionError, OSError) as exc:
-        log.warning("GE worker processes could not start (%s); validating in this process", exc)
-        return None
-
-
-def validate_workers(requested: int | None, batches: int) -> int:
-    """GE worker processes for a partition of ``batches`` batches: ``requested`` (0: GE runs in
-    this process), or by default one per CPU this process may use (at most 4); none for a
-    single batch."""
-    if batches < 2:
-        return 0
-    if requested is not None:
-        return requested
-    return cpu_workers()
-
-
 # -- custom checks: leakage, drift and the reference profile, one batch at a time ---------
 SAMPLE = 20_000  # values per numeric feature kept for KS and the reference's quantile edges
 PROFILE_SAMPLE = 2_000
@@ -811,12 +691,11 @@ def validate_partition(
     spec: DatasetSpec,
     date: str,
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    workers: int | None = None,
 ) -> ValidationSummary:
     """Validate ``landing/<dataset>/dt=<date>``; quarantine it and raise if a check blocks.
 
-    The partition is read ``batch_rows`` rows at a time, so memory does not grow with it; when
-    it spans several batches, GE runs on ``workers`` forked processes (default: one per CPU)."""
+    The partition is read ``batch_rows`` rows at a time (the next one prefetched on a thread),
+    so memory does not grow with it."""
     prefix = layout.landing(spec.name, date)
     if not store.exists(prefix):
         moved = store.list(layout.quarantine(spec.name, date))
@@ -827,22 +706,10 @@ def validate_partition(
     checks: list[CheckResult] = []
     html = ""
     drift: dict[str, dict[str, float]] = {}
-    n_workers = 0
     try:
-        n_workers = validate_workers(workers, -(-partition_rows(store, prefix) // batch_rows))
-        suite = _start_workers(runner, n_workers) if n_workers else None
-        n_workers = suite.workers if suite else 0
-        if suite is not None:
-            with suite:
-                for table in prefetch(iter_partition(store, prefix, batch_rows)):
-                    suite.submit(table)
-                    runner.observe(table)
-                    batch_stats.add(table)
-                suite.drain()
-        else:
-            for table in prefetch(iter_partition(store, prefix, batch_rows)):
-                runner.add(table)
-                batch_stats.add(table)
+        for table in prefetch(iter_partition(store, prefix, batch_rows)):
+            runner.add(table)
+            batch_stats.add(table)
         if runner.batches == 0:
             runner.add(pa.table({}))  # no files at all: the schema and row checks still run
     except PartitionUnreadable as exc:
@@ -859,7 +726,7 @@ def validate_partition(
     warned = any(not c.success for c in checks)
     status = "blocked" if blocked else ("warned" if warned else "accepted")
     summary = ValidationSummary(spec.name, date[:10], rows, status, checks, drift)
-    summary.batches, summary.ge_workers = runner.batches, n_workers
+    summary.batches = runner.batches
     report_prefix = layout.validation_report(spec.name, date)
     summary.report_uri = store.uri(f"{report_prefix}/summary.json")
     if html:

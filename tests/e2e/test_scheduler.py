@@ -96,14 +96,25 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         LocalServer(tmp_path / "mlops" / "serving").stop()
 
 
-def _token(a: dict) -> dict[str, str]:
+def _token(a: dict, timeout: float = 120) -> dict[str, str]:
+    """A bearer token; right after start-up the password file or the endpoint may lag."""
     pw_file = Path(a["env"]["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-    password = json.loads(pw_file.read_text())["admin"]
-    r = requests.post(
-        f"{a['base']}/auth/token", json={"username": "admin", "password": password}, timeout=30
-    )
-    r.raise_for_status()
-    return {"Authorization": f"Bearer {r.json()['access_token']}"}
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            password = json.loads(pw_file.read_text())["admin"]
+            r = requests.post(
+                f"{a['base']}/auth/token",
+                json={"username": "admin", "password": password},
+                timeout=30,
+            )
+            if r.ok:
+                return {"Authorization": f"Bearer {r.json()['access_token']}"}
+            last = f"{r.status_code} {r.text[:300]}"
+        except (OSError, ValueError, KeyError, requests.RequestException) as exc:
+            last = repr(exc)
+        time.sleep(2)
+    raise AssertionError(f"no API token within {timeout} s: {last}")
 
 
 def _runs(a: dict, headers: dict[str, str]) -> list[dict]:

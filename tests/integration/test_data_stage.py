@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -178,10 +176,10 @@ def _write_landing(store: ObjectStore, date: str, parts: list[pd.DataFrame]) -> 
 
 
 def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
-    """Checks merged over 400-row batches, in this process or on two forked GE workers, equal
-    one pass over the whole partition, including a duplicate key whose two rows sit in
-    different batches (only the hash check can see it), in the spec's order of checks."""
-    runs = {"one": (1_000_000, None), "many": (400, 0), "forked": (400, 2)}
+    """Checks merged over 400-row batches equal one pass over the whole partition, including a
+    duplicate key whose two rows sit in different batches (only the hash check can see it), in
+    the spec's order of checks."""
+    runs = {"one": 1_000_000, "many": 400}
     stores = {n: ObjectStore(f"file://{tmp_path}/{n}") for n in runs}
     generate_partition(stores["one"], SPEC, "2026-11-03", 3000)
     df = _landing_frame(stores["one"], "2026-11-03")
@@ -192,23 +190,22 @@ def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
     for store in stores.values():
         _write_landing(store, "2026-11-03", [df])
     verdicts, orders = [], []
-    for name, (batch_rows, workers) in runs.items():
+    for name, batch_rows in runs.items():
         with pytest.raises(ValidationBlocked) as info:
-            validate_partition(stores[name], SPEC, "2026-11-03", batch_rows, workers)
+            validate_partition(stores[name], SPEC, "2026-11-03", batch_rows)
         summary = info.value.summary
         verdicts.append(
             [(c.check, c.column, c.detail, tuple(c.examples)) for c in summary.failures]
         )
         orders.append([(c.check, c.column) for c in summary.checks])
-    assert verdicts[0] == verdicts[1] == verdicts[2]
-    assert orders[0] == orders[1] == orders[2]
+    assert verdicts[0] == verdicts[1]
+    assert orders[0] == orders[1]
     assert orders[0][:4] == [  # the spec's order: table checks, key, label, then by column
         ("expect_table_columns_to_match_set", None),
         ("expect_table_row_count_to_be_between", None),
         ("expect_column_values_to_be_unique", "transaction_id"),
         ("expect_column_distinct_values_to_contain_set", "is_fraud"),
     ]
-    assert list(tmp_path.glob("forked/**/*.arrow")) == []
     failed = {(check, column): detail for check, column, detail, _ in verdicts[1]}
     assert failed[("expect_column_values_to_be_unique", "transaction_id")].startswith(
         "2 unexpected"
@@ -217,63 +214,6 @@ def test_batched_validation_gives_the_one_batch_verdict(tmp_path: Path) -> None:
     assert failed[("expect_column_values_to_not_match_regex_list", "memo")].startswith(
         "2 unexpected"
     )
-
-
-def _die(path: str) -> None:
-    import os
-
-    os._exit(9)  # a GE worker killed mid-batch (the OOM killer, say)
-
-
-def test_ge_workers_leave_nothing_behind_when_a_file_is_corrupt_or_a_worker_dies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import multiprocessing
-
-    from pipelines.data import validate
-
-    store = ObjectStore(f"file://{tmp_path}/lake")
-    generate_partition(store, SPEC, "2026-11-03", 2000)
-    df = _landing_frame(store, "2026-11-03")
-    _write_landing(store, "2026-11-03", [df.iloc[:1000], df.iloc[1000:]])
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    before = set(shm.glob("mlops-validate-*"))
-
-    monkeypatch.setattr(validate, "_validate_in_worker", _die)
-    with pytest.raises(RuntimeError, match=r"GE worker process died .* data\.workers=0"):
-        validate_partition(store, SPEC, "2026-11-03", batch_rows=400, workers=2)
-    assert multiprocessing.active_children() == []
-    assert set(shm.glob("mlops-validate-*")) == before
-    monkeypatch.undo()
-
-    second = f"{layout.landing('transactions', '2026-11-03')}/part-00001.parquet"
-    data = store.read_bytes(second)
-    store.write_bytes(second, data[: len(data) // 2])  # truncated: the footer is gone
-    with pytest.raises(ValidationBlocked) as info:
-        validate_partition(store, SPEC, "2026-11-03", batch_rows=400, workers=2)
-    assert [c.check for c in info.value.summary.failures] == ["readable_parquet"]
-    assert "part-00001.parquet" in info.value.summary.failures[0].detail
-    assert multiprocessing.active_children() == []
-    assert set(shm.glob("mlops-validate-*")) == before
-
-
-def _validate_in_daemon(root: str, out: Any) -> None:
-    s = validate_partition(ObjectStore(f"file://{root}"), SPEC, "2026-11-03", 400, workers=2)
-    out.put((s.status, s.batches, s.ge_workers))
-
-
-def test_a_daemonic_task_process_validates_in_process(tmp_path: Path) -> None:
-    """Where the task may not have children (a daemonic process), GE runs in the task."""
-    import multiprocessing
-
-    generate_partition(ObjectStore(f"file://{tmp_path}/lake"), SPEC, "2026-11-03", 2000)
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_validate_in_daemon, args=(f"{tmp_path}/lake", out), daemon=True)
-    proc.start()
-    proc.join(180)
-    assert proc.exitcode == 0
-    assert out.get(timeout=5) == ("accepted", 5, 0)
 
 
 def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -> None:
@@ -311,11 +251,10 @@ def test_every_object_the_data_stage_writes_on_s3_is_encrypted(
 
     store = {"root": f"s3://{s3_bucket}/lake", "endpoint_url": moto_server, "key": "testing"}
     store |= {"secret": "testing", "sse": "aws:kms", "sse_kms_key_id": "alias/mlops-lake"}
-    # Three record batches: read through s3fs, validated on forked GE workers.
-    data = {"batch_rows": 1000, "workers": 2}
-    settings = with_overrides(local_settings, store=store, data=data)
+    # Three record batches, read through s3fs.
+    settings = with_overrides(local_settings, store=store, data={"batch_rows": 1000})
     stages.generate_data(settings, "2026-11-01", rows=3000)
-    assert stages.validate_data(settings, "2026-11-01")["ge_workers"] == 2
+    assert stages.validate_data(settings, "2026-11-01")["batches"] == 3
     stages.shard_data(settings, "2026-11-01")
     stages.generate_data(settings, "2026-11-02", rows=3000, defect="nulls")
     with pytest.raises(ValidationBlocked):
