@@ -27,15 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from pipelines.config import CanarySettings
-from pipelines.serving.canary import requests_for
-from pipelines.serving.monitor import fold_window
-from pipelines.serving.router import Sample
+from pipelines.serving.canary import judge_window, requests_for
+from pipelines.serving.dataplane.evidence import Sample
+from pipelines.serving.monitor import advance
 
 SCENARIOS = ("aa", "errors", "latency", "scores")
 BASE_ERRORS, BASE_MS = 0.003, 8.0
@@ -70,7 +69,6 @@ def _window(
 
 def run_ours(seed: int, scenario: str, cfg: CanarySettings) -> tuple[bool, int]:
     rng = np.random.default_rng(seed)
-    settings: Any = SimpleNamespace(canary=cfg)
     state: dict[str, Any] = {
         "step": 0,
         "window": 0,
@@ -84,7 +82,7 @@ def run_ours(seed: int, scenario: str, cfg: CanarySettings) -> tuple[bool, int]:
         weight = cfg.steps[state["step"]]
         n, window = _window(rng, cfg, scenario, weight)
         sent += n
-        fold_window(state, window, weight, settings)
+        state = advance(state, judge_window(window["canary"], window["stable"], cfg), cfg)
     return state["decision"] == "rollback", sent
 
 

@@ -112,21 +112,21 @@ def cmd_rollout(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from pipelines.serving.client import LocalServer
+    from pipelines import stages
 
     s = _settings()
     if a.stop:
-        LocalServer.from_settings(s).stop()
-        print("local model server stopped")
+        stopped = stages.stop_local_serving(s)
+        print(f"local serving stopped: {', '.join(stopped) or 'nothing was running'}")
         return EXIT_OK
     if a.status:
-        from pipelines import stages
-
-        _print({"url": LocalServer.from_settings(s).url(), **stages.serving_state(s)})
+        _print(stages.serving_state(s))
         return EXIT_OK
+    from pathlib import Path
+
     from pipelines.serving.server import serve
 
-    config = a.model_config or str(LocalServer.from_settings(s).config_file)
+    config = a.model_config or str(Path(s.serving.base_dir) / "models.config")
     serve(
         config,
         a.host or s.serving.host,
@@ -138,19 +138,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_router(a: argparse.Namespace) -> int:
-    from pipelines.serving.router import run_router, weights_file
+def cmd_dataplane(a: argparse.Namespace) -> int:
+    from pipelines import stages
 
     s = _settings()
-    run_router(
-        a.backend or s.serving.url or f"http://127.0.0.1:{s.serving.rest_port}",
-        a.model or s.mlflow.model_name,
-        a.weights_file or weights_file(s.serving.base_dir, s.mlflow.model_name),
-        s.canary.admin_token,
-        a.host or s.serving.host,
-        s.canary.router_port if a.port is None else a.port,
-        a.port_file,
-    )
+    if a.action == "render":
+        from pipelines.serving.dataplane.envoy import bootstrap_yaml, kubernetes_bootstrap_yaml
+        from pipelines.serving.dataplane.local import LocalPlane
+
+        if s.serving.mode == "remote":
+            print(kubernetes_bootstrap_yaml(s), end="")
+        else:
+            print(bootstrap_yaml(LocalPlane(s.serving, s.dataplane, s.mlflow.model_name).plane()))
+        return EXIT_OK
+    if a.action == "stop":
+        stopped = stages.stop_local_serving(s)
+        print(f"local serving stopped: {', '.join(stopped) or 'nothing was running'}")
+        return EXIT_OK
+    control = stages.serving_control(s)
+    if a.action == "start":
+        control.ensure_running()
+    _print(stages.serving_state(s))
     return EXIT_OK
 
 
@@ -242,16 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--skip-export", action="store_true", help="the version is already exported")
     ro.set_defaults(fn=cmd_rollout)
 
-    rt = sub.add_parser(
-        "router", help="stable/canary router in front of serving (foreground; token from env)"
+    dp = sub.add_parser(
+        "dataplane", help="Envoy and the model-server replicas behind it (local profile)"
     )
-    rt.add_argument("--backend", help="TF Serving REST base URL (default: serving.url)")
-    rt.add_argument("--model", help="model name (default: mlflow.model_name)")
-    rt.add_argument("--weights-file", help="canary weight file shared with the controller")
-    rt.add_argument("--host")
-    rt.add_argument("--port", type=int, help="port (default canary.router_port; 0 = free)")
-    rt.add_argument("--port-file", help="write the bound host and port here once listening")
-    rt.set_defaults(fn=cmd_router)
+    dp.add_argument(
+        "action",
+        choices=["start", "stop", "status", "render"],
+        help="start (idempotent), stop every local serving process, print the topology and "
+        "split, or print Envoy's bootstrap for this profile",
+    )
+    dp.set_defaults(fn=cmd_dataplane)
 
     au = sub.add_parser("audit", help="the hash-chained audit trail in the object store")
     asub = au.add_subparsers(dest="audit_command", required=True)
@@ -269,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-config", help="model_config_list file (default: MLOPS_HOME's)")
     s.add_argument("--poll-seconds", type=float)
     s.add_argument("--port-file", help="write the bound port here (used with --rest-port 0)")
-    s.add_argument("--stop", action="store_true", help="stop the background local server")
-    s.add_argument("--status", action="store_true", help="print the serving labels and URL")
+    s.add_argument("--stop", action="store_true", help="stop every local serving process")
+    s.add_argument("--status", action="store_true", help="print labels, split and topology")
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -166,10 +166,18 @@ class EvaluateSettings(_Section):
 
 class ServingSettings(_Section):
     mode: Literal["local", "remote"] = Field("local", description="start a local server or use url")
-    url: str | None = Field(None, description="TF Serving REST base URL when mode=remote")
+    pool_urls: dict[str, str] = Field(
+        {}, description="remote: REST base URL of each label's TF Serving pool (stable, canary)"
+    )
     host: str = Field("127.0.0.1", description="bind address of the local server")
-    rest_port: int = Field(8501, ge=0, description="REST port (TF Serving default 8501; 0 = free)")
-    grpc_port: int = Field(8500, ge=0, description="gRPC port (TF Serving default 8500; 0 = free)")
+    rest_port: int = Field(
+        8501,
+        ge=0,
+        description="REST port of the first local replica, the next ones follow (0 = free)",
+    )
+    grpc_port: int = Field(
+        8500, ge=0, description="gRPC port of `mlops serve` (replicas take free ones; 0 = free)"
+    )
     base_dir: str = Field(description="local directory holding <model>/<version>/ and the config")
     publish_root: str | None = Field(
         None,
@@ -201,6 +209,41 @@ class ServingSettings(_Section):
         return self
 
 
+class DataPlaneSettings(_Section):
+    """Envoy in front of the model-server replicas (pipelines/serving/dataplane)."""
+
+    host: str = Field("127.0.0.1", description="bind address of the local Envoy's listeners")
+    port: int = Field(8601, ge=0, description="client listener: TF Serving's REST paths (0 = free)")
+    admin_port: int = Field(9901, ge=0, description="Envoy admin, loopback only (0 = free)")
+    shadow_port: int = Field(
+        8602, ge=0, description="internal listener that records mirrored requests (0 = free)"
+    )
+    replicas: int = Field(2, ge=1, description="local model-server replicas per label")
+    url: str | None = Field(
+        None, description="the data plane's client URL when serving.mode is remote"
+    )
+    split_configmap: str = Field(
+        "mlops-traffic-split",
+        description="remote: ConfigMap holding the split (Envoy's runtime disk layer)",
+    )
+    namespace: str = Field("mlops", description="remote: namespace of the split ConfigMap")
+    split_propagation_s: float = Field(
+        90.0, ge=0, description="remote: wait after patching the split (kubelet volume sync)"
+    )
+    evidence_uri: str | None = Field(
+        None, description="remote: fsspec URI of the JSON access-log lines a collector ships"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413 above)")
+    request_timeout_s: float = Field(10.0, gt=0, description="route timeout of a request")
+    retries: int = Field(2, ge=0, description="retries on connect failure or reset, other replica")
+    health_interval_s: float = Field(1.0, gt=0, description="active health check interval")
+    eject_after_5xx: int = Field(3, ge=1, description="consecutive 5xx that eject a replica")
+    ejection_s: float = Field(5.0, gt=0, description="base ejection time of an outlier")
+    log_flush_ms: int = Field(200, ge=10, description="access-log flush interval")
+    concurrency: int = Field(1, ge=1, description="Envoy worker threads (--concurrency)")
+    start_timeout_s: float = Field(120.0, gt=0, description="wait for replicas and Envoy")
+
+
 class CanarySettings(_Section):
     steps: tuple[int, ...] = Field((5, 25, 50, 100), description="canary traffic weights in %")
     min_samples: int = Field(50, ge=1, description="canary requests a window needs to judge")
@@ -218,19 +261,11 @@ class CanarySettings(_Section):
     psi_block: float = Field(0.2, description="score PSI at or above which drift counts")
     ks_alpha: float = Field(0.05, description="KS p-value threshold for score drift")
     failure_limit: int = Field(3, ge=1, description="failed checks that trigger rollback")
-    router_url: str | None = Field(
-        None, description="router base URL when serving.mode is remote (the local one is started)"
-    )
-    router_port: int = Field(8601, ge=0, description="port of the local router (0 = a free port)")
-    replay: bool = Field(True, description="send held-out rows through the router (local runs)")
+    replay: bool = Field(True, description="send held-out rows through the data plane (local runs)")
     window_seconds: float = Field(60.0, gt=0, description="window length with live traffic")
     poke_interval_s: float = Field(2.0, gt=0, description="monitor_canary sensor poke interval")
     timeout_s: float = Field(3600.0, gt=0, description="monitor_canary gives up (rollback) after")
     seed: int = Field(0, description="replay order and routing salt of the local traffic replay")
-    # A plain str (the router compares it with hmac), kept out of repr() and logs all the same.
-    admin_token: str = Field(
-        "change-me", repr=False, description="router admin token (secret in prod; env/secret)"
-    )
 
 
 class Settings(_Section):
@@ -242,13 +277,14 @@ class Settings(_Section):
     train: TrainSettings = TrainSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     serving: ServingSettings
+    dataplane: DataPlaneSettings = DataPlaneSettings()
     canary: CanarySettings = CanarySettings()
 
 
 def secret_values(s: Settings) -> list[str]:
-    """The secrets in the settings: S3 keys, the MLflow token, the router admin token."""
+    """The secrets in the settings: S3 keys, the MLflow token."""
     secrets = [s.store.key, s.store.secret, s.mlflow.token]
-    return [v.get_secret_value() for v in secrets if v is not None] + [s.canary.admin_token]
+    return [v.get_secret_value() for v in secrets if v is not None]
 
 
 def _describe(exc: ValidationError) -> str:

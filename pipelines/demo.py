@@ -170,9 +170,16 @@ def summarize(
     out.append("")
     out.append(f"MLflow aliases: {aliases}")
     out.append(
-        f"Serving: versions {serving['versions']}, labels {serving['labels']}, "
+        f"Serving: labels {serving['labels']}, versions per pool {serving['versions']}, "
         f"canary weight {serving['canary_weight']:.0f}%"
     )
+    topo = serving.get("topology") or {}
+    if topo:
+        out.append(f"Topology: client -> Envoy {topo.get('data_plane')} ->")
+        for label, urls in topo.get("replicas", {}).items():
+            out.append(f"  {label}: {len(urls)} replicas {', '.join(urls)}")
+        if topo.get("access_log"):
+            out.append(f"  access log {topo['access_log']}, stats {topo.get('admin')}/stats")
     return "\n".join(out)
 
 
@@ -180,13 +187,12 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
     from pipelines import stages
     from pipelines.config import load_settings
     from pipelines.registry import Registry
-    from pipelines.serving.client import LocalServer
     from pipelines.store import open_store
 
     settings = load_settings()
     home = Path(settings.home)
     if reset and home.exists():
-        LocalServer.from_settings(settings).stop()
+        stages.stop_local_serving(settings)  # what an earlier run left running in this home
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
     logs = home / "demo"
@@ -249,6 +255,8 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
             f"--backend-store-uri {settings.mlflow.tracking_uri}"
         )
     finally:
+        # On success, failure and Ctrl-C: the replicas and Envoy run in their own sessions,
+        # so nothing else would stop them.
         if not keep_serving:
-            LocalServer.from_settings(settings).stop()
+            stages.stop_local_serving(settings)
     return 0 if ok else 3

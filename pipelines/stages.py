@@ -13,6 +13,7 @@ from pipelines.config import Settings
 
 if TYPE_CHECKING:
     from pipelines.data.spec import DatasetSpec
+    from pipelines.serving.control import ServingControl
     from pipelines.store import ObjectStore
 
 
@@ -187,6 +188,14 @@ def register(
     }
 
 
+def serving_control(settings: Settings) -> ServingControl:
+    """The profile's serving control (local replicas and Envoy, or the cluster's); built here
+    and passed down, so the serving code never builds adapters of its own."""
+    from pipelines.serving.control import build
+
+    return build(settings)
+
+
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
@@ -196,7 +205,7 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.stage_canary(settings, version)
+    out = rollout.stage_canary(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.canary_staged",
@@ -212,7 +221,7 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
     """One judged window of the canary (the Airflow sensor's poke); ``done`` once decided."""
     from pipelines.serving import monitor
 
-    state = monitor.canary_tick(settings, version)
+    state = monitor.canary_tick(settings, serving_control(settings), version)
     last = state["windows"][-1] if state["windows"] else None
     return {
         "done": state["decision"] is not None,
@@ -229,13 +238,15 @@ def canary_verdict(settings: Settings, version: str) -> dict[str, Any] | None:
     from pipelines.serving import monitor
 
     state = monitor.load_state(settings, version)
-    return None if state is None else {"phase": "judging", **monitor.verdict_of(state)}
+    if state is None:
+        return None
+    return {"phase": "decided" if state["decision"] else "judging", **monitor.verdict_of(state)}
 
 
 def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import monitor
 
-    v = monitor.monitor_canary(settings, version)
+    v = monitor.monitor_canary(settings, serving_control(settings), version)
     return {
         "decision": v["decision"],
         "reason": v["reason"],
@@ -247,7 +258,7 @@ def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
 def promote(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.promote(settings, version)
+    out = rollout.promote(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.promoted",
@@ -261,7 +272,7 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.rollback(settings, version, reason)
+    out = rollout.rollback(settings, serving_control(settings), version, reason)
     _audit(
         settings,
         "rollout.rolled_back",
@@ -276,4 +287,12 @@ def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, An
 def serving_state(settings: Settings) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    return rollout.serving_labels(settings)
+    return rollout.serving_labels(serving_control(settings))
+
+
+def stop_local_serving(settings: Settings) -> list[str]:
+    """Stop every local serving process of this home (replicas, Envoy, and whatever an earlier
+    run left there); returns their names. Nothing to do in the remote profile."""
+    from pipelines.serving.daemon import stop_all
+
+    return stop_all(settings.serving.base_dir)

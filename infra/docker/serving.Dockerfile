@@ -19,11 +19,12 @@ USER 65532:65532
 EXPOSE 8500 8501
 # The binary itself instead of tf_serving_entrypoint.sh, which adds --model_name/--model_base_path.
 ENTRYPOINT ["/usr/bin/tensorflow_model_server"]
-# models.config comes from the tf-serving-models ConfigMap mounted at /config; TF Serving re-reads
-# it every 30 s, so label and version changes need no restart.
+# Each pool's Deployment (infra/k8s/base/tf-serving.yaml) passes these arguments with its own
+# --model_config_file=/models/<label>/models.config, synced from S3 by its sidecar; TF Serving
+# re-reads it every 30 s, so version changes need no restart.
 CMD ["--port=8500", \
      "--rest_api_port=8501", \
-     "--model_config_file=/models/models.config", \
+     "--model_config_file=/models/stable/models.config", \
      "--model_config_file_poll_wait_seconds=30", \
      "--monitoring_config_file=/etc/tf-serving/monitoring.config", \
      "--enable_batching", \

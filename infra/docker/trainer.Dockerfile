@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Trainer image: every training pod runs the torchrun line that the KubernetesPodOperator passes
 # (`python -m torch.distributed.run --nnodes=... -m pipelines.train --manifest ... --run-id ...`,
-# rendered by plugins/mlops_airflow/training.py); the router Deployment runs it too.
+# rendered by plugins/mlops_airflow/training.py).
 # Build from the repository root:
 #   docker build -f infra/docker/trainer.Dockerfile --build-arg GIT_SHA=$(git rev-parse HEAD) \
 #     -t registry.example.com/mlops/trainer:0.1.0 .

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 
 from pipelines.config import CanarySettings
-from pipelines.serving.router import Sample
+from pipelines.serving.dataplane.evidence import Sample
 
 
 @dataclass

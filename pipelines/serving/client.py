@@ -1,5 +1,5 @@
 """Clients for TF Serving (the real one or ours): REST and a gRPC channel factory, both with TLS
-and mTLS from ``serving.*``; and the local server process manager."""
+and mTLS from ``serving.*``; and one local ``mlops serve`` process as a daemon."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from pipelines.config import ServingSettings, Settings
-from pipelines.serving.daemon import DaemonUnavailable, LocalDaemon
+from pipelines.serving.daemon import DaemonUnavailable, LocalDaemon, check_port_free
 
 if TYPE_CHECKING:
     import grpc
@@ -143,7 +143,8 @@ class ServingClient:
 
 
 class LocalServer:
-    """``mlops serve`` as a background process owned by MLOPS_HOME (pid and port files)."""
+    """One ``mlops serve`` process as a background daemon named ``name`` in ``base_dir`` (pid,
+    port and log files), reading ``config_file`` (default ``<base_dir>/models.config``)."""
 
     def __init__(
         self,
@@ -152,17 +153,14 @@ class LocalServer:
         port: int = 8501,
         poll_seconds: float = 1.0,
         grpc_port: int = 8500,
+        name: str = "server",
+        config_file: str | Path | None = None,
     ):
         self.dir = Path(base_dir)
         self.host, self.port, self.poll_seconds = host, port, poll_seconds
         self.grpc_port = grpc_port
-        self.config_file = self.dir / "models.config"
-        self.daemon = LocalDaemon(self.dir, "server")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LocalServer:
-        s = settings.serving
-        return cls(s.base_dir, s.host, s.rest_port, s.poll_seconds, s.grpc_port)
+        self.config_file = Path(config_file) if config_file else self.dir / "models.config"
+        self.daemon = LocalDaemon(self.dir, name)
 
     def pid(self) -> int | None:
         return self.daemon.pid()
@@ -176,32 +174,35 @@ class LocalServer:
         info = self.daemon.info()
         return f"http://{info['host']}:{info['rest_port']}" if info else None
 
-    def ensure_running(self, timeout: float = 120.0) -> str:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _healthy(self, info: dict[str, Any]) -> bool:
+        if self.port and info.get("rest_port") != self.port:
+            return False  # an older process on another port: restart on ours
+        return ServingClient(f"http://{info['host']}:{info['rest_port']}").healthy()
+
+    def running(self) -> bool:
+        info = self.daemon.info()
+        return bool(info and self._healthy(info))
+
+    def ensure_running(self, timeout: float = 120.0, setting: str = "serving.rest_port") -> str:
+        """Start unless healthy; a fixed port taken by another process fails in one sentence
+        naming ``setting``."""
+        info = self.daemon.info()
+        if info and self._healthy(info):
+            return f"http://{info['host']}:{info['rest_port']}"
+        self.daemon.stop()
+        check_port_free(self.host, self.port, setting)
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
         if not self.config_file.exists():
             self.config_file.write_text("model_config_list {\n}\n")
         cmd = [sys.executable, "-m", "pipelines.cli", "serve", "--host", self.host]
         cmd += ["--rest-port", str(self.port), "--grpc-port", str(self.grpc_port)]
         cmd += ["--model-config", str(self.config_file), "--poll-seconds", str(self.poll_seconds)]
         cmd += ["--port-file", str(self.daemon.port_file)]
-
-        def healthy(info: dict[str, Any]) -> bool:
-            return ServingClient(f"http://{info['host']}:{info['rest_port']}").healthy()
-
         try:
-            info = self.daemon.start(cmd, healthy, timeout)
+            info = self.daemon.start(cmd, self._healthy, timeout)
         except DaemonUnavailable as exc:
             raise ServingUnavailable(str(exc)) from exc
         return f"http://{info['host']}:{info['rest_port']}"
 
     def stop(self) -> None:
         self.daemon.stop()
-
-
-def serving_url(settings: Settings) -> str:
-    """The REST endpoint for this profile, starting the local server when needed."""
-    if settings.serving.mode == "remote":
-        if not settings.serving.url:
-            raise ServingUnavailable("serving.mode is 'remote' but serving.url is not set.")
-        return settings.serving.url
-    return LocalServer.from_settings(settings).ensure_running()

@@ -1,5 +1,5 @@
-"""Local background processes owned by MLOPS_HOME (the model server, the router): a pid file, a
-port file the process writes once it listens, a log file, idempotent start and stop.
+"""Local background processes owned by MLOPS_HOME (model-server replicas, Envoy): a pid file, a
+port file the process (or its launcher) writes, a log file, idempotent start and stop.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,6 +17,32 @@ from typing import Any
 
 class DaemonUnavailable(RuntimeError):
     """The process exited or did not become healthy in time."""
+
+
+class PortInUse(DaemonUnavailable):
+    """A fixed port that a local server needs is taken by another process."""
+
+
+def check_port_free(host: str, port: int, setting: str) -> None:
+    """Fail with one sentence naming the port and the setting that changes it."""
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            env = "MLOPS__" + setting.upper().replace(".", "__")
+            raise PortInUse(
+                f"Port {port} on {host} is already in use by another process; set {setting} "
+                f"({env}) to a free port, or 0 for any free port."
+            ) from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def alive(pid: int) -> bool:
@@ -65,10 +92,12 @@ class LocalDaemon:
         healthy: Callable[[dict[str, Any]], bool],
         timeout: float = 120.0,
         env: dict[str, str] | None = None,
+        port_info: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Start ``cmd`` unless a healthy instance runs; wait until ``healthy(info)``.
 
-        ``env`` adds variables (secrets go here, never on the command line)."""
+        ``env`` adds variables (secrets go here, never on the command line); ``port_info`` is
+        written as the port file at once, for programs that do not write one themselves."""
         info = self.info()
         if info and healthy(info):
             return info
@@ -85,6 +114,8 @@ class LocalDaemon:
                 env={**os.environ, **(env or {})},
             )
         self.pid_file.write_text(str(proc.pid))
+        if port_info is not None:
+            write_port_file(self.port_file, **{**port_info, "pid": proc.pid})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -119,6 +150,16 @@ class LocalDaemon:
                 alive(pid)
         self.pid_file.unlink(missing_ok=True)
         self.port_file.unlink(missing_ok=True)
+
+
+def stop_all(directory: str | Path) -> list[str]:
+    """Stop every daemon with a pid file in ``directory`` (what an earlier run left running,
+    whatever its names); returns their names."""
+    d = Path(directory)
+    names = sorted(p.stem for p in d.glob("*.pid")) if d.is_dir() else []
+    for name in names:
+        LocalDaemon(d, name).stop()
+    return names
 
 
 def write_port_file(path: str | Path, **info: Any) -> None:

@@ -1,38 +1,37 @@
 """Canary monitoring as a resumable state machine: each call judges one window and returns.
 
-State (weight step, window, failure counts, replay offset, judged windows, decision) lives in
-``rollouts/<model>/<version>/canary.json`` in the store, written after every window, so the
-Airflow sensor holds no worker slot between pokes and a crashed controller resumes where the
-last judged window left it. A window in flight when the process died is simply judged again.
+The decision rules are a pure function, :func:`advance` ``(state, verdict, settings) ->
+state``; :func:`canary_tick` does the I/O around it: set the split, send (or wait for) a
+window of traffic, read the window from the data plane's access log, judge it, persist. State
+(weight step, window, failure counts, replay offset, judged windows, decision) lives in
+``rollouts/<model>/<version>/canary.json``, written after every window, so the Airflow sensor
+holds no worker slot between pokes and a crashed controller resumes where the last judged
+window left it. A window in flight when the process died is simply judged again.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import requests
 
-from pipelines.config import Settings
+from pipelines.config import CanarySettings, Settings
 from pipelines.registry import Registry
-from pipelines.serving.canary import judge_window, requests_for
-from pipelines.serving.client import serving_url
+from pipelines.serving.canary import WindowVerdict, judge_window, requests_for
+from pipelines.serving.client import ServingUnavailable
+from pipelines.serving.control import ServingControl, labels_of
+from pipelines.serving.dataplane.evidence import by_label
+from pipelines.serving.dataplane.split import Split
 from pipelines.serving.export import to_instances
-from pipelines.serving.rollout import (
-    RolloutError,
-    _held_out,
-    _paths,
-    _save_state,
-    canary_state_key,
-    current_entry,
-    remote_router,
-)
-from pipelines.serving.router import LocalRouter, RouterClient
+from pipelines.serving.rollout import RolloutError, canary_state_key, held_out, save_state
 from pipelines.store import open_store
 
 log = logging.getLogger(__name__)
@@ -51,33 +50,19 @@ def _save(settings: Settings, version: str, state: dict[str, Any]) -> None:
     )
 
 
-def router_client(settings: Settings) -> RouterClient:
-    """The router in front of serving: the remote one, or the local one (started if needed)."""
-    cfg = settings.canary
-    if settings.serving.mode == "remote":
-        return remote_router(settings)
-    local = LocalRouter(
-        settings.serving.base_dir,
-        serving_url(settings),
-        settings.mlflow.model_name,
-        cfg.admin_token,
-    )
-    return RouterClient(
-        local.ensure_running(settings.serving.host, cfg.router_port), cfg.admin_token
-    )
-
-
-def _replay(
-    router_url: str,
+def replay(
+    url: str,
     name: str,
     rows: list[tuple[str, dict[str, Any]]],
     n: int,
     rate: float,
     concurrency: int,
     start: int,
-) -> int:
-    """Send ``n`` held-out rows through the router at ``rate`` req/s; returns the next offset."""
+) -> tuple[int, set[str]]:
+    """Send ``n`` held-out rows through the data plane at ``rate`` req/s, each with its own
+    ``X-Request-Id``; returns the next offset and the ids sent."""
     session_local = threading.local()
+    ids = [uuid.uuid4().hex for _ in range(n)]
 
     def send(i: int) -> None:
         if not hasattr(session_local, "s"):
@@ -85,13 +70,13 @@ def _replay(
         key, inst = rows[(start + i) % len(rows)]
         try:
             session_local.s.post(
-                f"{router_url}/v1/models/{name}:predict",
+                f"{url}/v1/models/{name}:predict",
                 json={"instances": [inst]},
-                headers={"X-Request-Key": key},
+                headers={"X-Request-Key": key, "X-Request-Id": ids[i]},
                 timeout=15,
             )
         except requests.RequestException:
-            pass  # the router records backend failures; a dead router shows as no samples
+            pass  # the access log records what the plane answered; a dead plane shows as none
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -103,13 +88,13 @@ def _replay(
             futures.append(pool.submit(send, i))
         for f in futures:
             f.result()
-    return start + n
+    return start + n, set(ids)
 
 
-def _replay_rows(settings: Settings, version: str) -> list[tuple[str, dict[str, Any]]]:
+def replay_rows(settings: Settings, version: str) -> list[tuple[str, dict[str, Any]]]:
     """Held-out rows in a seeded order; request keys are salted by the seed, so each seed
     routes a different set of keys to the canary."""
-    _, manifest, test, model = _held_out(settings, version)
+    _, manifest, test, model = held_out(settings, version)
     seed = settings.canary.seed
     keys = [f"{seed}:{k}" for k in test[manifest.data["key"]].astype(str)]
     rows = list(zip(keys, to_instances(test, model), strict=True))
@@ -134,38 +119,76 @@ def new_state(settings: Settings, version: str) -> dict[str, Any]:
     }
 
 
-def _decide(state: dict[str, Any], decision: str, reason: str) -> None:
-    state["decision"], state["reason"] = decision, reason
+def _decided(state: dict[str, Any], decision: str, reason: str) -> dict[str, Any]:
+    return {**state, "decision": decision, "reason": reason}
 
 
-def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
+def advance(state: dict[str, Any], verdict: WindowVerdict, cfg: CanarySettings) -> dict[str, Any]:
+    """The decision rules: fold one judged window into a new state (the input is unchanged):
+    the next step, or a decision. ``bench/canary_power.py`` runs them on simulated traffic."""
+    step = cfg.steps[state["step"]]
+    out = copy.deepcopy(state)
+    out["windows"].append({"weight": step, **verdict.to_dict()})
+    out["window_start"] = None
+    if verdict.outcome == "critical":
+        return _decided(out, "rollback", f"critical check failed at {step}%: {verdict.explain()}")
+    if verdict.outcome == "inconclusive":
+        out["inconclusive_run"] += 1
+        if out["inconclusive_run"] >= 3:
+            return _decided(out, "rollback", f"3 inconclusive windows in a row at {step}%")
+        return out  # judge the same step again
+    out["inconclusive_run"] = 0
+    out["failed_checks"] += sum(not c.passed for c in verdict.checks)
+    if out["failed_checks"] >= cfg.failure_limit:
+        return _decided(
+            out,
+            "rollback",
+            f"{out['failed_checks']} failed checks (limit {cfg.failure_limit}); "
+            f"last window at {step}%: {verdict.explain()}",
+        )
+    out["window"] += 1
+    if out["window"] >= cfg.windows_per_step:
+        out["window"], out["step"] = 0, out["step"] + 1
+    if out["step"] >= len(cfg.steps):
+        if verdict.outcome == "pass":
+            return _decided(
+                out, "promote", f"every step passed ({out['failed_checks']} failed checks)"
+            )
+        return _decided(out, "rollback", f"the final window did not pass: {verdict.explain()}")
+    return out
+
+
+def canary_tick(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
     """Judge the next window of the canary (or wait for it with live traffic); persist; return
     the state. ``state["decision"]`` is ``promote`` or ``rollback`` once the analysis ends."""
     cfg, name = settings.canary, settings.mlflow.model_name
     state = load_state(settings, version) or new_state(settings, version)
     if state["decision"]:
         return state
-    entry = current_entry(settings)
-    if entry is None or entry.labels.get("canary") != int(version):
+    labels = labels_of(control)
+    if labels.get("canary") != int(version):
         raise RolloutError(f"Version {version} is not staged as canary; run stage_canary first.")
-    if entry.labels.get("stable") == int(version):
-        _decide(state, "promote", "first deployment: no stable to compare against; smoke passed")
-        return _finish(settings, version, state)
+    if labels.get("stable") == int(version):
+        state = _decided(state, "promote", "first deployment: no stable to compare against")
+        return _finish(settings, control, version, state)
     if time.time() - state["started"] > cfg.timeout_s:
-        _decide(state, "rollback", f"canary analysis timed out after {cfg.timeout_s:.0f} s")
-        return _finish(settings, version, state)
+        state = _decided(
+            state, "rollback", f"canary analysis timed out after {cfg.timeout_s:.0f} s"
+        )
+        return _finish(settings, control, version, state)
     step = cfg.steps[state["step"]]
     try:
-        router = router_client(settings)
-        router.set(step)
+        control.ensure_running()  # a data plane that died is restarted at the stored split
+        control.set_split(Split(step))
         if cfg.replay:
             # Windows of N canary requests: sticky routing over a finite set of keys lands
             # near, not exactly at, the weight, so top up (at most twice) until N is reached.
             start = time.time()
-            rows = _replay_rows(settings, version)
+            rows = replay_rows(settings, version)
+            sent: set[str] = set()
             for _ in range(3):
-                state["offset"] = _replay(
-                    router.url,
+                state["offset"], ids = replay(
+                    control.endpoint(),
                     name,
                     rows,
                     requests_for(step, cfg.min_samples),
@@ -173,7 +196,8 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
                     cfg.replay_concurrency,
                     state["offset"],
                 )
-                window = router.window(start)
+                sent |= ids
+                window = by_label(control.window(start, request_ids=sent))
                 if len(window["canary"]) >= cfg.min_samples:
                     break
         else:  # live traffic: a window is the time since it opened
@@ -183,64 +207,28 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
                 return state
             if time.time() - state["window_start"] < cfg.window_seconds:
                 return state
-            window = router.window(state["window_start"])
-    except (requests.RequestException, RolloutError, OSError) as exc:
+            window = by_label(control.window(state["window_start"]))
+    except (requests.RequestException, RolloutError, ServingUnavailable, OSError) as exc:
         log.exception("canary monitoring failed")
-        _decide(state, "rollback", f"monitoring failed at {step}%: {exc}")
-        return _finish(settings, version, state)
-    fold_window(state, window, step, settings)
-    return _finish(settings, version, state)
+        state = _decided(state, "rollback", f"monitoring failed at {step}%: {exc}")
+        return _finish(settings, control, version, state)
+    verdict = judge_window(window["canary"], window["stable"], cfg)
+    log.info("canary weight %d%%: %s", step, verdict.explain())
+    return _finish(settings, control, version, advance(state, verdict, cfg))
 
 
-def fold_window(
-    state: dict[str, Any], window: dict[str, Any], step: int, settings: Settings
-) -> None:
-    """Judge one window and fold it into the state: counters, the next step, maybe a decision
-    (the decision rules; ``bench/canary_power.py`` runs them on simulated traffic)."""
-    cfg = settings.canary
-    v = judge_window(window["canary"], window["stable"], cfg)
-    state["windows"].append({"weight": step, **v.to_dict()})
-    state["window_start"] = None
-    log.info("canary weight %d%%: %s", step, v.explain())
-    if v.outcome == "critical":
-        _decide(state, "rollback", f"critical check failed at {step}%: {v.explain()}")
-        return
-    if v.outcome == "inconclusive":
-        state["inconclusive_run"] += 1
-        if state["inconclusive_run"] >= 3:
-            _decide(state, "rollback", f"3 inconclusive windows in a row at {step}%")
-        return  # judge the same step again
-    state["inconclusive_run"] = 0
-    state["failed_checks"] += sum(not c.passed for c in v.checks)
-    if state["failed_checks"] >= cfg.failure_limit:
-        _decide(
-            state,
-            "rollback",
-            f"{state['failed_checks']} failed checks (limit {cfg.failure_limit}); "
-            f"last window at {step}%: {v.explain()}",
-        )
-        return
-    state["window"] += 1
-    if state["window"] >= cfg.windows_per_step:
-        state["window"], state["step"] = 0, state["step"] + 1
-    if state["step"] >= len(cfg.steps):
-        if v.outcome == "pass":
-            _decide(state, "promote", f"every step passed ({state['failed_checks']} failed checks)")
-        else:
-            _decide(state, "rollback", f"the final window did not pass: {v.explain()}")
-
-
-def _finish(settings: Settings, version: str, state: dict[str, Any]) -> dict[str, Any]:
+def _finish(
+    settings: Settings, control: ServingControl, version: str, state: dict[str, Any]
+) -> dict[str, Any]:
     if state["decision"] == "rollback":
         try:
-            _paths(settings)[2].set(0)  # stop canary traffic at once; labels move in rollback
-        except (requests.RequestException, OSError) as exc:
+            control.set_split(Split(0))  # stop canary traffic at once; labels move in rollback
+        except (requests.RequestException, OSError, ServingUnavailable) as exc:
             log.warning("could not zero the canary weight: %s", exc)
     _save(settings, version, state)
     if state["decision"]:
         verdict = verdict_of(state)
-        store = open_store(settings.store)
-        _save_state(store, settings, version, phase="judged", verdict=verdict)
+        save_state(open_store(settings.store), settings, version, phase="judged", verdict=verdict)
         Registry(settings.mlflow).set_version_tags(
             version, {"canary_verdict": state["decision"], "canary_reason": state["reason"][:4000]}
         )
@@ -254,10 +242,10 @@ def verdict_of(state: dict[str, Any]) -> dict[str, Any]:
     return {"decision": state["decision"], "reason": state["reason"], "windows": state["windows"]}
 
 
-def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
+def monitor_canary(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
     """Tick until a decision (the CLI and the demo; Airflow pokes :func:`canary_tick`)."""
     while True:
-        state = canary_tick(settings, version)
+        state = canary_tick(settings, control, version)
         if state["decision"]:
             return verdict_of(state)
         if not settings.canary.replay:

@@ -1,9 +1,10 @@
-"""Rollout controller: export + infra validation, staging, canary monitoring, promote/rollback.
+"""Rollout controller: export + infra validation, staging, promote and rollback transactions.
 
-Serving state is the ``model_config_list`` file (versions, ``stable``/``canary`` labels) plus the
-router's canary weight; the registry's ``champion`` alias moves only at promotion. Labels are
-set in two phases (load the version, wait for AVAILABLE, then label). Rollback sets the weight
-to 0 before touching any config. Every step is idempotent; its state is persisted in the store.
+Serving state is each label's ``model_config_list`` (the stable and canary pools) plus the
+traffic split, both behind :class:`~pipelines.serving.control.ServingControl`; the registry's
+``champion`` alias moves only at promotion. Labels are set in two phases (load the version,
+wait for AVAILABLE, then label). Rollback sets the weight to 0 before touching any config.
+Every step is idempotent; its state is persisted in the store.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from pipelines.data.shard import Manifest, load_manifest, read_split
 from pipelines.evaluate.run import load_run_model
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
-from pipelines.serving.client import ServingClient, serving_url
+from pipelines.serving.client import ServingClient, ServingUnavailable
+from pipelines.serving.control import ServingControl, labels_of
+from pipelines.serving.dataplane.envoy import LABELS
+from pipelines.serving.dataplane.split import Split
 from pipelines.serving.export import export_saved_model, parity, to_instances
-from pipelines.serving.router import RouterClient, WeightStore, weights_file
+from pipelines.serving.model_config import ModelEntry
 from pipelines.serving.server import ModelManager, make_server
-from pipelines.store import ObjectStore, open_store, storage_options
+from pipelines.store import ObjectStore, open_store
 from pipelines.train.model import predict_proba
 
 log = logging.getLogger(__name__)
@@ -43,87 +47,21 @@ class RolloutError(RuntimeError):
     """A rollout step failed; serving state was restored to what it was before the step."""
 
 
-def remote_router(settings: Settings) -> RouterClient:
-    """The admin API of the router in front of a remote TF Serving (``canary.router_url``)."""
-    if not settings.canary.router_url:
-        raise RolloutError("serving.mode is 'remote' but canary.router_url is not set.")
-    return RouterClient(settings.canary.router_url, settings.canary.admin_token)
-
-
-def _paths(settings: Settings) -> tuple[Path, Path, WeightStore | RouterClient]:
-    """Config file, model directory, and the canary weight: the local router's file, or the
-    remote router's admin API."""
-    base, name = Path(settings.serving.base_dir), settings.mlflow.model_name
-    weights: WeightStore | RouterClient = (
-        remote_router(settings)
-        if settings.serving.mode == "remote"
-        else WeightStore(weights_file(base, name))
-    )
-    return base / "models.config", base / name, weights
-
-
-def _set_entry(settings: Settings, entry: model_config.ModelEntry | None) -> None:
-    """Write the model's entry of the config (None removes it). With ``serving.publish_root``
-    the new state is published there first (version directories, then the config): a remote
-    TF Serving reading that base path (through a sync) never sees a config naming a version
-    that is not there yet, and the local file only records what was published."""
-    config_file, _, _ = _paths(settings)
-    name = settings.mlflow.model_name
-    entries = [e for e in _read_config(settings) if e.name != name]
-    entries += [entry] if entry else []
-    if settings.serving.publish_root:
-        publish(settings, entries)
-    model_config.write(config_file, entries)
-
-
-def _read_config(settings: Settings) -> list[model_config.ModelEntry]:
-    """The serving state: the published config when a remote TF Serving reads it (task pods
-    share no disk), else the local file."""
-    if settings.serving.publish_root:
-        target = _publish_target(settings)
-        if not target.exists("models.config"):
-            return []
-        return model_config.parse(target.read_text("models.config"))
-    return model_config.read(_paths(settings)[0])
-
-
-def current_entry(settings: Settings) -> model_config.ModelEntry | None:
-    name = settings.mlflow.model_name
-    return next((e for e in _read_config(settings) if e.name == name), None)
-
-
-def _publish_target(settings: Settings) -> ObjectStore:
-    assert settings.serving.publish_root
-    return ObjectStore(settings.serving.publish_root, storage_options(settings.store))
+def publish_versions(target: ObjectStore, model_dir: Path, name: str, versions: list[int]) -> None:
+    """Copy each version directory not yet under ``target`` (``<name>/<v>/``), a marker last."""
+    for v in versions:
+        prefix = f"{name}/{v}"
+        if target.exists(f"{prefix}/{PUBLISHED}"):
+            continue
+        if not (model_dir / str(v) / "saved_model.pb").is_file():
+            raise RolloutError(
+                f"Cannot publish version {v}: {model_dir / str(v)} holds no SavedModel."
+            )
+        target.put_dir(model_dir / str(v), prefix)
+        target.write_text(f"{prefix}/{PUBLISHED}", "")
 
 
 PUBLISHED = "_published"  # marker written after a version directory's files
-
-
-def publish(settings: Settings, entries: list[model_config.ModelEntry]) -> None:
-    """Mirror the serving state to ``serving.publish_root`` (any fsspec URI; SSE and
-    credentials of ``store``): every listed version not yet there, then ``models.config``
-    with ``base_path`` as TF Serving sees it (``serving.model_base_path``)."""
-    cfg, name = settings.serving, settings.mlflow.model_name
-    target = _publish_target(settings)
-    _, model_dir, _ = _paths(settings)
-    out = []
-    for e in entries:
-        if e.name == name:
-            for v in e.versions:
-                prefix = f"{name}/{v}"
-                if not target.exists(f"{prefix}/{PUBLISHED}"):
-                    if not (model_dir / str(v) / "saved_model.pb").is_file():
-                        raise RolloutError(
-                            f"Cannot publish version {v}: {model_dir / str(v)} holds no SavedModel."
-                        )
-                    target.put_dir(model_dir / str(v), prefix)
-                    target.write_text(f"{prefix}/{PUBLISHED}", "")
-            e = model_config.ModelEntry(
-                e.name, cfg.model_base_path or target.uri(name), e.versions, e.labels
-            )
-        out.append(e)
-    target.write_text("models.config", model_config.render(out))
 
 
 def canary_state_key(settings: Settings, version: str) -> str:
@@ -131,7 +69,8 @@ def canary_state_key(settings: Settings, version: str) -> str:
     return f"{layout.rollout(settings.mlflow.model_name, version)}/canary.json"
 
 
-def _save_state(store: ObjectStore, settings: Settings, version: str, **fields: Any) -> None:
+def save_state(store: ObjectStore, settings: Settings, version: str, **fields: Any) -> None:
+    """Merge ``fields`` into the version's rollout record (``rollouts/<model>/<v>/state.json``)."""
     key = f"{layout.rollout(settings.mlflow.model_name, version)}/state.json"
     state = json.loads(store.read_text(key)) if store.exists(key) else {}
     state.update(fields, updated=time.time())
@@ -160,7 +99,7 @@ def _latency_probe(
     return times, preds
 
 
-def _held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFrame, Any]:
+def held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFrame, Any]:
     """(run id, manifest, test split, torch model) of a registered version: the rows every
     serving check sends are the ones the version was evaluated on."""
     reg, store = Registry(settings.mlflow), open_store(settings.store)
@@ -172,7 +111,7 @@ def _held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataF
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
     """SavedModel for a registered version: parity with torch, then load-and-query in a server."""
     reg, store = Registry(settings.mlflow), open_store(settings.store)
-    run_id, _, test, model = _held_out(settings, version)
+    run_id, _, test, model = held_out(settings, version)
     test = test.head(500)
     name = settings.mlflow.model_name
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
@@ -236,7 +175,7 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
         "latency_budget_ms": round(budget, 2),
     }
     reg.set_version_tags(version, {"export_uri": result["export_uri"], "infra_validated": True})
-    _save_state(store, settings, version, phase="exported", **result)
+    save_state(store, settings, version, phase="exported", **result)
     return result
 
 
@@ -251,129 +190,123 @@ def _fetch_verified(store: ObjectStore, name: str, version: str, dest: Path) -> 
         raise RolloutError(f"Export of version {version} fails its sha256 check: {bad[:5]}")
 
 
-def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
-    """Copy the version under the serving base path, load it, and point ``canary`` at it."""
+def _entry(control: ServingControl, versions: list[int], labels: dict[str, int]) -> ModelEntry:
+    return ModelEntry(control.model, str(control.model_dir), sorted(set(versions)), labels)
+
+
+def _point(control: ServingControl, label: str, version: int, timeout: float) -> None:
+    """Point ``label``'s pool at ``version`` in TF Serving's two phases: load it beside what
+    the pool serves (labels unchanged), wait until AVAILABLE everywhere, then label it and
+    drop the rest, and wait until every replica shows the label."""
+    before = control.pool(label)
+    if before and before.versions == [version] and before.labels.get(label) == version:
+        return
+    kept = before.labels if before else {}
+    control.set_pool(
+        label, _entry(control, [*(before.versions if before else []), version], dict(kept))
+    )
+    control.wait_version(label, version, timeout)
+    control.set_pool(label, _entry(control, [version], {label: version}))
+    control.wait_label(label, version, timeout)
+
+
+def _restore(control: ServingControl, pools: dict[str, ModelEntry | None], split: Split) -> None:
+    """Put pools and split back as they were (a failed step leaves serving untouched)."""
+    control.set_split(Split(0))
+    for label, entry in pools.items():
+        control.set_pool(label, entry)
+    control.set_split(split)
+
+
+def stage_canary(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
+    """Copy the version under the serving base path, point the canary pool at it (at weight
+    0), and smoke-test it through the data plane's ``/labels/canary`` route."""
     store, name = open_store(settings.store), settings.mlflow.model_name
     store.delete(canary_state_key(settings, version))  # a new staging starts a new analysis
-    _, model_dir, weights = _paths(settings)
-    target = model_dir / str(version)
+    target = control.model_dir / str(version)
     if not target.exists():
-        tmp = model_dir / f"{version}.tmp"
+        tmp = control.model_dir / f"{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _fetch_verified(store, name, version, tmp)
         tmp.rename(target)  # a version directory is complete or absent
-    url = serving_url(settings)
-    client = ServingClient.from_settings(settings, url)
-    before = current_entry(settings)
-    stable = before.labels.get("stable") if before else None
-    v = int(version)
+    control.ensure_running()
+    pools = {label: control.pool(label) for label in LABELS}
+    split_before = control.split()
+    stable = labels_of(control).get("stable")
+    v, timeout = int(version), settings.serving.load_timeout_s
     try:
-        if stable is None or stable == v:
-            # First deployment: load alone, then label it both stable and canary.
-            _set_entry(settings, model_config.ModelEntry(name, str(model_dir), [v]))
-            client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
-            labels = {"stable": v, "canary": v}
-        else:
-            _set_entry(
-                settings,
-                model_config.ModelEntry(
-                    name, str(model_dir), [stable, v], {"stable": stable, "canary": stable}
-                ),
-            )
-            client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
-            labels = {"stable": stable, "canary": v}
-        weights.set(0)
-        _set_entry(
-            settings,
-            model_config.ModelEntry(name, str(model_dir), sorted({stable or v, v}), labels),
-        )
-        _wait_label(client, name, "canary", v, settings.serving.load_timeout_s)
+        control.set_split(Split(0))
+        if stable is None:  # first deployment: the version serves both labels
+            _point(control, "stable", v, timeout)
+        _point(control, "canary", v, timeout)
         instances = _smoke_instances(settings, version)
+        client = ServingClient.from_settings(settings, control.endpoint())
         for i in range(SMOKE_REQUESTS):
             client.predict(name, [instances[i % len(instances)]], label="canary")
     except Exception as exc:
-        _set_entry(settings, before)
+        try:
+            _restore(control, pools, split_before)
+        except Exception:  # report the original failure; the restore's is logged
+            log.exception("restoring serving after a failed staging failed")
         raise RolloutError(f"Staging version {version} failed and was undone: {exc}") from exc
     result = {
         "stable": stable,
         "canary": v,
         "first_deployment": stable is None or stable == v,
-        "serving_url": url,
+        "data_plane": control.endpoint(),
+        "topology": control.topology(),
     }
-    _save_state(store, settings, version, phase="staged", **result)
+    save_state(store, settings, version, phase="staged", **result)
     return result
 
 
-def _wait_label(client: ServingClient, name: str, label: str, version: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.label_version(name, label) == version:
-            return
-        time.sleep(0.2)
-    raise RolloutError(f"Label {label} of {name} never pointed at version {version}.")
-
-
 def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
-    _, _, test, model = _held_out(settings, version)
+    _, _, test, model = held_out(settings, version)
     return to_instances(test, model)
 
 
 # -- promote / rollback ----------------------------------------------------------------------
-def promote(settings: Settings, version: str) -> dict[str, Any]:
-    """Canary becomes stable: weight 100, labels, weight 0, then the ``champion`` alias."""
-    store, name = open_store(settings.store), settings.mlflow.model_name
-    _, model_dir, weights = _paths(settings)
-    entry = current_entry(settings)
+def promote(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
+    """Canary becomes stable: all traffic to the canary pool, the stable pool moves to the
+    version (two phases), traffic back to stable, then the ``champion`` alias."""
+    store = open_store(settings.store)
     v = int(version)
-    if entry is None or v not in entry.versions:
-        raise RolloutError(f"Version {version} is not loaded; nothing to promote.")
-    old = entry.labels.get("stable")
-    weights.set(100)
-    # Keep the old stable loaded (unlabelled) for a fast manual rollback until the next rollout.
-    _set_entry(
-        settings,
-        model_config.ModelEntry(
-            name, str(model_dir), sorted({v, *([old] if old else [])}), {"stable": v, "canary": v}
-        ),
-    )
-    _wait_label(
-        ServingClient.from_settings(settings, serving_url(settings)),
-        name,
-        "stable",
-        v,
-        settings.serving.load_timeout_s,
-    )
-    weights.set(0)
+    labels = labels_of(control)
+    if labels.get("canary") != v:
+        raise RolloutError(f"Version {version} is not the canary; nothing to promote.")
+    old = labels.get("stable")
+    control.set_split(Split(100))
+    _point(control, "stable", v, settings.serving.load_timeout_s)
+    control.set_split(Split(0))
     reg = Registry(settings.mlflow)
     reg.set_alias(CHAMPION, version)
     if reg.alias_version(CHALLENGER) == str(version):
         reg.delete_alias(CHALLENGER)
     reg.set_version_tags(version, {"rollout": "promoted", "promoted_at": int(time.time())})
     result = {"decision": "promoted", "stable": v, "previous_stable": old, "aliases": reg.aliases()}
-    _save_state(store, settings, version, phase="promoted", **result)
+    save_state(store, settings, version, phase="promoted", **result)
     return result
 
 
-def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
-    """Weight 0 first, then labels back to stable, then unload the canary version."""
-    store, name = open_store(settings.store), settings.mlflow.model_name
-    _, model_dir, weights = _paths(settings)
+def rollback(
+    settings: Settings, control: ServingControl, version: str, reason: str = ""
+) -> dict[str, Any]:
+    """Weight 0 first, then the canary pool back to the stable version; a failed first
+    deployment (nothing served before) empties both pools."""
+    store = open_store(settings.store)
     try:
-        weights.set(0)
-    except requests.RequestException as exc:  # labels below send "canary" traffic to stable
-        log.warning("could not zero the canary weight (router down?): %s", exc)
-    entry = current_entry(settings)
+        control.set_split(Split(0))
+    except (requests.RequestException, OSError, ServingUnavailable) as exc:
+        log.warning("could not zero the canary weight: %s", exc)
     v = int(version)
-    stable = entry.labels.get("stable") if entry else None
+    stable = labels_of(control).get("stable")
     if stable is not None and stable != v:
-        _set_entry(
-            settings,
-            model_config.ModelEntry(
-                name, str(model_dir), [stable], {"stable": stable, "canary": stable}
-            ),
-        )
-    elif entry is not None:  # a failed first deployment: nothing was serving before
-        _set_entry(settings, None)
+        _point(control, "canary", stable, settings.serving.load_timeout_s)
+    elif stable == v and control.pool("canary") is not None:
+        # A failed first deployment: nothing was serving before it.
+        for label in LABELS:
+            control.set_pool(label, None)
+        stable = None
     reg = Registry(settings.mlflow)
     if reg.alias_version(CHALLENGER) == str(version):
         reg.delete_alias(CHALLENGER)
@@ -384,15 +317,15 @@ def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, An
         "reason": reason,
         "aliases": reg.aliases(),
     }
-    _save_state(store, settings, version, phase="rolled_back", **result)
+    save_state(store, settings, version, phase="rolled_back", **result)
     return result
 
 
-def serving_labels(settings: Settings) -> dict[str, Any]:
-    _, _, weights = _paths(settings)
-    entry = current_entry(settings)
+def serving_labels(control: ServingControl) -> dict[str, Any]:
+    pools = {label: control.pool(label) for label in LABELS}
     return {
-        "versions": entry.versions if entry else [],
-        "labels": entry.labels if entry else {},
-        "canary_weight": weights.get(),
+        "versions": {label: (e.versions if e else []) for label, e in pools.items()},
+        "labels": labels_of(control),
+        "canary_weight": control.split().canary,
+        "topology": control.topology(),
     }

@@ -145,7 +145,7 @@ class ModelManager:
         import tensorflow  # noqa: F401
         import tensorflow_serving.apis.predict_pb2  # noqa: F401
 
-        self.poll_once()
+        self._initial_load()
         if self.config_file and self.poll_seconds > 0:
             threading.Thread(target=self._poll_loop, daemon=True, name="config-poll").start()
 
@@ -158,6 +158,34 @@ class ModelManager:
                 self.poll_once()
             except Exception:
                 log.exception("config poll failed")
+
+    def _initial_load(self, timeout: float = 300.0) -> None:
+        """TF Serving's first config: load every listed version, wait until each is AVAILABLE
+        or has failed, then apply the labels. Later reloads refuse a label on a version that
+        is not AVAILABLE; the first does not, so a restarted server with a labelled config
+        comes back labelled (a label on a version that failed to load is refused and logged)."""
+        if self.config_file is None or not self.config_file.exists():
+            return
+        try:
+            entries = model_config.parse(self.config_file.read_text())
+        except Exception:  # noqa: BLE001 - the poll below reports a bad file
+            entries = []
+        unlabelled = [model_config.ModelEntry(e.name, e.base_path, e.versions) for e in entries]
+        with self.lock:
+            self.apply(unlabelled)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                loading = [
+                    s
+                    for m in self.models.values()
+                    for s in m.servables.values()
+                    if s.state == "LOADING"
+                ]
+            if not loading:
+                break
+            time.sleep(0.05)
+        self.poll_once()
 
     def poll_once(self) -> None:
         """Re-apply the config file. Like TF Serving, every poll re-applies; failures log."""

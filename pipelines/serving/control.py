@@ -1,0 +1,311 @@
+"""The serving-control interface: each label's model config, the traffic split, and the data
+plane's evidence, behind one Protocol with a local and a remote implementation.
+
+Built once per stage in the composition root (:func:`pipelines.stages.serving_control`) and
+passed to the rollout, shadow and canary code, which never start processes or build clients
+of their own. Labels follow TF Serving's two phases: load a version, wait until AVAILABLE on
+every replica, then label it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+
+from pipelines.config import Settings
+from pipelines.serving import model_config
+from pipelines.serving.client import ServingClient, ServingUnavailable, rest_tls
+from pipelines.serving.dataplane.envoy import LABELS
+from pipelines.serving.dataplane.evidence import Sample, parse_lines
+from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitStore
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "models.config"  # each label's TF Serving config: <root>/<label>/models.config
+
+
+class ServingControl(Protocol):
+    model: str
+    model_dir: Path  # where version directories are staged (<base_dir>/<model>)
+
+    def ensure_running(self) -> None:
+        """Local: replicas and Envoy up (idempotent). Remote: nothing to start."""
+
+    def endpoint(self) -> str:
+        """The data plane's client URL (TF Serving's REST paths)."""
+
+    def pool(self, label: str) -> model_config.ModelEntry | None:
+        """The model's entry in ``label``'s config (None: that pool serves nothing)."""
+
+    def set_pool(self, label: str, entry: model_config.ModelEntry | None) -> None:
+        """Write ``label``'s config; its replicas pick it up on their next poll."""
+
+    def wait_version(self, label: str, version: int, timeout: float) -> None:
+        """Until ``version`` is AVAILABLE on every replica of ``label``."""
+
+    def wait_label(self, label: str, version: int, timeout: float) -> None:
+        """Until ``label`` points at ``version`` on every replica of that pool."""
+
+    def split(self) -> Split:
+        """The traffic split as stored (the source of truth Envoy reads)."""
+
+    def set_split(self, split: Split) -> None:
+        """Store a validated split and check it reads back."""
+
+    def window(
+        self, since: float, until: float | None = None, request_ids: set[str] | None = None
+    ) -> list[Sample]:
+        """The data plane's records of requests from ``since`` (waiting for ``request_ids``)."""
+
+    def topology(self) -> dict[str, Any]:
+        """Replicas per label and the data plane's addresses, for people and reports."""
+
+
+def _wait(check: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            done, last = check()
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            done, last = False, str(exc)  # a replica restarting answers nothing for a moment
+        if done:
+            return
+        time.sleep(0.2)
+    raise ServingUnavailable(f"{what} not reached after {timeout:.0f} s (last: {last}).")
+
+
+class _Pools:
+    """Waiting on the replicas of a pool, given their REST clients."""
+
+    model: str
+
+    def clients(self, label: str) -> list[ServingClient]:
+        raise NotImplementedError
+
+    def wait_version(self, label: str, version: int, timeout: float) -> None:
+        def check() -> tuple[bool, str]:
+            states = []
+            for c in self.clients(label):
+                state, err = c.version_state(self.model, version)
+                if state == "END":
+                    raise ServingUnavailable(
+                        f"Version {version} of {self.model} failed to load on a {label} "
+                        f"replica ({c.base_url}): {err}"
+                    )
+                states.append(state)
+            return all(s == "AVAILABLE" for s in states), ",".join(states)
+
+        _wait(check, f"Version {version} AVAILABLE on every {label} replica", timeout)
+
+    def wait_label(self, label: str, version: int, timeout: float) -> None:
+        def check() -> tuple[bool, str]:
+            got = [c.label_version(self.model, label) for c in self.clients(label)]
+            return all(v == version for v in got), str(got)
+
+        _wait(check, f"Label {label} -> {version} on every {label} replica", timeout)
+
+
+class LocalServing(_Pools):
+    """Replicas and Envoy on this machine (:class:`LocalPlane`); configs are local files."""
+
+    def __init__(self, settings: Settings):
+        from pipelines.serving.dataplane.local import LocalPlane
+
+        self.model = settings.mlflow.model_name
+        self.model_dir = Path(settings.serving.base_dir) / self.model
+        self.plane = LocalPlane(settings.serving, settings.dataplane, self.model)
+        self.timeout = settings.dataplane.request_timeout_s
+
+    def ensure_running(self) -> None:
+        self.plane.ensure_running()
+
+    def endpoint(self) -> str:
+        return self.plane.endpoint()
+
+    def clients(self, label: str) -> list[ServingClient]:
+        topo = self.plane.topology()
+        return [ServingClient(self.plane.replica_url(n, topo)) for n in self.plane.replicas(label)]
+
+    def pool(self, label: str) -> model_config.ModelEntry | None:
+        return model_config.entry(self.plane.config_file(label), self.model)
+
+    def set_pool(self, label: str, entry: model_config.ModelEntry | None) -> None:
+        path = self.plane.config_file(label)
+        entries = [e for e in model_config.read(path) if e.name != self.model]
+        model_config.write(path, entries + ([entry] if entry else []))
+
+    def split(self) -> Split:
+        return self.plane.runtime.read()
+
+    def set_split(self, split: Split) -> None:
+        self.plane.runtime.write(split)
+        if self.plane.runtime.read() != split:
+            raise ServingUnavailable(f"The stored split does not read back as {split}.")
+        self._wait_envoy_split(split)
+
+    def _wait_envoy_split(self, split: Split, timeout: float = 5.0) -> None:
+        """When Envoy runs, wait until its runtime shows the split (the disk layer reloads on
+        the symlink swap within milliseconds); a stopped Envoy reads it when it starts."""
+        if self.plane.envoy_pid() is None:
+            return
+        want = split.runtime_keys()
+        deadline = time.monotonic() + timeout
+        got: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            try:
+                entries = requests.get(f"{self.plane.admin_url()}/runtime", timeout=2).json()
+                got = {k: v.get("final_value") for k, v in entries.get("entries", {}).items()}
+            except (requests.RequestException, ValueError):
+                got = {}
+            if all(got.get(k) == v for k, v in want.items()):
+                return
+            time.sleep(0.02)
+        raise ServingUnavailable(f"Envoy's runtime shows {got}, not the split {want}.")
+
+    def window(
+        self, since: float, until: float | None = None, request_ids: set[str] | None = None
+    ) -> list[Sample]:
+        log_ = self.plane.access_log
+        if request_ids:
+            got = log_.wait_for(request_ids, since, timeout=self.timeout)
+            return [s for s in got if until is None or s.t < until]
+        return log_.samples(since, until)
+
+    def topology(self) -> dict[str, Any]:
+        topo = self.plane.topology()
+        return {
+            "data_plane": self.plane.endpoint(),
+            "admin": self.plane.admin_url(),
+            "access_log": str(self.plane.access_log.path),
+            "replicas": {
+                label: [self.plane.replica_url(n, topo) for n in self.plane.replicas(label)]
+                for label in LABELS
+            },
+        }
+
+
+class RemoteServing(_Pools):
+    """TF Serving pools and Envoy in a cluster: each label's config is published to
+    ``serving.publish_root`` (the pools sync it), the split is the ConfigMap Envoy mounts,
+    evidence is the access log a collector ships to ``dataplane.evidence_uri``."""
+
+    def __init__(self, settings: Settings, split_store: SplitStore | None = None):
+        from pipelines.store import ObjectStore, storage_options
+
+        s = settings.serving
+        if not s.publish_root:
+            raise ServingUnavailable(
+                "serving.mode is 'remote' but serving.publish_root is not set."
+            )
+        missing = [label for label in LABELS if not s.pool_urls.get(label)]
+        if missing:
+            raise ServingUnavailable(f"serving.pool_urls has no URL for {', '.join(missing)}.")
+        if not settings.dataplane.url:
+            raise ServingUnavailable("serving.mode is 'remote' but dataplane.url is not set.")
+        self.settings = settings
+        self.model = settings.mlflow.model_name
+        self.model_dir = Path(s.base_dir) / self.model
+        self.target = ObjectStore(s.publish_root, storage_options(settings.store))
+        self.splits: SplitStore = split_store or ConfigMapSplit(
+            settings.dataplane.split_configmap, settings.dataplane.namespace
+        )
+
+    def ensure_running(self) -> None:
+        return None
+
+    def endpoint(self) -> str:
+        return str(self.settings.dataplane.url).rstrip("/")
+
+    def clients(self, label: str) -> list[ServingClient]:
+        verify, cert = rest_tls(self.settings.serving)
+        return [ServingClient(self.settings.serving.pool_urls[label], verify=verify, cert=cert)]
+
+    def pool(self, label: str) -> model_config.ModelEntry | None:
+        key = f"{label}/{CONFIG_FILE}"
+        if not self.target.exists(key):
+            return None
+        return next(
+            (e for e in model_config.parse(self.target.read_text(key)) if e.name == self.model),
+            None,
+        )
+
+    def set_pool(self, label: str, entry: model_config.ModelEntry | None) -> None:
+        """Version directories first (each completed by a marker), then the label's config
+        with ``base_path`` as TF Serving sees it: a pool never reads a config naming a
+        version whose files are not all there."""
+        from pipelines.serving.rollout import publish_versions
+
+        if entry is not None:
+            publish_versions(self.target, self.model_dir, self.model, entry.versions)
+            entry = model_config.ModelEntry(
+                entry.name,
+                self.settings.serving.model_base_path or self.target.uri(self.model),
+                entry.versions,
+                entry.labels,
+            )
+        key = f"{label}/{CONFIG_FILE}"
+        entries = (
+            [e for e in model_config.parse(self.target.read_text(key)) if e.name != self.model]
+            if self.target.exists(key)
+            else []
+        )
+        self.target.write_text(key, model_config.render(entries + ([entry] if entry else [])))
+
+    def split(self) -> Split:
+        return self.splits.read()
+
+    def set_split(self, split: Split) -> None:
+        self.splits.write(split)
+        if self.splits.read() != split:
+            raise ServingUnavailable(f"The split ConfigMap does not read back as {split}.")
+        # kubelet syncs a mounted ConfigMap within about a minute; wait before judging.
+        time.sleep(self.settings.dataplane.split_propagation_s)
+
+    def window(
+        self, since: float, until: float | None = None, request_ids: set[str] | None = None
+    ) -> list[Sample]:
+        from pipelines.store import open_store
+
+        uri = self.settings.dataplane.evidence_uri
+        if not uri:
+            raise ServingUnavailable("dataplane.evidence_uri is not set: no evidence to judge.")
+        store = open_store(self.settings.store.model_copy(update={"root": uri}))
+        out: list[Sample] = []
+        for key in store.list("", recursive=True):
+            if store.modified(key) < since:
+                continue  # a shipped file older than the window holds none of its lines
+            out.extend(
+                s
+                for s in parse_lines(store.read_text(key).splitlines())
+                if s.t >= since and (until is None or s.t < until)
+            )
+        return out
+
+    def topology(self) -> dict[str, Any]:
+        return {
+            "data_plane": self.endpoint(),
+            "replicas": {label: [self.settings.serving.pool_urls[label]] for label in LABELS},
+            "split": f"ConfigMap {self.settings.dataplane.namespace}/"
+            f"{self.settings.dataplane.split_configmap}",
+        }
+
+
+def build(settings: Settings) -> ServingControl:
+    """The serving control of this profile (called from the composition root only)."""
+    if settings.serving.mode == "remote":
+        return RemoteServing(settings)
+    return LocalServing(settings)
+
+
+def labels_of(control: ServingControl) -> dict[str, int]:
+    """Where ``stable`` and ``canary`` point: each pool's own label."""
+    out = {}
+    for label in LABELS:
+        entry = control.pool(label)
+        if entry and label in entry.labels:
+            out[label] = int(entry.labels[label])
+    return out

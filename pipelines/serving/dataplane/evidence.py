@@ -1,0 +1,131 @@
+"""The judge's evidence, read from the data plane: Envoy's JSON access log (one line per
+request: cluster, replica, status, duration, request id, key, scores) and its Prometheus stats.
+
+Nothing here sits in the request path; a window is a filter over lines Envoy already wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LABELS = ("stable", "canary")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request as the data plane saw it."""
+
+    t: float
+    label: str
+    code: int
+    latency_ms: float
+    scores: tuple[float, ...]
+    request_id: str = ""
+    replica: str = ""
+    listener: str = "primary"
+    key: str = ""
+
+
+def _scores(raw: Any) -> tuple[float, ...]:
+    if not isinstance(raw, str) or not raw.startswith("["):
+        return ()
+    try:
+        preds = json.loads(raw)
+    except ValueError:
+        return ()
+    out = []
+    for p in preds if isinstance(preds, list) else []:
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        out.append(float(p) if isinstance(p, (int, float)) else math.nan)
+    return tuple(out)
+
+
+def parse_line(line: str) -> Sample | None:
+    """A sample from one access-log line; None for lines that are not a routed model call
+    (malformed, answered by the plane itself, or a status request)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or rec.get("cluster") not in LABELS:
+        return None
+    path = str(rec.get("path") or "")
+    if not path.split("?", 1)[0].endswith((":predict", ":classify", ":regress")):
+        return None
+    try:
+        return Sample(
+            t=float(rec["time"]),
+            label=str(rec["cluster"]),
+            code=int(rec.get("code") or 0),
+            latency_ms=float(rec.get("duration_us") or 0) / 1000.0,
+            scores=_scores(rec.get("scores")),
+            request_id=str(rec.get("request_id") or ""),
+            replica=str(rec.get("replica") or ""),
+            listener=str(rec.get("listener") or "primary"),
+            key=str(rec.get("key") or ""),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def parse_lines(lines: Iterable[str]) -> Iterator[Sample]:
+    for line in lines:
+        s = parse_line(line)
+        if s is not None:
+            yield s
+
+
+def by_label(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
+    """The judge's window: primary-listener samples per label (mirrored copies excluded)."""
+    out: dict[str, list[Sample]] = {label: [] for label in LABELS}
+    for s in samples:
+        if s.listener == "primary":
+            out[s.label].append(s)
+    return out
+
+
+class AccessLog:
+    """The local Envoy's access-log file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def samples(self, since: float = 0.0, until: float | None = None) -> list[Sample]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            return [s for s in parse_lines(fh) if s.t >= since and (until is None or s.t < until)]
+
+    def wait_for(self, request_ids: set[str], since: float, timeout: float = 10.0) -> list[Sample]:
+        """The samples since ``since`` once every id in ``request_ids`` has been written
+        (Envoy flushes its log every ``dataplane.log_flush_ms``); at most ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.samples(since)
+            seen = {s.request_id for s in got}
+            if request_ids <= seen or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+
+def prometheus_counters(text: str, metric: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Values of one metric from Prometheus text, keyed by its sorted label pairs."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(metric + "{") and not line.startswith(metric + " "):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        labels: tuple[tuple[str, str], ...] = ()
+        if "{" in name_labels:
+            inner = name_labels[name_labels.index("{") + 1 : name_labels.rindex("}")]
+            pairs = [p.split("=", 1) for p in inner.split(",") if "=" in p]
+            labels = tuple(sorted((k, v.strip('"')) for k, v in pairs))
+        out[labels] = float(value)
+    return out

