@@ -46,16 +46,18 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("MLOPS_HOME", str(home))
     monkeypatch.setenv("MLOPS__SERVING__REST_PORT", "0")
     monkeypatch.setenv("MLOPS__SERVING__GRPC_PORT", "0")
-    monkeypatch.setenv("MLOPS__CANARY__ROUTER_PORT", "0")
+    for name in ("PORT", "ADMIN_PORT", "SHADOW_PORT"):
+        monkeypatch.setenv(f"MLOPS__DATAPLANE__{name}", "0")
+    # One replica per label where a test is not about the data plane: real processes, half
+    # the start-up CPU on a 2-core machine (tests/e2e/test_dataplane.py runs two).
+    monkeypatch.setenv("MLOPS__DATAPLANE__REPLICAS", "1")
     monkeypatch.delenv("MLOPS_PROFILE", raising=False)
     monkeypatch.delenv("MLOPS_CONFIG", raising=False)
     settings.cache_clear()
     yield home
-    from pipelines.serving.client import LocalServer
-    from pipelines.serving.daemon import LocalDaemon
+    from pipelines.serving.daemon import stop_all
 
-    LocalDaemon(home / "serving", "router").stop()
-    LocalServer(home / "serving").stop()
+    stop_all(home / "serving")
     settings.cache_clear()
 
 

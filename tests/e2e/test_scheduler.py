@@ -39,6 +39,10 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         "MLOPS_HOME": str(tmp_path / "mlops"),
         "MLOPS__SERVING__REST_PORT": "0",
         "MLOPS__SERVING__GRPC_PORT": "0",
+        "MLOPS__DATAPLANE__PORT": "0",
+        "MLOPS__DATAPLANE__ADMIN_PORT": "0",
+        "MLOPS__DATAPLANE__SHADOW_PORT": "0",
+        "MLOPS__DATAPLANE__REPLICAS": "1",
         "MLOPS__TRAIN__EPOCHS": "3",
         "AIRFLOW_HOME": str(tmp_path / "airflow"),
         # SQLite serialises writers; its default 5 s busy timeout is short on two busy cores
@@ -91,9 +95,9 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        from pipelines.serving.client import LocalServer
+        from pipelines.serving.daemon import stop_all
 
-        LocalServer(tmp_path / "mlops" / "serving").stop()
+        stop_all(tmp_path / "mlops" / "serving")
 
 
 def _token(a: dict, timeout: float = 120) -> dict[str, str]:

@@ -1099,15 +1099,12 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
     boot, ports = local_bootstrap(volume, {k: v.server_address[1] for k, v in servers.items()})
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(boot))
-    admin = (
-        f"http://127.0.0.1:{ports[bootstrap()['admin']['address']['socket_address']['port_value']]}"
-    )
+    admin_port = bootstrap()["admin"]["address"]["socket_address"]["port_value"]
+    admin = f"http://127.0.0.1:{ports[admin_port]}"
     client = f"http://127.0.0.1:{ports[8080]}"
-    log = tmp_path / "stdout.log"
-    with open(log, "w") as stdout:
-        proc = subprocess.Popen(
-            envoy_command(config), stdout=stdout, stderr=subprocess.PIPE, text=True
-        )
+    log, errors = tmp_path / "stdout.log", tmp_path / "stderr.log"  # access log, Envoy's log
+    with open(log, "w") as stdout, open(errors, "w") as stderr:
+        proc = subprocess.Popen(envoy_command(config), stdout=stdout, stderr=stderr)
     session = requests.Session()
 
     def runtime(key: str) -> str | None:
@@ -1145,7 +1142,7 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
                     break
             except requests.ConnectionError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            assert proc.poll() is None and time.monotonic() < deadline, errors.read_text()
             time.sleep(0.05)
         # the ConfigMap as shipped: everything to stable
         first = call([f"k{i}" for i in range(20)])

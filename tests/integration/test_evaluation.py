@@ -75,7 +75,13 @@ def world(
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp(f"evaluation-{request.param}") / "mlops"
         mp.setenv("MLOPS_HOME", str(home))
-        for port in ("SERVING__REST_PORT", "SERVING__GRPC_PORT", "CANARY__ROUTER_PORT"):
+        for port in (
+            "SERVING__REST_PORT",
+            "SERVING__GRPC_PORT",
+            "DATAPLANE__PORT",
+            "DATAPLANE__ADMIN_PORT",
+            "DATAPLANE__SHADOW_PORT",
+        ):
             mp.setenv(f"MLOPS__{port}", "0")
         mp.delenv("MLOPS_PROFILE", raising=False)
         mp.delenv("MLOPS_CONFIG", raising=False)

@@ -1,5 +1,6 @@
-"""Publishing the serving state for a remote TF Serving: versions first, then models.config,
-on local files and on the moto S3 server (with SSE), and nothing recorded when publishing fails."""
+"""The remote serving control: each label's state published for its TF Serving pool (versions
+first, then ``<label>/models.config``) on local files and on the moto S3 server (with SSE),
+nothing recorded when publishing fails; the split as the ConfigMap Envoy mounts."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ import pytest
 
 from pipelines.config import Settings, with_overrides
 from pipelines.serving import model_config, rollout
+from pipelines.serving.control import RemoteServing, labels_of
+from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitError
 from pipelines.store import ObjectStore, open_store
 
 pytestmark = pytest.mark.integration
 NAME = "fraud_detector"
+
+
+REMOTE = {
+    "pool_urls": {
+        "stable": "http://tf-serving-stable:8501",
+        "canary": "http://tf-serving-canary:8501",
+    }
+}
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -26,8 +37,28 @@ def remote(request: pytest.FixtureRequest, local_settings: Settings, tmp_path: P
         root = f"s3://{bucket}/serving"
     else:
         root = f"file://{tmp_path}/published"
-    overrides["serving"] = {"publish_root": root, "model_base_path": f"/models/{NAME}"}
+    overrides["serving"] = {
+        "mode": "remote",
+        "publish_root": root,
+        "model_base_path": f"/models/{NAME}",
+        **REMOTE,
+    }
+    overrides["dataplane"] = {"url": "http://mlops-dataplane:8080", "split_propagation_s": 0}
     return with_overrides(local_settings, **overrides)
+
+
+class MemorySplit:
+    """A split store in memory (the ConfigMap needs a cluster)."""
+
+    def __init__(self) -> None:
+        self.value = Split()
+        self.writes = 0
+
+    def read(self) -> Split:
+        return self.value
+
+    def write(self, split: Split) -> None:
+        self.value, self.writes = split, self.writes + 1
 
 
 def _version_dir(settings: Settings, version: int) -> None:
@@ -60,38 +91,83 @@ def test_versions_are_published_before_the_config_that_names_them(
 
     monkeypatch.setattr(ObjectStore, "put_file", spy_put)
     monkeypatch.setattr(ObjectStore, "write_bytes", spy_write)
+    control = RemoteServing(remote, MemorySplit())
     _version_dir(remote, 1)
-    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1]))
+    control.set_pool("stable", model_config.ModelEntry(NAME, "local", [1], {"stable": 1}))
     _version_dir(remote, 2)
-    labels = {"stable": 1, "canary": 2}
-    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1, 2], labels))
+    control.set_pool("canary", model_config.ModelEntry(NAME, "local", [1, 2], {"canary": 1}))
     target = _target(remote)
-    published = model_config.parse(target.read_text("models.config"))
+    published = model_config.parse(target.read_text("canary/models.config"))
     assert [(e.name, e.base_path, e.versions, e.labels) for e in published] == [
-        (NAME, f"/models/{NAME}", [1, 2], labels)
+        (NAME, f"/models/{NAME}", [1, 2], {"canary": 1})
     ]
     assert target.read_bytes(f"{NAME}/2/saved_model.pb") == b"graph-2"
-    config_writes = [i for i, k in enumerate(writes) if k == "models.config"]
+    config_writes = [i for i, k in enumerate(writes) if k == "canary/models.config"]
     v2_files = [i for i, k in enumerate(writes) if k.startswith(f"{NAME}/2/")]
     assert max(v2_files) < config_writes[-1]  # the config naming v2 came after all its files
     assert len([k for k in writes if k == f"{NAME}/1/saved_model.pb"]) == 1  # not re-uploaded
-    local = model_config.entry(Path(remote.serving.base_dir) / "models.config", NAME)
-    assert local is not None and local.labels == labels
     # Another task (another pod, no shared disk) reads the state from what was published.
-    Path(remote.serving.base_dir, "models.config").unlink()
-    entry = rollout.current_entry(remote)
-    assert entry is not None and (entry.versions, entry.labels) == ([1, 2], labels)
+    other = RemoteServing(remote, MemorySplit())
+    assert labels_of(other) == {"stable": 1, "canary": 1}
+    entry = other.pool("canary")
+    assert entry is not None and entry.versions == [1, 2]
 
 
 def test_a_failed_publish_records_nothing(remote: Settings) -> None:
+    control = RemoteServing(remote, MemorySplit())
     _version_dir(remote, 1)
-    rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1]))
+    control.set_pool("canary", model_config.ModelEntry(NAME, "local", [1]))
     with pytest.raises(rollout.RolloutError, match="version 9"):
-        rollout._set_entry(remote, model_config.ModelEntry(NAME, "local", [1, 9]))  # no v9 dir
-    local = model_config.entry(Path(remote.serving.base_dir) / "models.config", NAME)
-    assert local is not None and local.versions == [1]
-    published = model_config.parse(_target(remote).read_text("models.config"))
+        control.set_pool("canary", model_config.ModelEntry(NAME, "local", [1, 9]))  # no v9 dir
+    published = model_config.parse(_target(remote).read_text("canary/models.config"))
     assert published[0].versions == [1]
+
+
+def test_the_remote_split_is_validated_and_read_back(remote: Settings) -> None:
+    splits = MemorySplit()
+    control = RemoteServing(remote, splits)
+    control.set_split(Split(25))
+    assert control.split() == Split(25) and splits.writes == 1
+    with pytest.raises(SplitError):
+        control.set_split(Split(250))
+    assert control.split() == Split(25) and splits.writes == 1
+
+
+def test_the_configmap_split_patches_only_its_data() -> None:
+    """ConfigMapSplit against a stand-in for the Kubernetes API: the patch carries the
+    runtime keys Envoy's disk layer reads, and what it reads back is validated."""
+
+    class FakeCore:
+        def __init__(self) -> None:
+            self.data: dict[str, str] = {}
+            self.calls: list[tuple[str, str, Any]] = []
+
+        def read_namespaced_config_map(self, name: str, namespace: str) -> Any:
+            self.calls.append(("read", f"{namespace}/{name}", None))
+            return type("CM", (), {"data": dict(self.data)})()
+
+        def patch_namespaced_config_map(self, name: str, namespace: str, body: Any) -> None:
+            self.calls.append(("patch", f"{namespace}/{name}", body))
+            self.data.update(body["data"])
+
+    core = FakeCore()
+    split = ConfigMapSplit("mlops-traffic-split", "mlops", core)
+    split.write(Split(5, shadow=10))
+    assert core.calls[-1] == (
+        "patch",
+        "mlops/mlops-traffic-split",
+        {
+            "data": {
+                "mlops.weights.stable": "95",
+                "mlops.weights.canary": "5",
+                "mlops.shadow.percent": "10",
+            }
+        },
+    )
+    assert split.read() == Split(5, shadow=10)
+    core.data["mlops.weights.stable"] = "abc"
+    with pytest.raises(SplitError):
+        split.read()
 
 
 def test_published_objects_carry_sse_on_s3(
@@ -102,13 +178,16 @@ def test_published_objects_carry_sse_on_s3(
     store = {"root": f"s3://{s3_bucket}/lake", "endpoint_url": moto_server, "key": "testing"}
     store |= {"secret": "testing", "sse": "AES256"}
     s = with_overrides(
-        local_settings, store=store, serving={"publish_root": f"s3://{s3_bucket}/srv"}
+        local_settings,
+        store=store,
+        serving={"mode": "remote", "publish_root": f"s3://{s3_bucket}/srv", **REMOTE},
+        dataplane={"url": "http://mlops-dataplane:8080"},
     )
     _version_dir(s, 3)
-    rollout._set_entry(s, model_config.ModelEntry(NAME, "local", [3]))
+    RemoteServing(s, MemorySplit()).set_pool("stable", model_config.ModelEntry(NAME, "local", [3]))
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="srv/")["Contents"]]
-    assert "srv/models.config" in keys and f"srv/{NAME}/3/saved_model.pb" in keys
+    assert "srv/stable/models.config" in keys and f"srv/{NAME}/3/saved_model.pb" in keys
     for key in keys:
         assert s3.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
     assert open_store(s.store).uri("x").startswith("s3://")

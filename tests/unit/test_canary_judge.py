@@ -1,12 +1,16 @@
-"""The canary judge on synthetic windows, and the router's sticky weighted choice."""
+"""The canary judge on synthetic windows, and the decision rules as a pure state machine.
+(Sticky weighted routing is Envoy's: tests/e2e/test_dataplane.py.)"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from pipelines.config import CanarySettings
-from pipelines.serving.canary import judge_window, requests_for
-from pipelines.serving.router import Sample, route
+from pipelines.serving.canary import Check, WindowVerdict, judge_window, requests_for
+from pipelines.serving.dataplane.evidence import Sample
+from pipelines.serving.monitor import advance
 
 CFG = CanarySettings()
 
@@ -96,12 +100,64 @@ def test_requests_for_gives_canary_enough_samples() -> None:
     assert requests_for(100, 50) == 60
 
 
-def test_routing_is_sticky_and_follows_the_weight() -> None:
-    keys = [f"txn-{i}" for i in range(20000)]
-    assert all(route(k, 0) == "stable" for k in keys[:1000])
-    assert all(route(k, 100) == "canary" for k in keys[:1000])
-    share = sum(route(k, 25) == "canary" for k in keys) / len(keys)
-    assert 0.23 < share < 0.27
-    assert [route(k, 25) for k in keys[:500]] == [route(k, 25) for k in keys[:500]]
-    # Raising the weight only moves keys from stable to canary, never back.
-    assert all(route(k, 50) == "canary" for k in keys if route(k, 25) == "canary")
+def _state(step: int = 0) -> dict:
+    return {
+        "step": step,
+        "window": 0,
+        "failed_checks": 0,
+        "inconclusive_run": 0,
+        "windows": [],
+        "window_start": None,
+        "decision": None,
+        "reason": None,
+    }
+
+
+def _verdict(outcome: str, failed: int = 0) -> WindowVerdict:
+    checks = [Check(f"c{i}", i >= failed) for i in range(4)]
+    return WindowVerdict(outcome, 100.0 * (4 - failed) / 4, checks, 60, 900)
+
+
+def test_advance_walks_the_steps_and_promotes_on_a_final_pass() -> None:
+    state = _state()
+    for i, step in enumerate(CFG.steps):
+        before = json.dumps(state)
+        state = advance(state, _verdict("pass"), CFG)
+        assert json.dumps(_state()) != json.dumps(state) and before != json.dumps(state)
+        assert state["windows"][-1]["weight"] == step
+        assert state["decision"] == (None if i < len(CFG.steps) - 1 else "promote")
+    assert "every step passed" in state["reason"]
+
+
+def test_advance_leaves_its_input_unchanged() -> None:
+    state = _state()
+    frozen = json.dumps(state)
+    advance(state, _verdict("fail", 1), CFG)
+    assert json.dumps(state) == frozen
+
+
+def test_advance_rolls_back_at_once_on_a_critical_window() -> None:
+    state = advance(_state(1), _verdict("critical", 1), CFG)
+    assert state["decision"] == "rollback" and "critical check failed at 25%" in state["reason"]
+
+
+def test_advance_counts_failed_checks_against_the_limit() -> None:
+    state = _state()
+    state = advance(state, _verdict("fail", 2), CFG)
+    assert state["decision"] is None and state["failed_checks"] == 2 and state["step"] == 1
+    state = advance(state, _verdict("fail", 1), CFG)
+    assert state["decision"] == "rollback" and "3 failed checks (limit 3)" in state["reason"]
+
+
+def test_advance_repeats_an_inconclusive_step_three_times_at_most() -> None:
+    state = _state(2)
+    for _ in range(2):
+        state = advance(state, _verdict("inconclusive"), CFG)
+        assert state["decision"] is None and state["step"] == 2
+    state = advance(state, _verdict("inconclusive"), CFG)
+    assert state["decision"] == "rollback" and "inconclusive" in state["reason"]
+
+
+def test_a_final_window_that_fails_rolls_back() -> None:
+    state = advance(_state(len(CFG.steps) - 1), _verdict("fail", 1), CFG)
+    assert state["decision"] == "rollback" and "final window did not pass" in state["reason"]
