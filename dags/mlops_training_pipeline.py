@@ -5,12 +5,15 @@ Daily, for the data interval `[day, day+1)`: **validate** the landing partition 
 Expectations (a blocked batch is quarantined and the run stops), **shard** it into a versioned,
 manifest-published data set, **train** a tabular MLP with multi-node DDP, **evaluate** it against
 the `champion` with bootstrap CIs, **register** it in MLflow (alias `challenger`), then
-**export** a SavedModel, **stage** it as the TF Serving `canary`, **monitor** canary vs stable and
-**promote** (labels, router weight, `champion` alias) or **roll back**.
+**export** a SavedModel, **stage** it on the `canary` pool at weight 0, **shadow** it (stable's
+traffic mirrored to it through Envoy, answers compared; a failed verdict stops the rollout),
+**monitor** canary vs baseline through Envoy and **promote** (pools, traffic split, `champion`
+alias) or **roll back**.
 
 Backfills, and runs with `skip_rollout`, stop after registration and never move `champion`.
-Trigger-form params override the `date`, `dataset`, `nodes`, `epochs`, canary weight steps and
-can force-bless or force-reject a candidate (with a reason, recorded in MLflow).
+Trigger-form params override the `date`, `dataset`, `nodes`, `epochs`, canary weight steps, can
+skip the shadow stage, and can force-bless or force-reject a candidate (with a reason, recorded
+in MLflow).
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ PARAMS = {
     "force": Param("none", enum=["none", "bless", "reject"], title="Override the blessing"),
     "force_reason": Param("", type="string", title="Reason for the override"),
     "skip_rollout": Param(False, type="boolean", title="Register only; no canary"),
+    "skip_shadow": Param(
+        False, type="boolean", title="Skip the shadow stage (straight to the canary)"
+    ),
     "canary_steps": Param(
         None,
         type=["null", "array"],
@@ -244,22 +250,33 @@ def mlops_training_pipeline() -> None:
         out = stages.stage_canary(run_settings(ctx["params"]), exported["model_version"])
         return record(ctx, {**out, "model_version": exported["model_version"]})
 
+    @task(retries=0)
+    def shadow_candidate(staged: dict) -> dict:
+        """Stable's traffic mirrored to the candidate; a failed verdict decides the canary."""
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        out = stages.shadow_candidate(run_settings(ctx["params"]), staged["model_version"])
+        return record(ctx, {**out, "model_version": staged["model_version"]})
+
     @task.sensor(
         mode="reschedule",  # the worker slot is free between windows
         poke_interval=CANARY.poke_interval_s,
         timeout=CANARY.timeout_s,
         retries=0,
     )
-    def monitor_canary(staged: dict) -> PokeReturnValue:
+    def monitor_canary(shadowed: dict) -> PokeReturnValue:
         """One judged canary window per poke; state persists in the lake between pokes."""
         from mlops_airflow.common import record, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
-        out = stages.canary_tick(run_settings(ctx["params"]), staged["model_version"])
+        out = stages.canary_tick(run_settings(ctx["params"]), shadowed["model_version"])
         if out["done"]:
-            record(ctx, {**out, "model_version": staged["model_version"]})
+            record(ctx, {**out, "model_version": shadowed["model_version"]})
         return PokeReturnValue(is_done=out["done"], xcom_value=out)
 
     @task.branch(trigger_rule=TriggerRule.ALL_DONE, retries=0)
@@ -321,7 +338,8 @@ def mlops_training_pipeline() -> None:
     gate >> exported
     staged = stage_canary(exported)
     decision = decide(registered)
-    monitor_canary(staged) >> decision >> [promote(registered), rollback(registered)]
+    shadowed = shadow_candidate(staged)
+    monitor_canary(shadowed) >> decision >> [promote(registered), rollback(registered)]
 
 
 mlops_training_pipeline()

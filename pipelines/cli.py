@@ -102,6 +102,7 @@ def cmd_rollout(a: argparse.Namespace) -> int:
     if not a.skip_export:
         _print(stages.export_and_infra_validate(s, a.version))
     _print(stages.stage_canary(s, a.version))
+    _print(stages.shadow_candidate(s, a.version))
     verdict = stages.monitor_canary(s, a.version)
     _print(verdict)
     if verdict["decision"] == "promote":

@@ -167,7 +167,7 @@ class EvaluateSettings(_Section):
 class ServingSettings(_Section):
     mode: Literal["local", "remote"] = Field("local", description="start a local server or use url")
     pool_urls: dict[str, str] = Field(
-        {}, description="remote: REST base URL of each label's TF Serving pool (stable, canary)"
+        {}, description="remote: REST base URL of each TF Serving pool (stable, baseline, canary)"
     )
     host: str = Field("127.0.0.1", description="bind address of the local server")
     rest_port: int = Field(
@@ -218,7 +218,7 @@ class DataPlaneSettings(_Section):
     shadow_port: int = Field(
         8602, ge=0, description="internal listener that records mirrored requests (0 = free)"
     )
-    replicas: int = Field(2, ge=1, description="local model-server replicas per label")
+    replicas: int = Field(2, ge=1, description="local model-server replicas per pool")
     url: str | None = Field(
         None, description="the data plane's client URL when serving.mode is remote"
     )
@@ -242,6 +242,27 @@ class DataPlaneSettings(_Section):
     log_flush_ms: int = Field(200, ge=10, description="access-log flush interval")
     concurrency: int = Field(1, ge=1, description="Envoy worker threads (--concurrency)")
     start_timeout_s: float = Field(120.0, gt=0, description="wait for replicas and Envoy")
+
+
+class ShadowSettings(_Section):
+    """The shadow stage: stable's traffic mirrored to the staged candidate, answers compared."""
+
+    enabled: bool = Field(True, description="run shadow_candidate before the canary")
+    percent: int = Field(100, ge=1, le=100, description="share of stable's requests mirrored")
+    requests: int = Field(400, ge=10, description="replayed requests (local runs)")
+    window_seconds: float = Field(120.0, gt=0, description="window length with live traffic")
+    min_pairs: int = Field(200, ge=1, description="stable/shadow answers joined to judge")
+    min_agreement: float = Field(
+        0.99, ge=0, le=1, description="share of pairs on the same side of evaluate.threshold"
+    )
+    max_score_diff: float = Field(
+        0.05, ge=0, description="p99 |score difference| allowed above the noise floor's p99"
+    )
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="non-2xx share of shadow answers")
+    latency_ratio: float = Field(
+        2.0, gt=0, description="shadow p50 over stable p50 that fails (the mirror adds a hop)"
+    )
+    noise_requests: int = Field(100, ge=1, description="requests sent to two stable replicas")
 
 
 class CanarySettings(_Section):
@@ -278,6 +299,7 @@ class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     serving: ServingSettings
     dataplane: DataPlaneSettings = DataPlaneSettings()
+    shadow: ShadowSettings = ShadowSettings()
     canary: CanarySettings = CanarySettings()
 
 

@@ -141,6 +141,18 @@ def summarize(
     row("model version", lambda r: _fmt(r["register_model"]["model_version"]))
     row("infra p99 ms", lambda r: _fmt(r["export_and_infra_validate"]["p99_ms"], 1))
 
+    def shadow(r: dict[str, Any]) -> str:
+        sh = r["shadow_candidate"]
+        if sh["verdict"] == "skipped":
+            return "skipped (first deployment)" if "first" in sh["reasons"][0] else "skipped"
+        diff = (sh.get("stats") or {}).get("score_diff", {}).get("p99")
+        agree = (sh.get("stats") or {}).get("agreement")
+        return (
+            f"{sh['verdict']} ({sh['pairs']} pairs, agreement {_fmt(agree)}, p99 diff {_fmt(diff)})"
+        )
+
+    row("shadow verdict", shadow)
+
     def canary(r: dict[str, Any]) -> str:
         m = r["monitor_canary"]
         return (

@@ -217,6 +217,23 @@ def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     return out
 
 
+def shadow_candidate(settings: Settings, version: str) -> dict[str, Any]:
+    """Mirror stable's traffic to the staged candidate and judge the answers; a failed verdict
+    decides the canary as rollback before any user gets the candidate's answer."""
+    from pipelines.serving import shadow
+
+    out = shadow.shadow_candidate(settings, serving_control(settings), version)
+    _audit(
+        settings,
+        "rollout.shadowed",
+        f"{settings.mlflow.model_name}/{version}",
+        verdict=out["verdict"],
+        reasons=out["reasons"],
+        pairs=out["pairs"],
+    )
+    return out
+
+
 def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
     """One judged window of the canary (the Airflow sensor's poke); ``done`` once decided."""
     from pipelines.serving import monitor

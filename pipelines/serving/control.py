@@ -19,7 +19,7 @@ import requests
 from pipelines.config import Settings
 from pipelines.serving import model_config
 from pipelines.serving.client import ServingClient, ServingUnavailable, rest_tls
-from pipelines.serving.dataplane.envoy import LABELS
+from pipelines.serving.dataplane.envoy import LABELS, POOLS
 from pipelines.serving.dataplane.evidence import Sample, parse_lines
 from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitStore
 
@@ -39,6 +39,9 @@ class ServingControl(Protocol):
 
     def pool(self, label: str) -> model_config.ModelEntry | None:
         """The model's entry in ``label``'s config (None: that pool serves nothing)."""
+
+    def clients(self, label: str) -> list[ServingClient]:
+        """REST clients of the pool's replicas (remote: of its Service)."""
 
     def set_pool(self, label: str, entry: model_config.ModelEntry | None) -> None:
         """Write ``label``'s config; its replicas pick it up on their next poll."""
@@ -183,7 +186,7 @@ class LocalServing(_Pools):
             "access_log": str(self.plane.access_log.path),
             "replicas": {
                 label: [self.plane.replica_url(n, topo) for n in self.plane.replicas(label)]
-                for label in LABELS
+                for label in POOLS
             },
         }
 
@@ -201,7 +204,7 @@ class RemoteServing(_Pools):
             raise ServingUnavailable(
                 "serving.mode is 'remote' but serving.publish_root is not set."
             )
-        missing = [label for label in LABELS if not s.pool_urls.get(label)]
+        missing = [label for label in POOLS if not s.pool_urls.get(label)]
         if missing:
             raise ServingUnavailable(f"serving.pool_urls has no URL for {', '.join(missing)}.")
         if not settings.dataplane.url:
@@ -259,6 +262,10 @@ class RemoteServing(_Pools):
         return self.splits.read()
 
     def set_split(self, split: Split) -> None:
+        """Patch the ConfigMap when it differs (every poke re-asserts it: a ``kubectl apply``
+        of the base manifests writes 100/0 back), then wait for kubelet to sync it."""
+        if self.splits.read() == split:
+            return
         self.splits.write(split)
         if self.splits.read() != split:
             raise ServingUnavailable(f"The split ConfigMap does not read back as {split}.")
@@ -288,7 +295,7 @@ class RemoteServing(_Pools):
     def topology(self) -> dict[str, Any]:
         return {
             "data_plane": self.endpoint(),
-            "replicas": {label: [self.settings.serving.pool_urls[label]] for label in LABELS},
+            "replicas": {label: [self.settings.serving.pool_urls[label]] for label in POOLS},
             "split": f"ConfigMap {self.settings.dataplane.namespace}/"
             f"{self.settings.dataplane.split_configmap}",
         }

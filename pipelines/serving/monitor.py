@@ -212,7 +212,9 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
         log.exception("canary monitoring failed")
         state = _decided(state, "rollback", f"monitoring failed at {step}%: {exc}")
         return _finish(settings, control, version, state)
-    verdict = judge_window(window["canary"], window["stable"], cfg)
+    # Canary against baseline: the stable version on a pool of the same size at the same
+    # weight (see dataplane.envoy.POOLS), so warm-vs-cold load does not read as a regression.
+    verdict = judge_window(window["canary"], window["baseline"], cfg)
     log.info("canary weight %d%%: %s", step, verdict.explain())
     return _finish(settings, control, version, advance(state, verdict, cfg))
 
@@ -236,6 +238,14 @@ def _finish(
             "canary verdict for version %s: %s (%s)", version, state["decision"], state["reason"]
         )
     return state
+
+
+def decide_early(
+    settings: Settings, control: ServingControl, version: str, decision: str, reason: str
+) -> dict[str, Any]:
+    """Decide the analysis before its first window (the shadow stage stopped the rollout)."""
+    state = load_state(settings, version) or new_state(settings, version)
+    return _finish(settings, control, version, _decided(state, decision, reason))
 
 
 def verdict_of(state: dict[str, Any]) -> dict[str, Any]:

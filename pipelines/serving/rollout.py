@@ -31,7 +31,7 @@ from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
 from pipelines.serving.client import ServingClient, ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
-from pipelines.serving.dataplane.envoy import LABELS
+from pipelines.serving.dataplane.envoy import POOLS
 from pipelines.serving.dataplane.split import Split
 from pipelines.serving.export import export_saved_model, parity, to_instances
 from pipelines.serving.model_config import ModelEntry
@@ -230,7 +230,7 @@ def stage_canary(settings: Settings, control: ServingControl, version: str) -> d
         _fetch_verified(store, name, version, tmp)
         tmp.rename(target)  # a version directory is complete or absent
     control.ensure_running()
-    pools = {label: control.pool(label) for label in LABELS}
+    pools = {label: control.pool(label) for label in POOLS}
     split_before = control.split()
     stable = labels_of(control).get("stable")
     v, timeout = int(version), settings.serving.load_timeout_s
@@ -238,6 +238,7 @@ def stage_canary(settings: Settings, control: ServingControl, version: str) -> d
         control.set_split(Split(0))
         if stable is None:  # first deployment: the version serves both labels
             _point(control, "stable", v, timeout)
+        _point(control, "baseline", stable or v, timeout)  # what the canary is judged against
         _point(control, "canary", v, timeout)
         instances = _smoke_instances(settings, version)
         client = ServingClient.from_settings(settings, control.endpoint())
@@ -267,8 +268,8 @@ def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
 
 # -- promote / rollback ----------------------------------------------------------------------
 def promote(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
-    """Canary becomes stable: all traffic to the canary pool, the stable pool moves to the
-    version (two phases), traffic back to stable, then the ``champion`` alias."""
+    """Canary becomes stable: all traffic to the canary pool, the stable and baseline pools
+    move to the version (two phases), traffic back to stable, then the ``champion`` alias."""
     store = open_store(settings.store)
     v = int(version)
     labels = labels_of(control)
@@ -277,6 +278,7 @@ def promote(settings: Settings, control: ServingControl, version: str) -> dict[s
     old = labels.get("stable")
     control.set_split(Split(100))
     _point(control, "stable", v, settings.serving.load_timeout_s)
+    _point(control, "baseline", v, settings.serving.load_timeout_s)
     control.set_split(Split(0))
     reg = Registry(settings.mlflow)
     reg.set_alias(CHAMPION, version)
@@ -304,7 +306,7 @@ def rollback(
         _point(control, "canary", stable, settings.serving.load_timeout_s)
     elif stable == v and control.pool("canary") is not None:
         # A failed first deployment: nothing was serving before it.
-        for label in LABELS:
+        for label in POOLS:
             control.set_pool(label, None)
         stable = None
     reg = Registry(settings.mlflow)
@@ -322,7 +324,7 @@ def rollback(
 
 
 def serving_labels(control: ServingControl) -> dict[str, Any]:
-    pools = {label: control.pool(label) for label in LABELS}
+    pools = {label: control.pool(label) for label in POOLS}
     return {
         "versions": {label: (e.versions if e else []) for label, e in pools.items()},
         "labels": labels_of(control),

@@ -28,6 +28,8 @@ def run_settings(params: dict[str, Any]):  # type: ignore[no-untyped-def]
         overrides["train"] = train
     if params.get("canary_steps"):
         overrides["canary"] = {"steps": tuple(int(s) for s in params["canary_steps"])}
+    if params.get("skip_shadow"):
+        overrides["shadow"] = {"enabled": False}
     _mask_secrets(base)
     return with_overrides(base, **overrides) if overrides else base
 

@@ -1,5 +1,6 @@
-"""Canary rollouts end to end on real components: the local TF-Serving-compatible server and
-router processes, real SavedModels, MLflow aliases, replayed held-out traffic.
+"""Canary rollouts end to end on real components: Envoy in front of two local
+TF-Serving-compatible replicas per label, real SavedModels, MLflow aliases, replayed held-out
+traffic judged from Envoy's access log.
 
 One model is trained and deployed as ``stable`` (and ``champion``) once for the module; each test
 then stages a new version of it as the canary: an identical copy (A/A, crash-resume), or a
@@ -26,8 +27,7 @@ from pipelines.config import Settings, settings, with_overrides
 from pipelines.data import layout
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import monitor
-from pipelines.serving.client import LocalServer
-from pipelines.serving.daemon import LocalDaemon
+from pipelines.serving.daemon import stop_all
 from pipelines.serving.rollout import canary_state_key
 from pipelines.store import open_store
 
@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = {
     "MLOPS__SERVING__REST_PORT": "0",
     "MLOPS__SERVING__GRPC_PORT": "0",
-    "MLOPS__CANARY__ROUTER_PORT": "0",
+    "MLOPS__DATAPLANE__PORT": "0",
+    "MLOPS__DATAPLANE__ADMIN_PORT": "0",
+    "MLOPS__DATAPLANE__SHADOW_PORT": "0",
     "MLOPS__CANARY__REPLAY_RATE": "500",
     "MLOPS__CANARY__REPLAY_CONCURRENCY": "8",
     "MLOPS__TRAIN__NODES": "1",
@@ -68,8 +70,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         stages.promote(s, v1)
         yield {"settings": s, "run_id": run_id, "v1": v1, "home": home}
     finally:
-        LocalDaemon(home / "serving", "router").stop()
-        LocalServer(home / "serving").stop()
+        stop_all(home / "serving")
         mp.undo()
         settings.cache_clear()
 
@@ -144,7 +145,7 @@ def serving_snapshot(s: Settings) -> dict[str, Any]:
 
 def canary_then_decide(s: Settings, version: str) -> dict[str, Any]:
     stages.stage_canary(s, version)
-    verdict = monitor.monitor_canary(s, version)
+    verdict = monitor.monitor_canary(s, stages.serving_control(s), version)
     if verdict["decision"] == "promote":
         stages.promote(s, version)
     else:
@@ -183,7 +184,8 @@ def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any])
     outcomes = []
     for seed in range(20):
         store.delete(canary_state_key(s, version))
-        verdict = monitor.monitor_canary(with_overrides(s, canary={"seed": seed}), version)
+        seeded = with_overrides(s, canary={"seed": seed})
+        verdict = monitor.monitor_canary(seeded, stages.serving_control(seeded), version)
         outcomes.append((seed, verdict["decision"], verdict["reason"]))
         failed = [
             (w["weight"], c["name"], c["detail"])
@@ -220,7 +222,8 @@ def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, An
         proc.kill()
     crashed = json.loads(store.read_text(key))
     assert crashed["decision"] is None and 1 <= len(crashed["windows"]) < len(s.canary.steps)
-    verdict = monitor.monitor_canary(s, version)  # a new controller picks the state up
+    # A new controller picks the state up.
+    verdict = monitor.monitor_canary(s, stages.serving_control(s), version)
     assert verdict["decision"] == "promote", verdict["reason"]
     assert [w["weight"] for w in verdict["windows"]] == list(s.canary.steps)
     assert verdict["windows"][: len(crashed["windows"])] == crashed["windows"]
@@ -229,27 +232,67 @@ def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, An
     assert serving_snapshot(s)["labels"] == {"stable": int(version), "canary": int(version)}
 
 
-def test_killing_the_model_server_mid_canary_ends_in_rollback(deployed: dict[str, Any]) -> None:
+def test_a_stable_replica_killed_mid_canary_costs_no_request_and_the_a_a_canary_promotes(
+    deployed: dict[str, Any],
+) -> None:
     s = deployed["settings"]
-    reg = Registry(s.mlflow)
-    champion, before = reg.alias_version(CHAMPION), serving_snapshot(s)
+    control = stages.serving_control(s)
     version = new_version(deployed, "same")
     stages.stage_canary(s, version)
     result: dict[str, Any] = {}
     worker = threading.Thread(
-        target=lambda: result.update(monitor.monitor_canary(s, version)), daemon=True
+        target=lambda: result.update(monitor.monitor_canary(s, control, version)), daemon=True
     )
     worker.start()
     store, key = open_store(s.store), canary_state_key(s, version)
     while not (store.exists(key) and json.loads(store.read_text(key))["windows"]):
         time.sleep(0.05)
-    server_pid = LocalServer.from_settings(s).pid()
-    assert server_pid is not None
-    os.killpg(server_pid, signal.SIGKILL)
-    worker.join(timeout=120)
-    assert not worker.is_alive(), "the canary hung after the server died"
-    assert result["decision"] == "rollback"
-    assert "success_rate" in result["reason"] or "monitoring failed" in result["reason"]
-    stages.rollback(s, version, result["reason"])
-    assert reg.alias_version(CHAMPION) == champion
+    time.sleep(0.3)  # inside the next window's replay
+    victim = control.plane.replica_pid("stable-0")
+    assert victim is not None
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "the canary hung after a replica died"
+    assert result["decision"] == "promote", result["reason"]
+    settle = killed_at + 2 * s.dataplane.health_interval_s + 0.5
+    after = [x for x in control.window(settle) if x.listener == "primary"]
+    assert len(after) > 100
+    assert [x for x in after if x.code != 200] == [], "a client request failed after ejection"
+    stages.rollback(s, version, "replica-kill test done")
+    assert control.plane.replica_pid("stable-0") is not None  # the controller restarted it
+
+
+def test_shadow_passes_an_identical_candidate_and_stops_a_shifted_one_before_users(
+    deployed: dict[str, Any],
+) -> None:
+    s = deployed["settings"]
+    control = stages.serving_control(s)
+    before = serving_snapshot(s)
+    same = new_version(deployed, "same")
+    stages.stage_canary(s, same)
+    report = stages.shadow_candidate(s, same)
+    assert report["verdict"] == "pass", report
+    assert report["pairs"] >= s.shadow.min_pairs
+    assert report["stats"]["agreement"] == 1.0
+    assert report["stats"]["score_diff"]["max"] <= 1e-6  # the same SavedModel bytes
+    stages.rollback(s, same, "shadow test: identical candidate done")
+
+    shifted = new_version(deployed, "drift")
+    stages.stage_canary(s, shifted)
+    since = time.time()
+    report = stages.shadow_candidate(s, shifted)
+    assert report["verdict"] == "fail", report
+    assert any(r.startswith("score_difference") for r in report["reasons"]), report["reasons"]
+    seen = control.window(since)
+    assert any(x.listener == "shadow" for x in seen)  # the candidate answered mirrored copies...
+    served = [x for x in seen if x.listener == "primary" and x.label == "canary"]
+    assert served == [], "a user got the candidate's answer"  # ...and no user request
+    verdict = stages.canary_verdict(s, shifted)
+    assert verdict is not None and verdict["decision"] == "rollback" and verdict["windows"] == []
+    assert verdict["reason"].startswith("shadow: ")
+    assert stages.canary_tick(s, shifted)["done"]  # the analysis never sends a window
+    tags = Registry(s.mlflow).version(shifted).tags
+    assert tags["mlops.shadow_verdict"] == "fail"
+    stages.rollback(s, shifted, verdict["reason"])
     assert serving_snapshot(s) == before

@@ -23,7 +23,7 @@ import requests
 from pipelines.config import Settings, settings
 from pipelines.serving.control import LocalServing
 from pipelines.serving.daemon import PortInUse
-from pipelines.serving.dataplane.envoy import SERVED_LABEL
+from pipelines.serving.dataplane.envoy import POOLS, SERVED_LABEL
 from pipelines.serving.dataplane.evidence import by_label
 from pipelines.serving.dataplane.local import LocalPlane
 from pipelines.serving.dataplane.split import Split, SplitError
@@ -46,7 +46,8 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """v1 on the stable pool, v2 on the canary pool, two replicas each, Envoy in front."""
+    """v1 on the stable and baseline pools, v2 on the canary pool, two replicas each, Envoy
+    in front."""
     import datetime as dt
 
     from pipelines.data.generate import transactions
@@ -67,10 +68,11 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         for version, seed in ((1, 1), (2, 2)):
             m = small_model(seed)
             export_saved_model(m, control.model_dir / str(version), warmup_rows=rows)
-        control.set_pool("stable", ModelEntry(MODEL, str(control.model_dir), [1], {}))
-        control.set_pool("canary", ModelEntry(MODEL, str(control.model_dir), [2], {}))
+        pools = (("stable", 1), ("baseline", 1), ("canary", 2))
+        for label, v in pools:
+            control.set_pool(label, ModelEntry(MODEL, str(control.model_dir), [v], {}))
         control.ensure_running()
-        for label, v in (("stable", 1), ("canary", 2)):
+        for label, v in pools:
             control.wait_version(label, v, 120)
             control.set_pool(label, ModelEntry(MODEL, str(control.model_dir), [v], {label: v}))
             control.wait_label(label, v, 60)
@@ -116,7 +118,7 @@ def _replica_requests(plane: dict[str, Any]) -> int:
     """Predict requests the replicas have answered, summed from their Prometheus counters."""
     control: LocalServing = plane["control"]
     total = 0
-    for label in ("stable", "canary"):
+    for label in POOLS:
         for c in control.clients(label):
             text = requests.get(f"{c.base_url}/monitoring/prometheus/metrics", timeout=5).text
             for line in text.splitlines():
@@ -133,26 +135,28 @@ def test_weights_land_within_binomial_bounds(plane: dict[str, Any], weight: int)
     since = time.time()
     got = _send(plane, [uuid.uuid4().hex for _ in range(n)])
     assert all(code == 200 for _, _, code in got)
-    canary = sum(label == "canary" for _, label, _ in got)
-    p = weight / 100
-    bound = 3.9 * (p * (1 - p) / n) ** 0.5  # two-sided 1e-4
-    assert abs(canary / n - p) <= bound, (weight, canary)
+    split = Split(weight)
+    counts = {pool: sum(label == pool for _, label, _ in got) for pool in POOLS}
+    for pool in POOLS:
+        p = getattr(split, pool) / 100
+        bound = 3.9 * (p * (1 - p) / n) ** 0.5  # two-sided 1e-4
+        assert abs(counts[pool] / n - p) <= bound, (weight, counts)
     # The access log, which the judge reads, tells the same story as the responses.
     time.sleep(0.5)  # Envoy flushes its access log every dataplane.log_flush_ms
     window = by_label(control.window(since))
-    assert len(window["canary"]) == canary and len(window["stable"]) == n - canary
-    served = window["canary"] + window["stable"]
+    assert {pool: len(window[pool]) for pool in POOLS} == counts
+    served = [s for pool in POOLS for s in window[pool]]
     assert all(s.scores and 0 <= s.scores[0] <= 1 for s in served)
 
 
 def test_both_replicas_of_a_pool_share_its_load(plane: dict[str, Any]) -> None:
     control: LocalServing = plane["control"]
-    control.set_split(Split(50))
+    control.set_split(Split(25))  # stable 50 %, baseline 25 %, canary 25 %
     since = time.time()
-    _send(plane, [uuid.uuid4().hex for _ in range(400)])
+    _send(plane, [uuid.uuid4().hex for _ in range(600)])
     time.sleep(0.5)
     window = by_label(control.window(since))
-    for label in ("stable", "canary"):
+    for label in POOLS:
         per = {
             r: sum(s.replica == r for s in window[label])
             for r in {s.replica for s in window[label]}

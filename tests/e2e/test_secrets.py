@@ -28,7 +28,6 @@ MODEL = "secrets_test_model"
 SECRETS = {
     "store.key": "AKIAMLOPSTESTKEY0001",
     "store.secret": "mlopsTestSecret/0123456789+abcdefghijKLMN",
-    "canary.admin_token": "router-admin-7d1f0c9e4b2a6358aa1c",
     "mlflow.token": "mlflow-bearer-3e8b5a1d9c7f2460bb2d",
 }
 MLFLOW_ENV = (
@@ -112,7 +111,6 @@ def secret_env(
     monkeypatch.setenv("MLOPS__STORE__SSE", "AES256")
     monkeypatch.setenv("MLOPS__STORE__KEY", SECRETS["store.key"])
     monkeypatch.setenv("MLOPS__STORE__SECRET", SECRETS["store.secret"])
-    monkeypatch.setenv("MLOPS__CANARY__ADMIN_TOKEN", SECRETS["canary.admin_token"])
     monkeypatch.setenv("MLOPS__MLFLOW__TOKEN", SECRETS["mlflow.token"])
     monkeypatch.setenv("MLOPS__MLFLOW__TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLOPS__MLFLOW__ARTIFACT_ROOT", "")  # the server's proxied artifacts
@@ -162,8 +160,8 @@ def test_dag_runs_on_s3_leak_no_secret(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """Day 1 deploys a first model; day 2 runs a canary through the router, whose admin API
-    (weights, samples) the controller calls with the admin token."""
+    """Day 1 deploys a first model; day 2 runs a canary through Envoy, judged from its access
+    log, with the lake on S3 and MLflow behind a bearer token."""
     from airflow.utils.state import DagRunState
 
     from pipelines import stages
@@ -200,7 +198,7 @@ def test_dag_runs_on_s3_leak_no_secret(
         "audit entries": "\n".join(audit.values()),
         "lake objects": "\n".join(lake.values()),
         "MLflow params and tags": mlflow_text(s),
-        "MLOPS_HOME (serving and router logs, model config)": "\n".join(
+        "MLOPS_HOME (serving and Envoy logs, model config)": "\n".join(
             files_text(Path(s.home)).values()
         ),
     }
@@ -211,7 +209,7 @@ def test_dag_runs_on_s3_leak_no_secret(
     # Positive controls: every source holds text of these runs, so a clean scan means something.
     controls = dict.fromkeys(sources, root)
     controls["stdout/stderr (torchrun nodes, prints)"] = "[node 0]"
-    controls["MLOPS_HOME (serving and router logs, model config)"] = MODEL
+    controls["MLOPS_HOME (serving and Envoy logs, model config)"] = MODEL
     # The MLflow client really had the token to send (Registry exported it).
     assert os.environ.get("MLFLOW_TRACKING_TOKEN") == SECRETS["mlflow.token"]
     for name, text in sources.items():
@@ -222,10 +220,9 @@ def test_dag_runs_on_s3_leak_no_secret(
     assert {"train_model", "register_model", "stage_canary"} <= tasks, tasks
     events = {json.loads(e)["event"] for e in audit.values()}
     assert {"data.accepted", "model.registered", "rollout.canary_staged"} <= events, events
-    # Day 2's controller called the router's admin API with the token, and was let in: the
-    # router is its own process, and a judged window needs /admin/weights and /admin/samples
-    # (a 401 there ends the canary as "monitoring failed", before any window is judged).
-    # Whether the judge then promotes is the canary tests' business, not this one's.
+    # Day 2's controller judged a window with samples from both labels: the secrets did not
+    # stand between it and the data plane's evidence. Whether the judge then promotes is the
+    # canary tests' business, not this one's.
     monitor = [json.loads(v) for k, v in reports.items() if k.endswith("/monitor_canary.json")]
     judged = [m for m in monitor if m.get("windows", 0) >= 1]
     assert judged and judged[-1]["decision"] in ("promote", "rollback"), monitor

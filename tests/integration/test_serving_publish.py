@@ -21,8 +21,7 @@ NAME = "fraud_detector"
 
 REMOTE = {
     "pool_urls": {
-        "stable": "http://tf-serving-stable:8501",
-        "canary": "http://tf-serving-canary:8501",
+        pool: f"http://tf-serving-{pool}:8501" for pool in ("stable", "baseline", "canary")
     }
 }
 
@@ -128,9 +127,14 @@ def test_the_remote_split_is_validated_and_read_back(remote: Settings) -> None:
     control = RemoteServing(remote, splits)
     control.set_split(Split(25))
     assert control.split() == Split(25) and splits.writes == 1
+    control.set_split(Split(25))  # re-asserted, not rewritten
+    assert splits.writes == 1
+    splits.value = Split()  # a `kubectl apply` of the base manifests reset it
+    control.set_split(Split(25))
+    assert control.split() == Split(25) and splits.writes == 2
     with pytest.raises(SplitError):
         control.set_split(Split(250))
-    assert control.split() == Split(25) and splits.writes == 1
+    assert control.split() == Split(25) and splits.writes == 2
 
 
 def test_the_configmap_split_patches_only_its_data() -> None:
@@ -158,7 +162,8 @@ def test_the_configmap_split_patches_only_its_data() -> None:
         "mlops/mlops-traffic-split",
         {
             "data": {
-                "mlops.weights.stable": "95",
+                "mlops.weights.stable": "90",
+                "mlops.weights.baseline": "5",
                 "mlops.weights.canary": "5",
                 "mlops.shadow.percent": "10",
             }

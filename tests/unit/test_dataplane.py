@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.config import DataPlaneSettings, load_settings
 from pipelines.serving.dataplane.envoy import (
-    LABELS,
+    POOLS,
     Plane,
     Pool,
     kubernetes_plane,
@@ -27,7 +27,8 @@ def _plane(**kw: object) -> Plane:
         cfg=CFG,
         pools=(
             Pool("stable", (("127.0.0.1", 8501), ("127.0.0.1", 8502))),
-            Pool("canary", (("127.0.0.1", 8503), ("127.0.0.1", 8504))),
+            Pool("baseline", (("127.0.0.1", 8503), ("127.0.0.1", 8504))),
+            Pool("canary", (("127.0.0.1", 8505), ("127.0.0.1", 8506))),
         ),
         listen=("127.0.0.1", 8601),
         admin=("127.0.0.1", 9901),
@@ -46,12 +47,16 @@ def _routes(boot: dict, listener: str = "primary") -> list[dict]:
 
 
 def test_the_split_route_is_weighted_sticky_and_retried_on_another_replica() -> None:
-    boot = render_bootstrap(_plane(static_weights={"stable": 75, "canary": 25}))
+    boot = render_bootstrap(_plane(static_weights={"stable": 50, "baseline": 25, "canary": 25}))
     (split,) = [r for r in _routes(boot) if r["name"] == "model-call"]
     action = split["route"]
     wc = action["weighted_clusters"]
     assert wc["runtime_key_prefix"] == "mlops.weights" and wc["use_hash_policy"] is True
-    assert [(c["name"], c["weight"]) for c in wc["clusters"]] == [("stable", 75), ("canary", 25)]
+    assert [(c["name"], c["weight"]) for c in wc["clusters"]] == [
+        ("stable", 50),
+        ("baseline", 25),
+        ("canary", 25),
+    ]
     assert action["hash_policy"] == [{"header": {"header_name": "x-request-key"}}]
     retry = action["retry_policy"]
     assert set(retry["retry_on"].split(",")) == {"connect-failure", "reset", "refused-stream"}
@@ -62,7 +67,7 @@ def test_the_split_route_is_weighted_sticky_and_retried_on_another_replica() -> 
 def test_pools_balance_by_least_request_with_health_checks_and_ejection() -> None:
     boot = render_bootstrap(_plane())
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
-    for label in LABELS:
+    for label in POOLS:
         c = clusters[label]
         assert c["lb_policy"] == "LEAST_REQUEST"
         assert len(c["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
@@ -106,11 +111,10 @@ def test_the_kubernetes_plane_resolves_the_pools_services() -> None:
     s = load_settings({"MLOPS_PROFILE": "kubernetes", "MLOPS_HOME": "/tmp/x"})
     plane = kubernetes_plane(s)
     assert [(p.label, p.endpoints, p.dns) for p in plane.pools] == [
-        ("stable", (("tf-serving-stable.mlops.svc.cluster.local", 8501),), True),
-        ("canary", (("tf-serving-canary.mlops.svc.cluster.local", 8501),), True),
+        (pool, ((f"tf-serving-{pool}.mlops.svc.cluster.local", 8501),), True) for pool in POOLS
     ]
     boot = render_bootstrap(plane)
-    assert {c["type"] for c in boot["static_resources"]["clusters"][:2]} == {"STRICT_DNS"}
+    assert {c["type"] for c in boot["static_resources"]["clusters"][:3]} == {"STRICT_DNS"}
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
@@ -120,12 +124,21 @@ def test_a_split_envoy_would_take_silently_is_refused(bad: object) -> None:
         Split(bad)  # type: ignore[arg-type]
 
 
-def test_weights_always_sum_to_100_and_never_0_0() -> None:
+def test_weights_always_sum_to_100_and_the_baseline_matches_the_canary() -> None:
     for w in range(101):
         keys = Split(w).runtime_keys()
-        assert int(keys["mlops.weights.stable"]) + int(keys["mlops.weights.canary"]) == 100
-    with pytest.raises(SplitError, match="sum to 100"):
-        Split.from_keys({"mlops.weights.stable": "0", "mlops.weights.canary": "0"})
+        stable, baseline, canary = (
+            int(keys[f"mlops.weights.{p}"]) for p in ("stable", "baseline", "canary")
+        )
+        assert stable + baseline + canary == 100 and canary == w
+        assert baseline == min(w, 100 - w)  # as much as the canary, at most what is left
+        assert Split.from_keys(keys) == Split(w)
+    assert Split(5).runtime_keys()["mlops.weights.stable"] == "90"
+    zero = {f"mlops.weights.{p}": "0" for p in ("stable", "baseline", "canary")}
+    with pytest.raises(SplitError, match="not a split"):
+        Split.from_keys(zero)
+    with pytest.raises(SplitError, match="incomplete"):
+        Split.from_keys({"mlops.weights.stable": "100", "mlops.weights.canary": "0"})
 
 
 def test_the_runtime_directory_swaps_atomically_like_kubelet(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LABELS = ("stable", "canary")
+POOLS = ("stable", "baseline", "canary")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def parse_line(line: str) -> Sample | None:
         rec = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(rec, dict) or rec.get("cluster") not in LABELS:
+    if not isinstance(rec, dict) or rec.get("cluster") not in POOLS:
         return None
     path = str(rec.get("path") or "")
     if not path.split("?", 1)[0].endswith((":predict", ":classify", ":regress")):
@@ -83,8 +83,8 @@ def parse_lines(lines: Iterable[str]) -> Iterator[Sample]:
 
 
 def by_label(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
-    """The judge's window: primary-listener samples per label (mirrored copies excluded)."""
-    out: dict[str, list[Sample]] = {label: [] for label in LABELS}
+    """The judge's window: primary-listener samples per pool (mirrored copies excluded)."""
+    out: dict[str, list[Sample]] = {pool: [] for pool in POOLS}
     for s in samples:
         if s.listener == "primary":
             out[s.label].append(s)

@@ -25,7 +25,7 @@ from pipelines.serving.daemon import (
     free_port,
     stop_all,
 )
-from pipelines.serving.dataplane.envoy import LABELS, Plane, Pool, bootstrap_yaml
+from pipelines.serving.dataplane.envoy import POOLS, Plane, Pool, bootstrap_yaml
 from pipelines.serving.dataplane.evidence import AccessLog
 from pipelines.serving.dataplane.split import DATA, RuntimeDirectory
 
@@ -58,7 +58,7 @@ class LocalPlane:
     def _planned(self) -> dict[str, Any]:
         """Ports from settings; 0 means "a free port", chosen once and kept in topology.json."""
         host, base = self.cfg.host, self.serving.rest_port
-        names = [n for label in LABELS for n in self.replicas(label)]
+        names = [n for label in POOLS for n in self.replicas(label)]
         replicas = {n: (base + i if base else 0) for i, n in enumerate(names)}
         return {
             "host": host,
@@ -113,7 +113,7 @@ class LocalPlane:
                 Pool(
                     label, tuple((topo["host"], topo["replicas"][n]) for n in self.replicas(label))
                 )
-                for label in LABELS
+                for label in POOLS
             ),
             listen=(topo["host"], topo["port"]),
             admin=("127.0.0.1", topo["admin_port"]),
@@ -121,7 +121,11 @@ class LocalPlane:
             runtime_root=str(self.runtime.root.resolve() / DATA),
             access_log=str(self.access_log.path.resolve()),
             # A restarted Envoy starts at the stored split even before the disk layer loads.
-            static_weights={"stable": 100 - split.canary, "canary": split.canary},
+            static_weights={
+                "stable": split.stable,
+                "baseline": split.baseline,
+                "canary": split.canary,
+            },
         )
 
     # -- processes ---------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class LocalPlane:
     def ensure_running(self) -> str:
         """Every replica, then Envoy; idempotent (healthy processes are left alone)."""
         topo = self.topology()
-        names = [n for label in LABELS for n in self.replicas(label)]
+        names = [n for label in POOLS for n in self.replicas(label)]
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             futures = [
                 pool.submit(self.replica(n, topo).ensure_running, self.cfg.start_timeout_s)

@@ -29,7 +29,8 @@ class SplitError(ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Canary weight and shadow share, both in percent."""
+    """Canary weight and shadow share, both in percent. The baseline pool (the stable version
+    on a pool like the canary's) takes as much as the canary, at most what is left."""
 
     canary: int = 0
     shadow: int = 0
@@ -41,10 +42,19 @@ class Split:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
                 raise SplitError(f"The {name} must be an integer 0..100, got {value!r}.")
 
+    @property
+    def baseline(self) -> int:
+        return min(self.canary, 100 - self.canary)
+
+    @property
+    def stable(self) -> int:
+        return 100 - self.canary - self.baseline
+
     def runtime_keys(self) -> dict[str, str]:
-        """The runtime keys and values; the weights always sum to 100, never 0/0."""
+        """The runtime keys and values; the weights always sum to 100, never 0/0/0."""
         return {
-            f"{WEIGHT_KEY}.stable": str(100 - self.canary),
+            f"{WEIGHT_KEY}.stable": str(self.stable),
+            f"{WEIGHT_KEY}.baseline": str(self.baseline),
             f"{WEIGHT_KEY}.canary": str(self.canary),
             SHADOW_KEY: str(self.shadow),
         }
@@ -52,14 +62,19 @@ class Split:
     @classmethod
     def from_keys(cls, keys: dict[str, str]) -> Split:
         try:
-            stable = int(keys[f"{WEIGHT_KEY}.stable"])
-            canary = int(keys[f"{WEIGHT_KEY}.canary"])
+            weights = [
+                int(keys[f"{WEIGHT_KEY}.{pool}"]) for pool in ("stable", "baseline", "canary")
+            ]
             shadow = int(keys.get(SHADOW_KEY, "0"))
         except (KeyError, ValueError) as exc:
             raise SplitError(f"The stored split is incomplete or not integers: {exc}") from None
-        if stable + canary != 100:
-            raise SplitError(f"The stored weights {stable}/{canary} do not sum to 100.")
-        return cls(canary, shadow)
+        split = cls(weights[2], shadow)
+        if [split.stable, split.baseline, split.canary] != weights:
+            raise SplitError(
+                f"The stored weights {'/'.join(map(str, weights))} (stable/baseline/canary) are "
+                f"not a split this controller writes."
+            )
+        return split
 
 
 class SplitStore(Protocol):

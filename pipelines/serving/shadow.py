@@ -1,0 +1,277 @@
+"""The shadow stage: before any user gets the candidate's answer, mirror a share of stable's
+traffic to it and compare the two answers to each request.
+
+Envoy mirrors to the shadow listener, which sends the copy to the canary pool (still at weight
+0) and logs its answer with the same request id; the answers are joined by that id. The
+comparison is read against a noise floor: the same rows sent to two stable replicas. A failed
+verdict ends the canary analysis before it starts (decision ``rollback``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import Settings, ShadowSettings
+from pipelines.data import layout
+from pipelines.registry import Registry
+from pipelines.serving.control import ServingControl, labels_of
+from pipelines.serving.dataplane.evidence import Sample
+from pipelines.serving.dataplane.split import Split
+from pipelines.serving.rollout import RolloutError, save_state
+from pipelines.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """Two stable replicas answering the same rows: how far identical models disagree."""
+
+    score_diffs: tuple[float, ...]
+    latency_ratio: float
+
+
+@dataclass
+class ShadowCheck:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class ShadowVerdict:
+    verdict: str  # pass | fail | skipped
+    reasons: list[str]
+    checks: list[ShadowCheck] = field(default_factory=list)
+    pairs: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict != "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if not len(values):
+        return {}
+    qs = np.quantile(values, [0.5, 0.9, 0.99])
+    return {
+        "p50": round(float(qs[0]), 6),
+        "p90": round(float(qs[1]), 6),
+        "p99": round(float(qs[2]), 6),
+        "max": round(float(values.max()), 6),
+    }
+
+
+def judge_shadow(
+    primary: list[Sample],
+    shadow: list[Sample],
+    noise: NoiseFloor,
+    cfg: ShadowSettings,
+    threshold: float,
+) -> ShadowVerdict:
+    """Join stable's answers (``primary``) and the candidate's (``shadow``) by request id and
+    judge them: errors, finite scores, decision agreement at ``threshold``, score differences
+    above the noise floor, latency."""
+    by_id = {s.request_id: s for s in shadow if s.request_id}
+    pairs = [(p, by_id[p.request_id]) for p in primary if p.request_id in by_id]
+    stats: dict[str, Any] = {"primary": len(primary), "shadow": len(shadow)}
+    if len(pairs) < cfg.min_pairs:
+        reason = f"{len(pairs)} joined answers < shadow.min_pairs {cfg.min_pairs}"
+        return ShadowVerdict(
+            "fail", [reason], [ShadowCheck("pairs", False, reason)], len(pairs), stats
+        )
+    checks: list[ShadowCheck] = []
+    errors = sum(c.code != 200 for _, c in pairs) / len(pairs)
+    checks.append(
+        ShadowCheck(
+            "shadow_errors",
+            errors <= cfg.max_error_rate,
+            f"{errors:.2%} non-2xx (limit {cfg.max_error_rate:.2%})",
+        )
+    )
+    ok = [(p, c) for p, c in pairs if p.code == 200 and c.code == 200 and p.scores and c.scores]
+    s_scores = np.array([p.scores[0] for p, _ in ok], dtype=float)
+    c_scores = np.array([c.scores[0] for _, c in ok], dtype=float)
+    bad = int(np.sum(~np.isfinite(c_scores)))
+    checks.append(ShadowCheck("finite_outputs", bad == 0, f"{bad} NaN/Inf scores"))
+    fin = np.isfinite(c_scores) & np.isfinite(s_scores)
+    s_scores, c_scores = s_scores[fin], c_scores[fin]
+    agreement = (
+        float(np.mean((s_scores >= threshold) == (c_scores >= threshold))) if len(ok) else 0.0
+    )
+    checks.append(
+        ShadowCheck(
+            "decision_agreement",
+            agreement >= cfg.min_agreement,
+            f"{agreement:.2%} on the same side of {threshold} (floor {cfg.min_agreement:.2%})",
+        )
+    )
+    diffs = np.abs(c_scores - s_scores)
+    noise_p99 = float(np.quantile(noise.score_diffs, 0.99)) if noise.score_diffs else 0.0
+    p99 = float(np.quantile(diffs, 0.99)) if len(diffs) else math.inf
+    checks.append(
+        ShadowCheck(
+            "score_difference",
+            p99 <= noise_p99 + cfg.max_score_diff,
+            f"p99 |diff| {p99:.4f} (noise floor p99 {noise_p99:.4f} + {cfg.max_score_diff})",
+        )
+    )
+    s_lat = np.array([p.latency_ms for p, _ in ok])
+    c_lat = np.array([c.latency_ms for _, c in ok])
+    ratio = float(np.median(c_lat) / max(np.median(s_lat), 1e-9)) if len(ok) else math.inf
+    checks.append(
+        ShadowCheck(
+            "latency",
+            ratio <= cfg.latency_ratio * max(noise.latency_ratio, 1.0),
+            f"shadow/stable p50 {ratio:.2f} (limit {cfg.latency_ratio} x noise "
+            f"{noise.latency_ratio:.2f})",
+        )
+    )
+    stats.update(
+        score_diff=_quantiles(diffs),
+        noise_score_diff=_quantiles(np.asarray(noise.score_diffs, dtype=float)),
+        stable_latency_ms=_quantiles(s_lat),
+        shadow_latency_ms=_quantiles(c_lat),
+        agreement=round(agreement, 6),
+    )
+    failed = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
+    if failed:
+        return ShadowVerdict("fail", failed, checks, len(pairs), stats)
+    return ShadowVerdict("pass", ["every check passed"], checks, len(pairs), stats)
+
+
+def noise_floor(
+    control: ServingControl, model: str, instances: list[dict[str, Any]], n: int
+) -> NoiseFloor:
+    """The same ``n`` rows to the first and the last stable replica, directly."""
+    clients = control.clients("stable")
+    if not clients:
+        return NoiseFloor((), 1.0)
+    a, b = clients[0], clients[-1]
+    diffs, lat_a, lat_b = [], [], []
+    for i in range(n):
+        inst = [instances[i % len(instances)]]
+        t0 = time.perf_counter()
+        pa = a.predict(model, inst)
+        t1 = time.perf_counter()
+        pb = b.predict(model, inst)
+        t2 = time.perf_counter()
+        lat_a.append(t1 - t0)
+        lat_b.append(t2 - t1)
+        fa, fb = float(np.ravel(pa)[0]), float(np.ravel(pb)[0])
+        diffs.append(abs(fa - fb))
+    ratio = float(
+        max(np.median(lat_a), np.median(lat_b)) / max(min(np.median(lat_a), np.median(lat_b)), 1e-9)
+    )
+    return NoiseFloor(tuple(diffs), ratio)
+
+
+def shadow_key(settings: Settings, version: str) -> str:
+    return f"{layout.rollout(settings.mlflow.model_name, version)}/shadow.json"
+
+
+def shadow_candidate(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
+    """Mirror stable's traffic to the staged candidate, judge, record the verdict (report,
+    MLflow tags, log); a failed verdict decides the canary analysis as ``rollback``."""
+    from pipelines.serving import monitor
+
+    cfg, v = settings.shadow, int(version)
+    labels = labels_of(control)
+    if labels.get("canary") != v:
+        raise RolloutError(f"Version {version} is not staged as canary; run stage_canary first.")
+    if not cfg.enabled:
+        verdict = ShadowVerdict("skipped", ["shadow.enabled is false (skip_shadow param)"])
+    elif labels.get("stable") in (None, v):
+        verdict = ShadowVerdict("skipped", ["first deployment: no stable to compare against"])
+    else:
+        try:
+            verdict = _measure(settings, control, version)
+        except Exception as exc:
+            # A shadow that cannot be measured must not let the candidate reach users: the
+            # analysis is decided, and the DAG's decide/rollback tasks undo the staging.
+            monitor.decide_early(
+                settings, control, version, "rollback", f"shadow stage failed: {exc}"
+            )
+            raise
+    report = {"version": str(version), "stable": labels.get("stable"), **verdict.to_dict()}
+    store = open_store(settings.store)
+    store.write_text(shadow_key(settings, version), _json(report))
+    save_state(store, settings, version, phase="shadowed", shadow=report)
+    Registry(settings.mlflow).set_version_tags(
+        version,
+        {"shadow_verdict": verdict.verdict, "shadow_reason": "; ".join(verdict.reasons)[:4000]},
+    )
+    log.info(
+        "shadow verdict for version %s: %s (%s)",
+        version,
+        verdict.verdict,
+        "; ".join(verdict.reasons),
+    )
+    if not verdict.passed:
+        reason = "shadow: " + "; ".join(verdict.reasons)
+        monitor.decide_early(settings, control, version, "rollback", reason)
+    return report
+
+
+def _measure(settings: Settings, control: ServingControl, version: str) -> ShadowVerdict:
+    from pipelines.serving import monitor
+
+    cfg, name = settings.shadow, settings.mlflow.model_name
+    control.ensure_running()
+    rows = monitor.replay_rows(settings, version)
+    noise = noise_floor(control, name, [inst for _, inst in rows], cfg.noise_requests)
+    start = time.time()
+    control.set_split(Split(0, shadow=cfg.percent))
+    try:
+        if settings.canary.replay:
+            _, ids = monitor.replay(
+                control.endpoint(),
+                name,
+                rows,
+                cfg.requests,
+                settings.canary.replay_rate,
+                settings.canary.replay_concurrency,
+                0,
+            )
+            samples = _wait_for_both(control, start, ids, cfg.percent)
+        else:
+            time.sleep(cfg.window_seconds)
+            samples = control.window(start)
+    finally:
+        control.set_split(Split(0, shadow=0))
+    primary = [s for s in samples if s.listener == "primary" and s.label == "stable"]
+    mirrored = [s for s in samples if s.listener == "shadow"]
+    return judge_shadow(primary, mirrored, noise, cfg, settings.evaluate.threshold)
+
+
+def _wait_for_both(
+    control: ServingControl, since: float, ids: set[str], percent: int, timeout: float = 15.0
+) -> list[Sample]:
+    """The window once stable's answers and (most of) the mirrored ones are logged: a mirror
+    is fire-and-forget, so its line can trail the primary's."""
+    deadline = time.monotonic() + timeout
+    want = len(ids) * percent / 100 * 0.98
+    samples = control.window(since, request_ids=ids)
+    while time.monotonic() < deadline:
+        shadowed = sum(s.listener == "shadow" and s.request_id in ids for s in samples)
+        if shadowed >= want:
+            break
+        time.sleep(0.1)
+        samples = control.window(since)
+    return samples
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
