@@ -64,6 +64,7 @@ DATA_QUARANTINED = "data.quarantined"
 MODEL_REGISTERED = "model.registered"
 EVALUATION_OVERRIDE = "evaluation.override"
 CANARY_STAGED = "rollout.canary_staged"
+SHADOWED = "rollout.shadowed"
 PROMOTED = "rollout.promoted"
 ROLLED_BACK = "rollout.rolled_back"
 # A closed vocabulary: a typo in a stage fails its test instead of writing an unsearchable event.
@@ -74,6 +75,7 @@ EVENTS = frozenset(
         MODEL_REGISTERED,
         EVALUATION_OVERRIDE,
         CANARY_STAGED,
+        SHADOWED,
         PROMOTED,
         ROLLED_BACK,
     }

