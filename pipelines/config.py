@@ -252,11 +252,16 @@ class ShadowSettings(_Section):
     requests: int = Field(400, ge=10, description="replayed requests (local runs)")
     window_seconds: float = Field(120.0, gt=0, description="window length with live traffic")
     min_pairs: int = Field(200, ge=1, description="stable/shadow answers joined to judge")
-    min_agreement: float = Field(
-        0.99, ge=0, le=1, description="share of pairs on the same side of evaluate.threshold"
+    agreement_tolerance: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="live decision agreement may fall this far below the offline expectation",
     )
     max_score_diff: float = Field(
-        0.05, ge=0, description="p99 |score difference| allowed above the noise floor's p99"
+        0.02,
+        ge=0,
+        description="live p99 |score difference| allowed above offline p99 + the noise floor",
     )
     max_error_rate: float = Field(0.01, ge=0, le=1, description="non-2xx share of shadow answers")
     latency_ratio: float = Field(

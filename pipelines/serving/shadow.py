@@ -2,8 +2,11 @@
 traffic to it and compare the two answers to each request.
 
 Envoy mirrors to the shadow listener, which sends the copy to the canary pool (still at weight
-0) and logs its answer with the same request id; the answers are joined by that id. The
-comparison is read against a noise floor: the same rows sent to two stable replicas. A failed
+0) and logs its answer with the same request id; the answers are joined by that id. A retrained
+model is expected to differ from the champion, so the live differences are read against what
+evaluation predicts offline (both torch models on the held-out rows) plus a noise floor (the
+same rows sent to two stable replicas): what it catches is a served model that does not behave
+like the model that was evaluated (export or preprocessing skew, a broken artifact). A failed
 verdict ends the canary analysis before it starts (decision ``rollback``).
 """
 
@@ -27,6 +30,20 @@ from pipelines.serving.rollout import RolloutError, save_state
 from pipelines.store import open_store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What evaluation predicts: candidate vs champion torch models on the held-out rows."""
+
+    score_diffs: tuple[float, ...]
+    agreement: float
+
+    @classmethod
+    def of(cls, candidate: np.ndarray, champion: np.ndarray, threshold: float) -> Expected:
+        diffs = np.abs(np.asarray(candidate, float) - np.asarray(champion, float))
+        agree = float(np.mean((candidate >= threshold) == (champion >= threshold)))
+        return cls(tuple(float(d) for d in diffs), agree)
 
 
 @dataclass(frozen=True)
@@ -76,12 +93,13 @@ def judge_shadow(
     primary: list[Sample],
     shadow: list[Sample],
     noise: NoiseFloor,
+    expected: Expected,
     cfg: ShadowSettings,
     threshold: float,
 ) -> ShadowVerdict:
     """Join stable's answers (``primary``) and the candidate's (``shadow``) by request id and
-    judge them: errors, finite scores, decision agreement at ``threshold``, score differences
-    above the noise floor, latency."""
+    judge them: errors, finite scores, decision agreement at ``threshold`` and score
+    differences against the offline expectation and the noise floor, latency."""
     by_id = {s.request_id: s for s in shadow if s.request_id}
     pairs = [(p, by_id[p.request_id]) for p in primary if p.request_id in by_id]
     stats: dict[str, Any] = {"primary": len(primary), "shadow": len(shadow)}
@@ -109,21 +127,26 @@ def judge_shadow(
     agreement = (
         float(np.mean((s_scores >= threshold) == (c_scores >= threshold))) if len(ok) else 0.0
     )
+    floor = expected.agreement - cfg.agreement_tolerance
     checks.append(
         ShadowCheck(
             "decision_agreement",
-            agreement >= cfg.min_agreement,
-            f"{agreement:.2%} on the same side of {threshold} (floor {cfg.min_agreement:.2%})",
+            agreement >= floor,
+            f"{agreement:.2%} on the same side of {threshold} (offline "
+            f"{expected.agreement:.2%} - {cfg.agreement_tolerance:.2%})",
         )
     )
     diffs = np.abs(c_scores - s_scores)
     noise_p99 = float(np.quantile(noise.score_diffs, 0.99)) if noise.score_diffs else 0.0
+    offline_p99 = float(np.quantile(expected.score_diffs, 0.99)) if expected.score_diffs else 0.0
     p99 = float(np.quantile(diffs, 0.99)) if len(diffs) else math.inf
+    bound = offline_p99 + noise_p99 + cfg.max_score_diff
     checks.append(
         ShadowCheck(
             "score_difference",
-            p99 <= noise_p99 + cfg.max_score_diff,
-            f"p99 |diff| {p99:.4f} (noise floor p99 {noise_p99:.4f} + {cfg.max_score_diff})",
+            p99 <= bound,
+            f"live p99 |diff| {p99:.4f} (offline p99 {offline_p99:.4f} + noise floor p99 "
+            f"{noise_p99:.4f} + {cfg.max_score_diff})",
         )
     )
     s_lat = np.array([p.latency_ms for p, _ in ok])
@@ -140,6 +163,8 @@ def judge_shadow(
     stats.update(
         score_diff=_quantiles(diffs),
         noise_score_diff=_quantiles(np.asarray(noise.score_diffs, dtype=float)),
+        offline_score_diff=_quantiles(np.asarray(expected.score_diffs, dtype=float)),
+        offline_agreement=round(expected.agreement, 6),
         stable_latency_ms=_quantiles(s_lat),
         shadow_latency_ms=_quantiles(c_lat),
         agreement=round(agreement, 6),
@@ -229,6 +254,7 @@ def _measure(settings: Settings, control: ServingControl, version: str) -> Shado
     cfg, name = settings.shadow, settings.mlflow.model_name
     control.ensure_running()
     rows = monitor.replay_rows(settings, version)
+    expected = _expected(settings, version, str(labels_of(control)["stable"]))
     noise = noise_floor(control, name, [inst for _, inst in rows], cfg.noise_requests)
     start = time.time()
     control.set_split(Split(0, shadow=cfg.percent))
@@ -251,7 +277,20 @@ def _measure(settings: Settings, control: ServingControl, version: str) -> Shado
         control.set_split(Split(0, shadow=0))
     primary = [s for s in samples if s.listener == "primary" and s.label == "stable"]
     mirrored = [s for s in samples if s.listener == "shadow"]
-    return judge_shadow(primary, mirrored, noise, cfg, settings.evaluate.threshold)
+    return judge_shadow(primary, mirrored, noise, expected, cfg, settings.evaluate.threshold)
+
+
+def _expected(settings: Settings, version: str, stable: str) -> Expected:
+    """Candidate and champion (the stable version's run) scored offline on the held-out rows
+    the replay sends."""
+    from pipelines.serving.rollout import held_out
+    from pipelines.train.model import predict_proba
+
+    _, _, test, candidate = held_out(settings, version)
+    champion = held_out(settings, stable)[3]
+    return Expected.of(
+        predict_proba(candidate, test), predict_proba(champion, test), settings.evaluate.threshold
+    )
 
 
 def _wait_for_both(

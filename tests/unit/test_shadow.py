@@ -1,0 +1,88 @@
+"""The shadow judge on synthetic answers: joined by request id, read against the offline
+expectation and the noise floor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.config import ShadowSettings
+from pipelines.serving.dataplane.evidence import Sample
+from pipelines.serving.shadow import Expected, NoiseFloor, judge_shadow
+
+CFG = ShadowSettings()
+QUIET = NoiseFloor(tuple([0.0] * 50), 1.0)
+
+
+def _answers(scores: np.ndarray, listener: str, code: int = 200, ms: float = 1.0) -> list[Sample]:
+    label = "canary" if listener == "shadow" else "stable"
+    return [
+        Sample(0.0, label, code, ms, (float(s),), request_id=f"r{i}", listener=listener)
+        for i, s in enumerate(scores)
+    ]
+
+
+def _scores(n: int = 400, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).beta(1, 8, n)
+
+
+def test_an_identical_candidate_passes() -> None:
+    s = _scores()
+    v = judge_shadow(
+        _answers(s, "primary"), _answers(s, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG, 0.5
+    )
+    assert v.verdict == "pass", v.reasons
+    assert v.pairs == 400 and v.stats["agreement"] == 1.0
+
+
+def test_a_retrained_model_that_differs_as_evaluated_passes() -> None:
+    """A challenger differs from the champion; what matters is that it differs live as it did
+    offline."""
+    champ = _scores()
+    cand = np.clip(champ + np.random.default_rng(1).normal(0, 0.05, len(champ)), 0, 1)
+    exp = Expected.of(cand, champ, 0.5)
+    v = judge_shadow(_answers(champ, "primary"), _answers(cand, "shadow"), QUIET, exp, CFG, 0.5)
+    assert v.verdict == "pass", v.reasons
+
+
+def test_a_served_model_unlike_the_evaluated_one_is_stopped() -> None:
+    s = _scores()
+    shifted = np.minimum(s + 0.25, 1.0)  # what the export serves; offline it matched stable
+    v = judge_shadow(
+        _answers(s, "primary"), _answers(shifted, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG, 0.5
+    )
+    assert v.verdict == "fail"
+    assert any(r.startswith("score_difference") for r in v.reasons)
+    assert any(r.startswith("decision_agreement") for r in v.reasons)
+
+
+def test_errors_nan_and_too_few_pairs_fail() -> None:
+    s = _scores()
+    exp = Expected.of(s, s, 0.5)
+    errors = judge_shadow(_answers(s, "primary"), _answers(s, "shadow", 503), QUIET, exp, CFG, 0.5)
+    assert any(r.startswith("shadow_errors") for r in errors.reasons)
+    nan = s.copy()
+    nan[3] = np.nan
+    v = judge_shadow(_answers(s, "primary"), _answers(nan, "shadow"), QUIET, exp, CFG, 0.5)
+    assert any(r.startswith("finite_outputs") for r in v.reasons)
+    few = judge_shadow(
+        _answers(s[:10], "primary"), _answers(s[:10], "shadow"), QUIET, exp, CFG, 0.5
+    )
+    assert few.verdict == "fail" and "min_pairs" in few.reasons[0]
+
+
+def test_answers_are_joined_by_request_id_not_by_position() -> None:
+    s = _scores()
+    shadow = list(reversed(_answers(s, "shadow")))
+    v = judge_shadow(_answers(s, "primary"), shadow, QUIET, Expected.of(s, s, 0.5), CFG, 0.5)
+    assert v.verdict == "pass" and v.stats["score_diff"]["max"] == 0.0
+
+
+def test_a_slow_candidate_fails_latency_against_the_noise_floor() -> None:
+    s = _scores()
+    exp = Expected.of(s, s, 0.5)
+    slow = _answers(s, "shadow", ms=5.0)
+    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, QUIET, exp, CFG, 0.5)
+    assert any(r.startswith("latency") for r in v.reasons)
+    noisy = NoiseFloor(QUIET.score_diffs, 3.0)  # replicas of one model differ 3x here
+    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, noisy, exp, CFG, 0.5)
+    assert v.verdict == "pass", v.reasons
