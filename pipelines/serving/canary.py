@@ -57,8 +57,17 @@ def score_psi(a: np.ndarray, b: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((pb - pa) * np.log(pb / pa)))
 
 
-def judge_window(canary: list[Sample], stable: list[Sample], cfg: CanarySettings) -> WindowVerdict:
+def judge_window(
+    canary: list[Sample],
+    stable: list[Sample],
+    cfg: CanarySettings,
+    baseline: list[Sample] | None = None,
+) -> WindowVerdict:
+    """``stable``: every request the stable version answered (errors and scores compare with
+    these); ``baseline``: those of them served by the pool shaped like the canary's, which
+    latency compares with (a warm, busy pool is faster: see ``dataplane.envoy.POOLS``)."""
     cn, sn = len(canary), len(stable)
+    reference = stable if baseline is None else baseline
     if cn < cfg.min_samples:
         return WindowVerdict(
             "inconclusive",
@@ -95,14 +104,19 @@ def judge_window(canary: list[Sample], stable: list[Sample], cfg: CanarySettings
             )
         )
     if sn >= cfg.min_samples:
-        s_lat = np.array([s.latency_ms for s in stable if s.code == 200])
+        s_lat = np.array([s.latency_ms for s in reference if s.code == 200])
+        if len(s_lat) < cfg.min_samples:
+            s_lat = np.array([])  # too few baseline requests (the 100 % step): not judged
         if len(c_lat) and len(s_lat):
             p = float(stats.mannwhitneyu(c_lat, s_lat, alternative="greater").pvalue)
             ratio = float(c_lat.mean() / max(s_lat.mean(), 1e-9))
             slower = p < cfg.p_value and ratio >= cfg.latency_ratio
             checks.append(
                 Check(
-                    "latency_vs_stable", not slower, detail=f"MWU p={p:.3g}, mean ratio {ratio:.2f}"
+                    "latency_vs_stable",
+                    not slower,
+                    detail=f"MWU p={p:.3g}, mean ratio {ratio:.2f} vs "
+                    + ("stable" if baseline is None else "baseline"),
                 )
             )
         s_err = sum(s.code != 200 for s in stable)

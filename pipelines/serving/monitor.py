@@ -212,9 +212,11 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
         log.exception("canary monitoring failed")
         state = _decided(state, "rollback", f"monitoring failed at {step}%: {exc}")
         return _finish(settings, control, version, state)
-    # Canary against baseline: the stable version on a pool of the same size at the same
-    # weight (see dataplane.envoy.POOLS), so warm-vs-cold load does not read as a regression.
-    verdict = judge_window(window["canary"], window["baseline"], cfg)
+    # Latency against baseline, the stable version on a pool of the canary's size at its
+    # weight (see dataplane.envoy.POOLS), so warm-vs-cold load does not read as a regression;
+    # errors and scores against every request the stable version answered.
+    stable = window["stable"] + window["baseline"]
+    verdict = judge_window(window["canary"], stable, cfg, baseline=window["baseline"])
     log.info("canary weight %d%%: %s", step, verdict.explain())
     return _finish(settings, control, version, advance(state, verdict, cfg))
 

@@ -12,6 +12,7 @@ from pipelines import stages
 from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.registry import Registry
+from pipelines.serving.dataplane.envoy import POOLS
 from pipelines.store import open_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -94,6 +95,7 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert r2["shard_dataset"]["data_version"] != r1["shard_dataset"]["data_version"]
     assert r2["evaluate_model"]["champion_version"] == "1"
     assert r2["register_model"]["model_version"] == "2"
+    assert r2["shadow_candidate"]["verdict"] == "pass", r2["shadow_candidate"]["reasons"]
     assert r2["monitor_canary"]["windows"] >= 4
     assert r2["promote"]["decision"] == "promoted", r2["monitor_canary"]
     assert reg.alias_version("champion") == "2"
@@ -123,7 +125,8 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     ]
 
     # Day 3: a batch with PII is blocked; nothing downstream changes.
-    config_before = (Path(s.serving.base_dir) / "models.config").read_text()
+    pools = [Path(s.serving.base_dir) / pool / "models.config" for pool in POOLS]
+    config_before = [p.read_text() for p in pools]
     shards_before = store.list(layout.shards("transactions"))
     stages.generate_data(s, "2026-11-03", rows=4000, defect="pii")
     dr = run_day("2026-11-03")
@@ -141,7 +144,7 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert store.list(layout.quarantine("transactions", "2026-11-03"))
     assert not store.exists(layout.landing("transactions", "2026-11-03"))
     assert store.list(layout.shards("transactions")) == shards_before
-    assert (Path(s.serving.base_dir) / "models.config").read_text() == config_before
+    assert [p.read_text() for p in pools] == config_before
     assert reg.alias_version("champion") == "2"
     assert len(reg.client.search_model_versions(f"name = '{s.mlflow.model_name}'")) == 2
 
