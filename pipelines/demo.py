@@ -207,6 +207,17 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
         stages.stop_local_serving(settings)  # what an earlier run left running in this home
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
+    if settings.serving.mode == "local":
+        from pipelines.serving.daemon import PortInUse
+        from pipelines.serving.dataplane.local import LocalPlane
+
+        try:  # one clear sentence now, not a failed staging on day 1
+            LocalPlane(
+                settings.serving, settings.dataplane, settings.mlflow.model_name
+            ).check_ports()
+        except PortInUse as exc:
+            print(exc, file=sys.stderr)
+            return 2
     logs = home / "demo"
     logs.mkdir(exist_ok=True)
     env = airflow_env(str(home))

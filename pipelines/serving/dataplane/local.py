@@ -197,6 +197,18 @@ class LocalPlane:
             raise DaemonUnavailable(str(errors[0])) from errors[0]
         return self.ensure_envoy()
 
+    def check_ports(self) -> None:
+        """Before anything starts: every fixed port free, or a clear :class:`PortInUse`
+        naming the port and its setting (ports of this home's running processes excepted)."""
+        plan = self._planned()
+        for name, port in plan["replicas"].items():
+            if self.replica_pid(name) is None:
+                check_port_free(plan["host"], port, "serving.rest_port")
+        if self.envoy_pid() is None:
+            for key in ("port", "admin_port", "shadow_port"):
+                host = plan["host"] if key == "port" else "127.0.0.1"
+                check_port_free(host, plan[key], f"dataplane.{key}")
+
     def envoy_pid(self) -> int | None:
         return LocalDaemon(self.dir, ENVOY).pid()
 

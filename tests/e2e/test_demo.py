@@ -1,0 +1,156 @@
+"""``mlops demo`` as a user runs it: twice (in two homes, the second on the same fixed ports
+as the first), interrupted with Ctrl-C, and against a port someone else holds. Nothing it
+started may be left running or listening afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MLOPS = str(Path(sys.executable).parent / "mlops")
+# The demo's fixed ports with one replica per pool: what a second run would collide on.
+PORTS = (8501, 8502, 8503, 8601, 8602, 9901)
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLOPS_", "MLOPS__", "AIRFLOW_", "AIRFLOW__"))
+    }
+    # One replica per pool keeps the test's CPU down; ports stay the profile's fixed ones.
+    return {**env, "MLOPS_HOME": str(home), "MLOPS__DATAPLANE__REPLICAS": "1"}
+
+
+def _ours(home: Path) -> list[psutil.Process]:
+    """Processes of a demo in ``home``: anything whose command line names it, and Envoy."""
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if p.pid != os.getpid() and (str(home) in cmd or "envoy/_bin/envoy" in cmd):
+            out.append(p)
+    return out
+
+
+def _listening(ports: tuple[int, ...]) -> list[int]:
+    return sorted(
+        {
+            c.laddr.port
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
+        }
+    )
+
+
+def _clean(home: Path) -> None:
+    assert _listening(PORTS) == [], "a demo process is still listening"
+    deadline = time.monotonic() + 10
+    while _ours(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ours(home) == [], [p.info["cmdline"] for p in _ours(home)]
+
+
+@pytest.fixture(autouse=True)
+def _ports_free() -> None:
+    busy = _listening(PORTS)
+    if busy:
+        pytest.fail(f"ports {busy} are taken before the test: it cannot tell what it leaves")
+
+
+def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> None:
+    for home in (tmp_path / "a", tmp_path / "b"):  # a second run, in another home
+        run = subprocess.run(
+            [MLOPS, "demo", "--reset"],
+            env=_env(home),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "shadow verdict" in run.stdout and "Topology: client -> Envoy" in run.stdout
+        _clean(home)
+    # And again in the first home, over what the first run left on disk.
+    run = subprocess.run(
+        [MLOPS, "demo", "--reset"],
+        env=_env(tmp_path / "a"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    _clean(tmp_path / "a")
+
+
+def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    home = tmp_path / "c"
+    proc = subprocess.Popen(
+        [MLOPS, "demo", "--reset"],
+        env=_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (home / "serving" / "envoy.pid").exists():  # serving is up on day 1
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _clean(home)
+
+
+def test_reset_stops_what_an_earlier_run_left_running(tmp_path: Path) -> None:
+    """A leftover serving process (here a stand-in) is stopped before its home is deleted."""
+    from pipelines.config import load_settings
+    from pipelines.serving.daemon import LocalDaemon
+
+    home = tmp_path / "d"
+    daemon = LocalDaemon(home / "serving", "stable-0")
+    daemon.dir.mkdir(parents=True)
+    left = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", str(home)],
+        start_new_session=True,
+    )
+    daemon.pid_file.write_text(str(left.pid))
+    from pipelines import stages
+
+    assert stages.stop_local_serving(load_settings(_env(home))) == ["stable-0"]
+    left.wait(timeout=10)
+    _clean(home)
+
+
+def test_a_taken_port_is_one_clear_sentence(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 8601))
+        taken.listen()
+        run = subprocess.run(
+            [MLOPS, "demo", "--reset"],
+            env=_env(tmp_path / "e"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "Port 8601 on 127.0.0.1 is already in use by another process; set dataplane.port "
+        "(MLOPS__DATAPLANE__PORT) to a free port, or 0 for any free port."
+    )
+    _clean(tmp_path / "e")
