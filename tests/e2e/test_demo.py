@@ -1,6 +1,6 @@
-"""``mlops demo`` as a user runs it: twice (in two homes, the second on the same fixed ports
-as the first), interrupted with Ctrl-C, and against a port someone else holds. Nothing it
-started may be left running or listening afterwards.
+"""``mlops demo`` as a user runs it: twice in one home on the same fixed ports, interrupted
+with Ctrl-C (in another home), and against a port someone else holds. Nothing it started may be
+left running or listening afterwards.
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ def _ports_free() -> None:
 
 
 def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> None:
-    for home in (tmp_path / "a", tmp_path / "b"):  # a second run, in another home
+    """Twice in the same home (``make demo``'s case), on the same fixed ports: the first run
+    used to leave its router listening and the second failed on day 2. (The Ctrl-C test below
+    then starts a third demo in another home on the same ports.)"""
+    home = tmp_path / "a"
+    for _ in range(2):
         run = subprocess.run(
             [MLOPS, "demo", "--reset"],
             env=_env(home),
@@ -82,16 +86,6 @@ def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> Non
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "shadow verdict" in run.stdout and "Topology: client -> Envoy" in run.stdout
         _clean(home)
-    # And again in the first home, over what the first run left on disk.
-    run = subprocess.run(
-        [MLOPS, "demo", "--reset"],
-        env=_env(tmp_path / "a"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    _clean(tmp_path / "a")
 
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:
