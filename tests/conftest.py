@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import FREE_PORTS
+
 ROOT = Path(__file__).resolve().parents[1]
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="mlops-airflow-test-")
 
@@ -44,10 +46,8 @@ def mlops_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 
     home = tmp_path / "mlops"
     monkeypatch.setenv("MLOPS_HOME", str(home))
-    monkeypatch.setenv("MLOPS__SERVING__REST_PORT", "0")
-    monkeypatch.setenv("MLOPS__SERVING__GRPC_PORT", "0")
-    for name in ("PORT", "ADMIN_PORT", "SHADOW_PORT"):
-        monkeypatch.setenv(f"MLOPS__DATAPLANE__{name}", "0")
+    for name, value in FREE_PORTS.items():
+        monkeypatch.setenv(name, value)
     # One replica per label where a test is not about the data plane: real processes, half
     # the start-up CPU on a 2-core machine (tests/e2e/test_dataplane.py runs two).
     monkeypatch.setenv("MLOPS__DATAPLANE__REPLICAS", "1")

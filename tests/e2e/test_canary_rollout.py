@@ -30,14 +30,11 @@ from pipelines.serving import monitor
 from pipelines.serving.daemon import stop_all
 from pipelines.serving.rollout import canary_state_key
 from pipelines.store import open_store
+from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = {
-    "MLOPS__SERVING__REST_PORT": "0",
-    "MLOPS__SERVING__GRPC_PORT": "0",
-    "MLOPS__DATAPLANE__PORT": "0",
-    "MLOPS__DATAPLANE__ADMIN_PORT": "0",
-    "MLOPS__DATAPLANE__SHADOW_PORT": "0",
+    **FREE_PORTS,
     "MLOPS__CANARY__REPLAY_RATE": "500",
     "MLOPS__CANARY__REPLAY_CONCURRENCY": "8",
     "MLOPS__TRAIN__NODES": "1",

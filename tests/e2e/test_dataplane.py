@@ -28,20 +28,14 @@ from pipelines.serving.dataplane.evidence import by_label
 from pipelines.serving.dataplane.local import LocalPlane
 from pipelines.serving.dataplane.split import Split, SplitError
 from pipelines.serving.model_config import ModelEntry
+from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL = "fraud_detector"
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {
-        "MLOPS_HOME": str(home),
-        "MLOPS__SERVING__REST_PORT": "0",
-        "MLOPS__SERVING__POLL_SECONDS": "0.3",
-        "MLOPS__DATAPLANE__PORT": "0",
-        "MLOPS__DATAPLANE__ADMIN_PORT": "0",
-        "MLOPS__DATAPLANE__SHADOW_PORT": "0",
-    }
+    return {"MLOPS_HOME": str(home), "MLOPS__SERVING__POLL_SECONDS": "0.3", **FREE_PORTS}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.ports import FREE_PORTS
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "mlops_training_pipeline"
@@ -37,11 +39,7 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
     env = {
         **os.environ,
         "MLOPS_HOME": str(tmp_path / "mlops"),
-        "MLOPS__SERVING__REST_PORT": "0",
-        "MLOPS__SERVING__GRPC_PORT": "0",
-        "MLOPS__DATAPLANE__PORT": "0",
-        "MLOPS__DATAPLANE__ADMIN_PORT": "0",
-        "MLOPS__DATAPLANE__SHADOW_PORT": "0",
+        **FREE_PORTS,
         "MLOPS__DATAPLANE__REPLICAS": "1",
         "MLOPS__TRAIN__EPOCHS": "3",
         "AIRFLOW_HOME": str(tmp_path / "airflow"),

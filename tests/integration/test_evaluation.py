@@ -26,6 +26,7 @@ from pipelines.config import Settings, load_settings, settings, with_overrides
 from pipelines.data import layout
 from pipelines.registry import CHAMPION, Registry
 from pipelines.store import open_store
+from tests.ports import FREE_PORTS
 
 pytestmark = pytest.mark.integration
 
@@ -75,14 +76,8 @@ def world(
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp(f"evaluation-{request.param}") / "mlops"
         mp.setenv("MLOPS_HOME", str(home))
-        for port in (
-            "SERVING__REST_PORT",
-            "SERVING__GRPC_PORT",
-            "DATAPLANE__PORT",
-            "DATAPLANE__ADMIN_PORT",
-            "DATAPLANE__SHADOW_PORT",
-        ):
-            mp.setenv(f"MLOPS__{port}", "0")
+        for name, value in FREE_PORTS.items():
+            mp.setenv(name, value)
         mp.delenv("MLOPS_PROFILE", raising=False)
         mp.delenv("MLOPS_CONFIG", raising=False)
         base = load_settings()
