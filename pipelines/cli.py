@@ -29,6 +29,22 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    """Without --verbose: the project's own records, and everyone's warnings and errors."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in ("pipelines", "mlops")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_data_generate(a: argparse.Namespace) -> int:
     from pipelines import stages
 
@@ -214,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = dsub.add_parser("generate", help="write a synthetic landing partition")
     g.add_argument("--dataset")
     g.add_argument("--date", required=True)
-    g.add_argument("--rows", type=int)
+    g.add_argument("--rows", type=_positive_int, help="rows to write (default data.rows_per_day)")
     g.add_argument("--drift", type=float, default=0.0)
     g.add_argument("--defect", help="inject one defect (see pipelines.data.generate.DEFECTS)")
     g.add_argument("--seed", type=int, default=0)
@@ -286,17 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The command prints its own summary and errors; libraries (Great Expectations, MLflow,
+    # TensorFlow's C++ runtime) stay at WARNING unless --verbose.
+    owned = not logging.getLogger().handlers  # a host (pytest, Airflow) keeps its own
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("pipelines").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if owned and not args.verbose:
+        # Some libraries set their own loggers to INFO when imported (Great Expectations does):
+        # the handler, not the level, keeps their chatter out.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_or_warning)
+    if not args.verbose:
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from pipelines.config import ConfigError
     from pipelines.data.spec import SpecError
+    from pipelines.registry import RunNotFound
 
     try:
         return int(args.fn(args))
-    except (ConfigError, SpecError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, SpecError, RunNotFound, ValueError, FileNotFoundError) as exc:
         print(f"mlops {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -21,6 +21,10 @@ class RegistryError(RuntimeError):
     """An MLflow lookup or write failed."""
 
 
+class RunNotFound(RegistryError):
+    """A run id that the tracking server does not know (bad input, not a failure)."""
+
+
 def git_sha() -> str:
     """Code version: ``MLOPS_GIT_SHA`` (set in images) or the checkout's HEAD."""
     if os.environ.get("MLOPS_GIT_SHA"):
@@ -104,10 +108,16 @@ class Registry:
         return str(run.info.run_id)
 
     def get_run(self, run_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RunNotFound(f"MLflow run {run_id!r} does not exist.") from None
+            raise RegistryError(f"MLflow run {run_id!r} could not be read: {exc}") from exc
         except Exception as exc:
-            raise RegistryError(f"MLflow run {run_id!r} not found: {exc}") from exc
+            raise RegistryError(f"MLflow run {run_id!r} could not be read: {exc}") from exc
 
     def run_tag(self, run_id: str, key: str) -> str | None:
         return self.get_run(run_id).data.tags.get(f"{TAG_PREFIX}{key}")

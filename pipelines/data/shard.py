@@ -188,7 +188,7 @@ def shard_dataset(
                 rows[i] += int((split == i).sum())
                 positives[i] += int(label[split == i].sum())
             stats.add(table.select(spec.numeric_features).filter(pa.array(split == 0)))
-        manifest = _manifest_head(spec, date, schema, nodes)
+        manifest = _manifest_head(spec, date, schema)
         manifest["stats"] = stats.result()
         jobs = [
             (name, k, int(first_group[i]) + k)
@@ -208,10 +208,13 @@ def shard_dataset(
             written = list(pool.map(write, jobs))
         files: list[tuple[Path, str]] = []
         by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
-        for (name, k, _), (local, rel, n, sha) in zip(jobs, written, strict=True):
+        for (name, _, _), (local, rel, n, sha) in zip(jobs, written, strict=True):
             files.append((local, rel))
             digest.update(sha.encode())
-            by_split[name].append({"path": rel, "rows": n, "sha256": sha, "node": k % nodes})
+            # No node assignment here: it would make the manifest depend on the node count
+            # while the data version (the shards' bytes) does not; nodes take train shards
+            # round-robin at training time (train.worker.node_shards).
+            by_split[name].append({"path": rel, "rows": n, "sha256": sha})
         for i, name in enumerate(SPLITS):
             manifest["splits"][name] = {
                 "rows": rows[i],
@@ -246,9 +249,9 @@ def canonical_schema(spec: DatasetSpec) -> pa.Schema:
     return pa.schema([pa.field(c.name, _ARROW_TYPES[c.type]) for c in spec.columns])
 
 
-def _manifest_head(spec: DatasetSpec, date: str, schema: pa.Schema, nodes: int) -> dict[str, Any]:
+def _manifest_head(spec: DatasetSpec, date: str, schema: pa.Schema) -> dict[str, Any]:
     return {
-        "format": 2,
+        "format": 3,
         "dataset": spec.name,
         "date": date[:10],
         "spec_fingerprint": spec.fingerprint(),
@@ -262,7 +265,6 @@ def _manifest_head(spec: DatasetSpec, date: str, schema: pa.Schema, nodes: int) 
             "log1p": spec.log_features,
         },
         "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
-        "nodes": nodes,
         "splits": {},
     }
 

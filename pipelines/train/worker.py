@@ -67,11 +67,9 @@ def ddp_setup() -> tuple[int, int, int, int]:
 
 
 def node_shards(manifest: Manifest, node: int, nnodes: int) -> list[dict]:
-    """The manifest's assignment when it was built for this many nodes, else round-robin."""
-    shards = manifest.shards("train")
-    if int(manifest.data.get("nodes", 0)) == nnodes:
-        return [s for s in shards if s["node"] == node]
-    return shards[node::nnodes]
+    """This node's train shards: round-robin over the manifest's (its content, and so its
+    data version, does not depend on how many nodes read it)."""
+    return manifest.shards("train")[node::nnodes]
 
 
 class Trainer:
