@@ -242,9 +242,20 @@ class ModelManager:
         )
         return versions[-1:]
 
+    @staticmethod
+    def _version_dir(base_path: str, version: int) -> Path:
+        """TF Serving reads any directory whose name parses as the version: ``00000123`` is
+        version 123, as in its own test models."""
+        base = _local_path(base_path)
+        plain = base / str(version)
+        if plain.exists() or not base.is_dir():
+            return plain
+        named = [p for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
+        return next((p for p in sorted(named) if int(p.name) == version), plain)
+
     def _load(self, state: ModelState, version: int) -> None:
         servable = state.servables[version]
-        path = _local_path(state.base_path) / str(version)
+        path = self._version_dir(state.base_path, version)
         try:
             import tensorflow as tf
 
@@ -552,11 +563,16 @@ class RestHandler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as exc:
             self._error(ServingError("INVALID_ARGUMENT", f"JSON Parse error: {exc}"))
             return
+        except RecursionError:  # 100,000 levels of "[": an answer, not a dropped connection
+            self._error(ServingError("INVALID_ARGUMENT", "JSON Parse error: nested too deeply"))
+            return
         version = int(m["version"]) if m["version"] else None
         try:
             self._send(200, self.manager.predict(m["model"], body, version, m["label"]))
         except ServingError as exc:
             self._error(exc)
+        except RecursionError:
+            self._error(ServingError("INVALID_ARGUMENT", "Request nested too deeply"))
 
 
 def make_server(

@@ -184,6 +184,41 @@ def test_malformed_json_is_a_400(server: tuple[str, Path]) -> None:
     assert r.status_code == 400 and "error" in r.json()
 
 
+def test_a_deeply_nested_body_is_a_400_with_an_error_body(server: tuple[str, Path]) -> None:
+    url, _ = server
+    for body in (b"[" * 100_000, b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        r = requests.post(f"{url}/v1/models/{MODEL}:predict", data=body, timeout=30)
+        assert r.status_code == 400, r.text[:200]
+        assert "error" in r.json()
+    assert requests.get(f"{url}/v1/models/{MODEL}", timeout=10).status_code == 200  # still up
+
+
+def test_zero_padded_version_directories_and_a_labelled_startup_config(
+    models: dict, tmp_path: Path
+) -> None:
+    """TF Serving's own test models live in ``00000123``-style directories; a config that
+    labels its versions at start-up comes up labelled (TF Serving loads, then labels, on the
+    first config; only later reloads refuse a label on a version that is not AVAILABLE)."""
+    import shutil
+
+    base = tmp_path / MODEL
+    shutil.copytree(models["base"] / "1", base / "00000123")
+    shutil.copytree(models["base"] / "2", base / "00000124")
+    config = tmp_path / "models.config"
+    entry = model_config.ModelEntry(MODEL, str(base), [123, 124], {"stable": 123, "canary": 124})
+    model_config.write(config, [entry])
+    manager = ModelManager(config, poll_seconds=0)
+    manager.start()
+    try:
+        assert {v: s.state for v, s in manager.models[MODEL].servables.items()} == {
+            123: "AVAILABLE",
+            124: "AVAILABLE",
+        }
+        assert manager.models[MODEL].labels == {"stable": 123, "canary": 124}
+    finally:
+        manager.stop()
+
+
 def test_labels_only_point_at_available_versions(server, models) -> None:  # type: ignore[no-untyped-def]
     """One step that adds version 2 and labels it is refused whole; two phases work."""
     url, config = server
