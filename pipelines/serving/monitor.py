@@ -28,7 +28,7 @@ from pipelines.registry import Registry
 from pipelines.serving.canary import WindowVerdict, judge_window, requests_for
 from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
-from pipelines.serving.dataplane.evidence import by_label
+from pipelines.serving.dataplane.evidence import Sample, by_label
 from pipelines.serving.dataplane.split import Split
 from pipelines.serving.export import to_instances
 from pipelines.serving.rollout import RolloutError, canary_state_key, held_out, save_state
@@ -128,7 +128,7 @@ def advance(state: dict[str, Any], verdict: WindowVerdict, cfg: CanarySettings) 
     the next step, or a decision. ``bench/canary_power.py`` runs them on simulated traffic."""
     step = cfg.steps[state["step"]]
     out = copy.deepcopy(state)
-    out["windows"].append({"weight": step, **verdict.to_dict()})
+    out["windows"].append({"weight": step, **verdict.to_dict(), "explain": verdict.explain()})
     out["window_start"] = None
     if verdict.outcome == "critical":
         return _decided(out, "rollback", f"critical check failed at {step}%: {verdict.explain()}")
@@ -156,6 +156,21 @@ def advance(state: dict[str, Any], verdict: WindowVerdict, cfg: CanarySettings) 
             )
         return _decided(out, "rollback", f"the final window did not pass: {verdict.explain()}")
     return out
+
+
+def judge(window: dict[str, list[Sample]], cfg: CanarySettings) -> WindowVerdict:
+    """One window's verdict. Latency against baseline, the stable version on a pool of the
+    canary's size at its weight (see ``dataplane.envoy.POOLS``), so warm-vs-cold load does not
+    read as a regression; errors and scores against every request the stable version answered."""
+    stable = window["stable"] + window["baseline"]
+    return judge_window(window["canary"], stable, cfg, baseline=window["baseline"])
+
+
+def fold(
+    state: dict[str, Any], window: dict[str, list[Sample]], cfg: CanarySettings
+) -> dict[str, Any]:
+    """The state machine, pure: ``(state, window, settings) -> state``."""
+    return advance(state, judge(window, cfg), cfg)
 
 
 def canary_tick(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
@@ -212,13 +227,9 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
         log.exception("canary monitoring failed")
         state = _decided(state, "rollback", f"monitoring failed at {step}%: {exc}")
         return _finish(settings, control, version, state)
-    # Latency against baseline, the stable version on a pool of the canary's size at its
-    # weight (see dataplane.envoy.POOLS), so warm-vs-cold load does not read as a regression;
-    # errors and scores against every request the stable version answered.
-    stable = window["stable"] + window["baseline"]
-    verdict = judge_window(window["canary"], stable, cfg, baseline=window["baseline"])
-    log.info("canary weight %d%%: %s", step, verdict.explain())
-    return _finish(settings, control, version, advance(state, verdict, cfg))
+    state = fold(state, window, cfg)
+    log.info("canary weight %d%%: %s", step, state["windows"][-1]["explain"])
+    return _finish(settings, control, version, state)
 
 
 def _finish(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from pipelines import stages
 from pipelines.config import Settings, settings, with_overrides
@@ -293,3 +294,35 @@ def test_shadow_passes_an_identical_candidate_and_stops_a_shifted_one_before_use
     assert tags["mlops.shadow_verdict"] == "fail"
     stages.rollback(s, shifted, verdict["reason"])
     assert serving_snapshot(s) == before
+
+
+def test_envoy_killed_mid_canary_comes_back_at_the_stored_weight(
+    deployed: dict[str, Any],
+) -> None:
+    """The split lives in the rollout's state (Envoy's runtime directory), not in Envoy: a
+    killed Envoy is restarted by the next tick at the weight the controller stored, and the
+    A/A analysis carries on through every step."""
+    s = deployed["settings"]
+    control = stages.serving_control(s)
+    version = new_version(deployed, "same")
+    stages.stage_canary(s, version)
+    store, key = open_store(s.store), canary_state_key(s, version)
+    first = stages.canary_tick(s, version)  # the 5 % window
+    assert not first["done"] and control.split().canary == s.canary.steps[0]
+    pid = control.plane.envoy_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while control.plane.envoy_pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert control.split().canary == s.canary.steps[0]  # still stored while Envoy is down
+    control.ensure_running()  # what the next tick does first
+    runtime = requests.get(f"{control.plane.admin_url()}/runtime", timeout=5).json()["entries"]
+    assert runtime["mlops.weights.canary"]["final_value"] == str(s.canary.steps[0])
+    verdict = monitor.monitor_canary(s, control, version)
+    assert control.plane.envoy_pid() not in (None, pid)
+    assert verdict["decision"] == "promote", verdict["reason"]
+    assert [w["weight"] for w in verdict["windows"]] == list(s.canary.steps)
+    state = json.loads(store.read_text(key))
+    assert state["decision"] == "promote"
+    stages.rollback(s, version, "envoy-restart test done")

@@ -57,6 +57,9 @@ def _listening(ports: tuple[int, ...]) -> list[int]:
 
 def _clean(home: Path) -> None:
     assert _listening(PORTS) == [], "a demo process is still listening"
+    shm = Path("/dev/shm")
+    if shm.is_dir():  # Envoy runs with --disable-hot-restart: no shared memory segments
+        assert [p.name for p in shm.glob("envoy_shared_memory_*")] == []
     deadline = time.monotonic() + 10
     while _ours(home) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -136,13 +136,24 @@ def _wait(a: dict, headers: dict[str, str], pred, timeout: float) -> list[dict]:
 
 
 def _cli(a: dict, *args: str) -> None:
-    """Run the airflow CLI; a failure shows what the CLI said."""
-    out = subprocess.run(
-        [a["airflow"], *args], env=a["env"], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, (
-        f"airflow {' '.join(args)}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
-    )
+    """Run the airflow CLI; a failure shows what the CLI said.
+
+    SQLite answers "database is locked" at once, whatever the busy timeout, when a write
+    transaction would have to wait on the running scheduler's (it fails instead of
+    deadlocking); that is a property of SQLite with concurrent writers, which is why
+    production runs Airflow on PostgreSQL. The CLI's session is rolled back, so the command is
+    run again; if an earlier attempt's backfill did commit, the CLI says one is running."""
+    for attempt in range(4):
+        out = subprocess.run(
+            [a["airflow"], *args], env=a["env"], capture_output=True, text=True, timeout=300
+        )
+        said = out.stdout[-3000:] + out.stderr[-3000:]
+        if out.returncode == 0 or (attempt and "Another backfill is running" in said):
+            return
+        if "database is locked" not in said:
+            break
+        time.sleep(2)
+    raise AssertionError(f"airflow {' '.join(args)}: {said}")
 
 
 def _wait_for_dag(a: dict, headers: dict[str, str], timeout: float) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from pipelines.config import CanarySettings
 from pipelines.serving.canary import Check, WindowVerdict, judge_window, requests_for
 from pipelines.serving.dataplane.evidence import Sample
-from pipelines.serving.monitor import advance
+from pipelines.serving.monitor import advance, fold
 
 CFG = CanarySettings()
 
@@ -161,3 +161,21 @@ def test_advance_repeats_an_inconclusive_step_three_times_at_most() -> None:
 def test_a_final_window_that_fails_rolls_back() -> None:
     state = advance(_state(len(CFG.steps) - 1), _verdict("fail", 1), CFG)
     assert state["decision"] == "rollback" and "final window did not pass" in state["reason"]
+
+
+def test_fold_judges_latency_against_the_baseline_pool() -> None:
+    """A canary as slow as the baseline (both small, cold pools) but slower than the warm,
+    busy stable pool is not a latency regression; one slower than the baseline is."""
+    cold = window(300, "canary", 1, latency=6.5)
+    stable_warm = window(600, "stable", 2, latency=5.0)
+    baseline_cold = window(300, "baseline", 3, latency=6.5)
+    state = fold(_state(), {"canary": cold, "stable": stable_warm, "baseline": baseline_cold}, CFG)
+    checks = {c["name"]: c for c in state["windows"][-1]["checks"]}
+    assert checks["latency_vs_stable"]["passed"], checks["latency_vs_stable"]
+    assert "vs baseline" in checks["latency_vs_stable"]["detail"]
+    slow = window(300, "canary", 1, latency=9.0)
+    state = fold(_state(), {"canary": slow, "stable": stable_warm, "baseline": baseline_cold}, CFG)
+    checks = {c["name"]: c for c in state["windows"][-1]["checks"]}
+    assert not checks["latency_vs_stable"]["passed"]
+    assert state["windows"][-1]["stable_n"] == 900  # errors and scores: every stable answer
+    assert "explain" in state["windows"][-1]
