@@ -181,6 +181,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the workers go down with it
+        # No job runner: it keeps a huey store in a /dev/shm directory that outlives the server.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         deadline = time.monotonic() + 120
