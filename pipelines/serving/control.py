@@ -22,6 +22,7 @@ from pipelines.serving.client import ServingClient, ServingUnavailable, rest_tls
 from pipelines.serving.dataplane.envoy import LABELS, POOLS
 from pipelines.serving.dataplane.evidence import Sample, parse_lines
 from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitStore
+from pipelines.store import ObjectStore
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "models.config"  # each label's TF Serving config: <root>/<label>/models.config
@@ -191,6 +192,23 @@ class LocalServing(_Pools):
         }
 
 
+def publish_versions(target: ObjectStore, model_dir: Path, name: str, versions: list[int]) -> None:
+    """Copy each version directory not yet under ``target`` (``<name>/<v>/``), a marker last."""
+    for v in versions:
+        prefix = f"{name}/{v}"
+        if target.exists(f"{prefix}/{PUBLISHED}"):
+            continue
+        if not (model_dir / str(v) / "saved_model.pb").is_file():
+            raise ServingUnavailable(
+                f"Cannot publish version {v}: {model_dir / str(v)} holds no SavedModel."
+            )
+        target.put_dir(model_dir / str(v), prefix)
+        target.write_text(f"{prefix}/{PUBLISHED}", "")
+
+
+PUBLISHED = "_published"  # marker written after a version directory's files
+
+
 class RemoteServing(_Pools):
     """TF Serving pools and Envoy in a cluster: each label's config is published to
     ``serving.publish_root`` (the pools sync it), the split is the ConfigMap Envoy mounts,
@@ -240,8 +258,6 @@ class RemoteServing(_Pools):
         """Version directories first (each completed by a marker), then the label's config
         with ``base_path`` as TF Serving sees it: a pool never reads a config naming a
         version whose files are not all there."""
-        from pipelines.serving.rollout import publish_versions
-
         if entry is not None:
             publish_versions(self.target, self.model_dir, self.model, entry.versions)
             entry = model_config.ModelEntry(

@@ -47,23 +47,6 @@ class RolloutError(RuntimeError):
     """A rollout step failed; serving state was restored to what it was before the step."""
 
 
-def publish_versions(target: ObjectStore, model_dir: Path, name: str, versions: list[int]) -> None:
-    """Copy each version directory not yet under ``target`` (``<name>/<v>/``), a marker last."""
-    for v in versions:
-        prefix = f"{name}/{v}"
-        if target.exists(f"{prefix}/{PUBLISHED}"):
-            continue
-        if not (model_dir / str(v) / "saved_model.pb").is_file():
-            raise RolloutError(
-                f"Cannot publish version {v}: {model_dir / str(v)} holds no SavedModel."
-            )
-        target.put_dir(model_dir / str(v), prefix)
-        target.write_text(f"{prefix}/{PUBLISHED}", "")
-
-
-PUBLISHED = "_published"  # marker written after a version directory's files
-
-
 def canary_state_key(settings: Settings, version: str) -> str:
     """Where the canary analysis of a version keeps its state (see serving.monitor)."""
     return f"{layout.rollout(settings.mlflow.model_name, version)}/canary.json"

@@ -11,6 +11,7 @@ import pytest
 
 from pipelines.config import Settings, with_overrides
 from pipelines.serving import model_config, rollout
+from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import RemoteServing, labels_of
 from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitError
 from pipelines.store import ObjectStore, open_store
@@ -116,7 +117,7 @@ def test_a_failed_publish_records_nothing(remote: Settings) -> None:
     control = RemoteServing(remote, MemorySplit())
     _version_dir(remote, 1)
     control.set_pool("canary", model_config.ModelEntry(NAME, "local", [1]))
-    with pytest.raises(rollout.RolloutError, match="version 9"):
+    with pytest.raises(ServingUnavailable, match="version 9"):
         control.set_pool("canary", model_config.ModelEntry(NAME, "local", [1, 9]))  # no v9 dir
     published = model_config.parse(_target(remote).read_text("canary/models.config"))
     assert published[0].versions == [1]
