@@ -79,6 +79,9 @@ class DataSettings(_Section):
     batch_rows: int = Field(
         500_000, ge=1, description="rows per record batch validate and shard hold in memory"
     )
+    late_event_tolerance_s: float = Field(
+        0.0, ge=0, description="events this long before a partition's day still belong to it"
+    )
     workers: int | None = Field(
         None, ge=1, description="shard writer threads; default one per CPU (at most 4)"
     )

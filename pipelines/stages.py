@@ -57,7 +57,9 @@ def validate_data(settings: Settings, date: str, dataset: str | None = None) -> 
 
     store, spec = _data(settings, dataset)
     try:
-        summary = validate_partition(store, spec, date, settings.data.batch_rows)
+        summary = validate_partition(
+            store, spec, date, settings.data.batch_rows, settings.data.late_event_tolerance_s
+        )
     except ValidationBlocked as exc:
         s = exc.summary
         _audit(

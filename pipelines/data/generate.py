@@ -33,6 +33,8 @@ DEFECTS = (
     "pii",
     "single_class",
     "severe_drift",
+    "stale_events",
+    "future_events",
 )
 
 _CATEGORIES = [
@@ -201,6 +203,11 @@ def inject_defect(df: pd.DataFrame, spec: DatasetSpec, defect: str, seed: int = 
             if c.type == "float" and c.max is not None:
                 df[col] = np.clip(df[col].astype(float) * 6.0, c.min or 0.0, c.max)
         df[categorical] = spec.vocab(categorical)[-1]
+    elif defect in ("stale_events", "future_events"):
+        if not spec.event_time:
+            raise GenerateError(f"Dataset {spec.name} has no event_time for {defect!r}.")
+        shift = pd.Timedelta(days=-3 if defect == "stale_events" else 3)
+        df[spec.event_time] = df[spec.event_time] + shift
     elif defect != "corrupt":
         raise GenerateError(f"Unknown defect {defect!r}; known: {', '.join(DEFECTS)}.")
     return df

@@ -28,6 +28,8 @@ from pipelines.data.batches import (
     iter_partition,
     prefetch,
 )
+from pipelines.data.interval import IntervalCheck
+from pipelines.data.results import CheckResult
 from pipelines.data.spec import ColumnSpec, DatasetSpec
 from pipelines.store import ObjectStore
 
@@ -63,16 +65,6 @@ class ValidationBlocked(RuntimeError):
     def __init__(self, summary: ValidationSummary):
         self.summary = summary
         super().__init__(summary.message())
-
-
-@dataclass
-class CheckResult:
-    check: str
-    column: str | None
-    severity: str
-    success: bool
-    detail: str = ""
-    examples: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -691,10 +683,13 @@ def validate_partition(
     spec: DatasetSpec,
     date: str,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    late_tolerance_s: float = 0.0,
 ) -> ValidationSummary:
     """Validate ``landing/<dataset>/dt=<date>``; quarantine it and raise if a check blocks.
 
-    The partition is read ``batch_rows`` rows at a time (the next one prefetched on a thread),
+    Besides the spec's checks, the partition must hold what its layout claims: every
+    ``event_time`` in ``[date, date+1)``, or at most ``late_tolerance_s`` before it. The
+    partition is read ``batch_rows`` rows at a time (the next one prefetched on a thread),
     so memory does not grow with it."""
     prefix = layout.landing(spec.name, date)
     if not store.exists(prefix):
@@ -703,6 +698,7 @@ def validate_partition(
         raise FileNotFoundError(f"No landing partition at {store.uri(prefix)}.{hint}")
     runner = SuiteRunner(spec)
     batch_stats = BatchStats(spec, latest_reference(store, spec.name, date))
+    interval = IntervalCheck(spec.event_time, date, late_tolerance_s) if spec.event_time else None
     checks: list[CheckResult] = []
     html = ""
     drift: dict[str, dict[str, float]] = {}
@@ -710,6 +706,8 @@ def validate_partition(
         for table in prefetch(iter_partition(store, prefix, batch_rows)):
             runner.add(table)
             batch_stats.add(table)
+            if interval is not None:
+                interval.add(table)
         if runner.batches == 0:
             runner.add(pa.table({}))  # no files at all: the schema and row checks still run
     except PartitionUnreadable as exc:
@@ -718,6 +716,7 @@ def validate_partition(
         dup_hashes = runner.duplicate_key_hashes()
         examples = _keys_with_hashes(store, prefix, spec.key, dup_hashes) if len(dup_hashes) else []
         checks, html = runner.finish(examples)
+        checks += [interval.result()] if interval is not None else []
         checks += batch_stats.leakage_checks()
         drift_results, drift = batch_stats.drift_checks()
         checks += drift_results

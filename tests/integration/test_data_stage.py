@@ -49,6 +49,9 @@ def test_clean_batch_is_accepted_and_profiled(store: ObjectStore) -> None:
         ("label_leakage", "label_leakage", "amount"),
         ("pii", "expect_column_values_to_not_match_regex_list", "memo"),
         ("single_class", "expect_column_distinct_values_to_contain_set", "is_fraud"),
+        # A partition filed under dt=D whose events happened 3 days before or after D.
+        ("stale_events", "event_time_in_partition_interval", "event_time"),
+        ("future_events", "event_time_in_partition_interval", "event_time"),
     ],
 )
 def test_defect_is_blocked_and_quarantined(
@@ -68,6 +71,28 @@ def test_defect_is_blocked_and_quarantined(
     assert len(moved) == 1
     assert store.exists(f"{moved[0]}/_validation/summary.json")
     assert not store.exists(layout.reference("transactions", "2026-11-02"))
+
+
+def test_late_events_within_the_configured_tolerance_are_accepted(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from pipelines.data.generate import transactions
+
+    store = ObjectStore(f"file://{tmp_path}/lake")
+    df = transactions(dt.date(2026, 11, 2), 2000)
+    df.loc[:9, "event_time"] = df.loc[:9, "event_time"] - pd.Timedelta(hours=30)
+    df.loc[10:19, "event_time"] = pd.Timestamp("2026-11-01T23:00:00+00:00")
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    store.write_bytes(
+        f"{layout.landing('transactions', '2026-11-02')}/part-0.parquet", buf.getvalue()
+    )
+    summary = validate_partition(store, SPEC, "2026-11-02", late_tolerance_s=2 * 86400)
+    assert summary.accepted, summary.message()
+    with pytest.raises(ValidationBlocked) as info:  # no tolerance: the default
+        validate_partition(store, SPEC, "2026-11-02")
+    (failed,) = [c for c in info.value.summary.failures if c.column == "event_time"]
+    assert "20 of 2000 event_time values outside" in failed.detail, failed.detail
 
 
 def test_pii_values_are_masked_in_reports(tmp_path: Path) -> None:
