@@ -72,11 +72,7 @@ class DataSettings(_Section):
     dataset: str = Field("transactions", description="dataset spec name (pipelines/data/specs)")
     spec_dir: str | None = Field(None, description="extra directory searched for dataset specs")
     rows_per_day: int = Field(20000, ge=1, description="rows the generator writes per day")
-    shard_target_rows: int = Field(
-        250_000,
-        ge=1,
-        description="target rows per parquet shard (at least one shard per node in each split)",
-    )
+    shard_target_rows: int = Field(4000, ge=1, description="target rows per parquet shard")
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/val/test fractions of entities (hash split)"
     )

@@ -103,12 +103,11 @@ def feature_stats(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
 
 def _shard_counts(total_rows: int, fractions: Fractions, target_rows: int, nodes: int) -> list[int]:
     """Shards per split from the footer row count: known before any row is read, and the same
-    for the same input. A shard holds about ``target_rows`` (sized for real days: thousands of
-    60 KB files are S3's small-file problem and doubled the shard step, measured on 2M rows);
-    every split has at least one shard per node."""
+    for the same input (a shard holds about ``target_rows``; train has at least one per node)."""
     shares = np.asarray(fractions) / sum(fractions)
     return [
-        max(math.ceil(total_rows * float(share) / target_rows), nodes, 1) for share in shares
+        max(math.ceil(total_rows * float(share) / target_rows), nodes if i == 0 else 1, 1)
+        for i, share in enumerate(shares)
     ]
 
 

@@ -96,13 +96,3 @@ def test_prefetch_stops_its_producer_when_the_consumer_stops() -> None:
     stream.close()
     assert threading.active_count() == before
     assert len(produced) <= 3 + 2  # at most depth + one in hand were read ahead
-
-
-def test_shards_are_sized_for_real_days_with_one_per_node_per_split() -> None:
-    from pipelines.data.shard import _shard_counts
-
-    fractions = (0.7, 0.15, 0.15)
-    assert _shard_counts(2_000_000, fractions, 250_000, 2) == [6, 2, 2]
-    assert _shard_counts(20_000, fractions, 250_000, 2) == [2, 2, 2]  # the demo stays small
-    assert _shard_counts(20_000, fractions, 250_000, 1) == [1, 1, 1]
-    assert _shard_counts(10, fractions, 250_000, 4) == [4, 4, 4]
