@@ -128,14 +128,20 @@ def cmd_rollout(a: argparse.Namespace) -> int:
     return EXIT_GATE
 
 
+def _stop_local_serving(s: Settings) -> int:
+    from pipelines import stages
+
+    stopped = stages.stop_local_serving(s)
+    print(f"local serving stopped: {', '.join(stopped) or 'nothing was running'}")
+    return EXIT_OK
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from pipelines import stages
 
     s = _settings()
     if a.stop:
-        stopped = stages.stop_local_serving(s)
-        print(f"local serving stopped: {', '.join(stopped) or 'nothing was running'}")
-        return EXIT_OK
+        return _stop_local_serving(s)
     if a.status:
         _print(stages.serving_state(s))
         return EXIT_OK
@@ -169,9 +175,7 @@ def cmd_dataplane(a: argparse.Namespace) -> int:
             print(bootstrap_yaml(LocalPlane(s.serving, s.dataplane, s.mlflow.model_name).plane()))
         return EXIT_OK
     if a.action == "stop":
-        stopped = stages.stop_local_serving(s)
-        print(f"local serving stopped: {', '.join(stopped) or 'nothing was running'}")
-        return EXIT_OK
+        return _stop_local_serving(s)
     control = stages.serving_control(s)
     if a.action == "start":
         control.ensure_running()

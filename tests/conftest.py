@@ -7,7 +7,6 @@ module imports it.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ports import free_port
 from tests.ports import FREE_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +31,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("AWS_PROFILE", None)
     if str(ROOT / "plugins") not in sys.path:
         sys.path.insert(0, str(ROOT / "plugins"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

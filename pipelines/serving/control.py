@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from pipelines.serving.client import ServingClient, ServingUnavailable, rest_tls
 from pipelines.serving.dataplane.envoy import LABELS, POOLS
 from pipelines.serving.dataplane.evidence import Sample, parse_lines
 from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitStore
-from pipelines.store import ObjectStore
+from pipelines.store import ObjectStore, open_store, storage_options
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "models.config"  # each label's TF Serving config: <root>/<label>/models.config
@@ -82,13 +83,14 @@ def _wait(check: Any, what: str, timeout: float) -> None:
     raise ServingUnavailable(f"{what} not reached after {timeout:.0f} s (last: {last}).")
 
 
-class _Pools:
+class _Pools(ABC):
     """Waiting on the replicas of a pool, given their REST clients."""
 
     model: str
 
+    @abstractmethod
     def clients(self, label: str) -> list[ServingClient]:
-        raise NotImplementedError
+        """REST clients of the pool's replicas (remote: of its Service)."""
 
     def wait_version(self, label: str, version: int, timeout: float) -> None:
         def check() -> tuple[bool, str]:
@@ -215,8 +217,6 @@ class RemoteServing(_Pools):
     evidence is the access log a collector ships to ``dataplane.evidence_uri``."""
 
     def __init__(self, settings: Settings, split_store: SplitStore | None = None):
-        from pipelines.store import ObjectStore, storage_options
-
         s = settings.serving
         if not s.publish_root:
             raise ServingUnavailable(
@@ -291,8 +291,6 @@ class RemoteServing(_Pools):
     def window(
         self, since: float, until: float | None = None, request_ids: set[str] | None = None
     ) -> list[Sample]:
-        from pipelines.store import open_store
-
         uri = self.settings.dataplane.evidence_uri
         if not uri:
             raise ServingUnavailable("dataplane.evidence_uri is not set: no evidence to judge.")

@@ -39,12 +39,6 @@ def check_port_free(host: str, port: int, setting: str) -> None:
             ) from None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def alive(pid: int) -> bool:
     """True while the process runs; reaps it when it is our exited child (no zombie)."""
     try:

@@ -12,6 +12,7 @@ verdict ends the canary analysis before it starts (decision ``rollback``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -230,7 +231,7 @@ def shadow_candidate(settings: Settings, control: ServingControl, version: str) 
             raise
     report = {"version": str(version), "stable": labels.get("stable"), **verdict.to_dict()}
     store = open_store(settings.store)
-    store.write_text(shadow_key(settings, version), _json(report))
+    store.write_text(shadow_key(settings, version), json.dumps(report, indent=2, default=str))
     save_state(store, settings, version, phase="shadowed", shadow=report)
     Registry(settings.mlflow).set_version_tags(
         version,
@@ -308,9 +309,3 @@ def _wait_for_both(
         time.sleep(0.1)
         samples = control.window(since)
     return samples
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, default=str)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipelines.ports import free_port
+
 log = logging.getLogger(__name__)
 RESULT_MARK = "MLOPS_TRAIN_RESULT "
 
 
 class TrainingFailed(RuntimeError):
     """A node exited non-zero; carries that node's last output lines."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def torchrun_command(

@@ -31,6 +31,7 @@ from pipelines.serving import monitor
 from pipelines.serving.daemon import stop_all
 from pipelines.serving.rollout import canary_state_key
 from pipelines.store import open_store
+from tests.envoy_helpers import kill_envoy
 from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -309,12 +310,7 @@ def test_envoy_killed_mid_canary_comes_back_at_the_stored_weight(
     store, key = open_store(s.store), canary_state_key(s, version)
     first = stages.canary_tick(s, version)  # the 5 % window
     assert not first["done"] and control.split().canary == s.canary.steps[0]
-    pid = control.plane.envoy_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while control.plane.envoy_pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid = kill_envoy(control)
     assert control.split().canary == s.canary.steps[0]  # still stored while Envoy is down
     control.ensure_running()  # what the next tick does first
     runtime = requests.get(f"{control.plane.admin_url()}/runtime", timeout=5).json()["entries"]

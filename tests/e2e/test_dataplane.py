@@ -5,7 +5,6 @@ Envoy's runtime disk layer, evidence read back from Envoy's access log.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -28,6 +27,7 @@ from pipelines.serving.dataplane.evidence import by_label
 from pipelines.serving.dataplane.local import LocalPlane
 from pipelines.serving.dataplane.split import Split, SplitError
 from pipelines.serving.model_config import ModelEntry
+from tests.envoy_helpers import kill_envoy
 from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -276,12 +276,7 @@ def test_a_killed_replica_costs_no_request_once_ejected_and_rejoins(
 def test_a_restarted_envoy_comes_back_at_the_stored_split(plane: dict[str, Any]) -> None:
     control: LocalServing = plane["control"]
     control.set_split(Split(25))
-    pid = control.plane.envoy_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while control.plane.envoy_pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid = kill_envoy(control)
     assert control.split() == Split(25)  # the split lives outside Envoy
     control.ensure_running()
     assert control.plane.envoy_pid() not in (None, pid)
@@ -299,7 +294,7 @@ def test_a_split_envoy_would_accept_silently_is_refused(plane: dict[str, Any]) -
         with pytest.raises(SplitError):
             control.set_split(Split(bad))  # type: ignore[arg-type]
     assert control.split() == Split(5)
-    keys = json.loads(json.dumps(Split(0).runtime_keys()))
+    keys = Split(0).runtime_keys()
     assert keys["mlops.weights.stable"] == "100" and keys["mlops.weights.canary"] == "0"
 
 

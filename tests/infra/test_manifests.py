@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -35,6 +34,8 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import yaml
+
+from pipelines.ports import free_port
 
 if TYPE_CHECKING:
     from pipelines.config import Settings, TrainSettings
@@ -1203,12 +1204,6 @@ def test_envoy_follows_the_split_configmap_through_the_kubelets_symlink_swap(
         for server in servers.values():
             server.shutdown()
             server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_every_referenced_secret_is_documented(training_pods: list[dict]) -> None:

@@ -15,7 +15,7 @@ from pipelines.serving.dataplane.envoy import (
     kubernetes_plane,
     render_bootstrap,
 )
-from pipelines.serving.dataplane.evidence import by_label, parse_line, prometheus_counters
+from pipelines.serving.dataplane.evidence import by_label, parse_line
 from pipelines.serving.dataplane.split import RuntimeDirectory, Split, SplitError
 
 CFG = DataPlaneSettings()
@@ -209,13 +209,3 @@ def test_a_window_keeps_primary_requests_only() -> None:
     ]
     window = by_label([s for s in samples if s is not None])
     assert len(window["canary"]) == 1 and len(window["stable"]) == 1
-
-
-def test_prometheus_counters_by_labels() -> None:
-    text = (
-        "# TYPE envoy_cluster_upstream_rq_total counter\n"
-        'envoy_cluster_upstream_rq_total{envoy_cluster_name="stable"} 12\n'
-        'envoy_cluster_upstream_rq_total{envoy_cluster_name="canary"} 3\n'
-    )
-    got = prometheus_counters(text, "envoy_cluster_upstream_rq_total")
-    assert got[(("envoy_cluster_name", "canary"),)] == 3.0

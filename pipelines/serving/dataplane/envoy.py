@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,11 @@ class Plane:
     static_weights: dict[str, int] = field(
         default_factory=lambda: {"stable": 100, "baseline": 0, "canary": 0}
     )
+
+
+@cache
+def _lua() -> str:
+    return LUA_FILE.read_text()
 
 
 def _addr(host: str, port: int) -> dict[str, Any]:
@@ -251,9 +257,7 @@ def _listener(plane: Plane, name: str, where: tuple[str, int], primary: bool) ->
                                     "typed_config": {
                                         "@type": "type.googleapis.com/"
                                         "envoy.extensions.filters.http.lua.v3.Lua",
-                                        "default_source_code": {
-                                            "inline_string": LUA_FILE.read_text()
-                                        },
+                                        "default_source_code": {"inline_string": _lua()},
                                     },
                                 },
                                 {

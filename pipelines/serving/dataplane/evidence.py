@@ -1,5 +1,5 @@
 """The judge's evidence, read from the data plane: Envoy's JSON access log (one line per
-request: cluster, replica, status, duration, request id, key, scores) and its Prometheus stats.
+request: cluster, replica, status, duration, request id, key, scores).
 
 Nothing here sits in the request path; a window is a filter over lines Envoy already wrote.
 """
@@ -113,19 +113,3 @@ class AccessLog:
             if request_ids <= seen or time.monotonic() > deadline:
                 return got
             time.sleep(0.05)
-
-
-def prometheus_counters(text: str, metric: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """Values of one metric from Prometheus text, keyed by its sorted label pairs."""
-    out: dict[tuple[tuple[str, str], ...], float] = {}
-    for line in text.splitlines():
-        if not line.startswith(metric + "{") and not line.startswith(metric + " "):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        labels: tuple[tuple[str, str], ...] = ()
-        if "{" in name_labels:
-            inner = name_labels[name_labels.index("{") + 1 : name_labels.rindex("}")]
-            pairs = [p.split("=", 1) for p in inner.split(",") if "=" in p]
-            labels = tuple(sorted((k, v.strip('"')) for k, v in pairs))
-        out[labels] = float(value)
-    return out

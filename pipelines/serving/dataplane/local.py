@@ -17,12 +17,12 @@ from typing import Any
 import requests
 
 from pipelines.config import DataPlaneSettings, ServingSettings
+from pipelines.ports import free_port
 from pipelines.serving.client import LocalServer
 from pipelines.serving.daemon import (
     DaemonUnavailable,
     LocalDaemon,
     check_port_free,
-    free_port,
     stop_all,
 )
 from pipelines.serving.dataplane.envoy import POOLS, Plane, Pool, bootstrap_yaml
@@ -163,12 +163,7 @@ class LocalPlane:
         if info and healthy(info):
             return self.endpoint()
         daemon.stop()
-        for key, setting in (
-            ("port", "dataplane.port"),
-            ("admin_port", "dataplane.admin_port"),
-            ("shadow_port", "dataplane.shadow_port"),
-        ):
-            check_port_free(topo["host"] if key == "port" else "127.0.0.1", topo[key], setting)
+        _check_envoy_ports(topo)
         tmp = self.bootstrap_file.with_name(".envoy.yaml.tmp")
         tmp.write_text(text)
         os.replace(tmp, self.bootstrap_file)
@@ -205,9 +200,7 @@ class LocalPlane:
             if self.replica_pid(name) is None:
                 check_port_free(plan["host"], port, "serving.rest_port")
         if self.envoy_pid() is None:
-            for key in ("port", "admin_port", "shadow_port"):
-                host = plan["host"] if key == "port" else "127.0.0.1"
-                check_port_free(host, plan[key], f"dataplane.{key}")
+            _check_envoy_ports(plan)
 
     def envoy_pid(self) -> int | None:
         return LocalDaemon(self.dir, ENVOY).pid()
@@ -219,3 +212,10 @@ class LocalPlane:
         """Stop every process of this home's serving directory (and any an older layout
         left, such as the former router)."""
         return stop_all(self.dir)
+
+
+def _check_envoy_ports(topo: dict[str, Any]) -> None:
+    """Envoy's listener (on ``host``), admin and shadow listener (loopback)."""
+    for key in ("port", "admin_port", "shadow_port"):
+        host = topo["host"] if key == "port" else "127.0.0.1"
+        check_port_free(host, topo[key], f"dataplane.{key}")
