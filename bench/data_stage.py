@@ -51,10 +51,11 @@ def _child(
     import pyarrow.parquet as pq
 
     from pipelines.data import layout
+    from pipelines.data.expectations import SuiteRunner
     from pipelines.data.generate import generate_partition
     from pipelines.data.shard import shard_dataset
     from pipelines.data.spec import load_spec
-    from pipelines.data.validate import SuiteRunner, validate_partition
+    from pipelines.data.validate import validate_partition
     from pipelines.store import ObjectStore
 
     store, spec = ObjectStore(f"file://{lake}"), load_spec("transactions")
@@ -76,7 +77,7 @@ def _child(
     elif step == "validate":
         n = validate_partition(store, spec, DATE, batch_rows).rows
     elif step == "shard":
-        m = shard_dataset(store, spec, DATE, target_rows, 2, batch_rows=batch_rows, workers=workers)
+        m = shard_dataset(store, spec, DATE, target_rows, batch_rows=batch_rows, workers=workers)
         n = sum(m.rows(s) for s in ("train", "val", "test"))
     else:
         raise SystemExit(f"unknown step {step}")

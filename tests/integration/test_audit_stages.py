@@ -7,7 +7,7 @@ import pytest
 from pipelines import stages
 from pipelines.audit import AuditError, AuditLog
 from pipelines.config import Settings
-from pipelines.data.validate import ValidationBlocked
+from pipelines.data.results import ValidationBlocked
 from pipelines.store import open_store
 
 pytestmark = pytest.mark.integration
