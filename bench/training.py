@@ -62,15 +62,20 @@ def main() -> None:
     from torch import nn
 
     from pipelines import stages
-    from pipelines.config import load_settings
+    from pipelines.config import load_settings, with_overrides
     from pipelines.data.shard import load_manifest, read_split
+    from pipelines.registry import Registry
     from pipelines.store import open_store
+    from pipelines.train.job import TrainJob
     from pipelines.train.model import encode_frame, model_from_manifest
     from pipelines.train.run import start_training_run
-    from pipelines.train.worker import TrainArgs, Trainer
+    from pipelines.train.worker import Trainer
 
     torch.set_num_threads(1)
-    settings = load_settings()
+    settings = with_overrides(
+        load_settings(),
+        train={"epochs": args.epochs, "batch_size": args.batch_size, "lr": 3e-3, "seed": 7},
+    )
     stages.generate_data(settings, "2026-11-01", rows=args.rows)
     manifest_uri = stages.shard_data(settings, "2026-11-01")["manifest_uri"]
     store = open_store(settings.store)
@@ -79,19 +84,10 @@ def main() -> None:
 
     def trainer(checkpoint_every: int, snapshots: bool = True) -> dict[str, float]:
         run_id, _ = start_training_run(settings, manifest_uri, None)  # fresh: no resume
-        targs = TrainArgs(
-            manifest_uri,
-            run_id,
-            args.epochs,
-            args.batch_size,
-            3e-3,
-            7,
-            checkpoint_every,
-            (64, 32),
-            4,
-        )
+        run = with_overrides(settings, train={"checkpoint_every": checkpoint_every})
+        job = TrainJob.for_run(run, manifest_uri, run_id)
         t0 = time.perf_counter()
-        tr = Trainer(targs, store, 0, 1, 0, 1)
+        tr = Trainer(job, store, 0, 1, Registry(run.mlflow))
         load_s = time.perf_counter() - t0
         if not snapshots:
             tr._save_snapshot = lambda epoch, step_in_epoch: None  # type: ignore[method-assign]
@@ -111,9 +107,10 @@ def main() -> None:
             encode_frame(train, m["features"]["numeric"], m["features"]["categorical"], m["stats"])
         )
         y = torch.from_numpy(train[m["label"]].to_numpy(dtype="float32"))
-        torch.manual_seed(7)
-        model = model_from_manifest(m, (64, 32), 4)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        t = settings.train
+        torch.manual_seed(t.seed)
+        model = model_from_manifest(m, t.hidden, t.embedding_dim)
+        opt = torch.optim.Adam(model.parameters(), lr=t.lr)
         loss_fn = nn.BCEWithLogitsLoss()
         per_epoch = len(y) // args.batch_size
         t0 = time.perf_counter()

@@ -101,14 +101,12 @@ def feature_stats(df: pd.DataFrame, spec: DatasetSpec) -> dict[str, Any]:
     return acc.result()
 
 
-def _shard_counts(total_rows: int, fractions: Fractions, target_rows: int, nodes: int) -> list[int]:
+def _shard_counts(total_rows: int, fractions: Fractions, target_rows: int) -> list[int]:
     """Shards per split from the footer row count: known before any row is read, and the same
-    for the same input (a shard holds about ``target_rows``; train has at least one per node)."""
+    for the same input. A shard holds about ``target_rows``, never fewer shards than one; the
+    node count plays no part (nodes share a split's shards at training time, however few)."""
     shares = np.asarray(fractions) / sum(fractions)
-    return [
-        max(math.ceil(total_rows * float(share) / target_rows), nodes if i == 0 else 1, 1)
-        for i, share in enumerate(shares)
-    ]
+    return [max(math.ceil(total_rows * float(share) / target_rows), 1) for share in shares]
 
 
 class _Spill:
@@ -149,7 +147,6 @@ def shard_dataset(
     spec: DatasetSpec,
     date: str,
     target_rows: int,
-    nodes: int = 1,
     fractions: Fractions = (0.7, 0.15, 0.15),
     batch_rows: int = DEFAULT_BATCH_ROWS,
     workers: int | None = None,
@@ -170,7 +167,7 @@ def shard_dataset(
         raise ManifestError(
             f"Landing partition {store.uri(prefix)} is missing or empty; validate it first."
         )
-    counts = _shard_counts(total, fractions, target_rows, nodes)
+    counts = _shard_counts(total, fractions, target_rows)
     first_group = np.cumsum([0, *counts])
     stats = _FeatureStats(spec)
     rows, positives = [0, 0, 0], [0, 0, 0]
@@ -212,8 +209,8 @@ def shard_dataset(
             files.append((local, rel))
             digest.update(sha.encode())
             # No node assignment here: it would make the manifest depend on the node count
-            # while the data version (the shards' bytes) does not; nodes take train shards
-            # round-robin at training time (train.worker.node_shards).
+            # while the data version (the shards' bytes) does not; ranks take row ranges of
+            # the train split at training time (train.partition.rank_rows).
             by_split[name].append({"path": rel, "rows": n, "sha256": sha})
         for i, name in enumerate(SPLITS):
             manifest["splits"][name] = {

@@ -1,4 +1,5 @@
-"""One checkpoint manager owns all checkpoint I/O: atomic writes to the store, resume."""
+"""One checkpoint manager owns all checkpoint I/O: atomic writes to the store, resume, and the
+final model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from pipelines.store import ObjectStore
 
 LATEST = "latest.json"
+FINAL_MODEL = "final/model.pt"
 
 
 @dataclass
@@ -28,7 +30,8 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    """Checkpoints under ``checkpoints/<run>/``: ``step-NNNNNNNN.pt`` then ``latest.json`` last."""
+    """Checkpoints under ``checkpoints/<run>/``: ``step-NNNNNNNN.pt`` then ``latest.json`` last;
+    the trained model as ``final/model.pt``."""
 
     def __init__(self, store: ObjectStore, prefix: str, keep: int = 2):
         self.store, self.prefix, self.keep = store, prefix.strip("/"), keep
@@ -78,6 +81,16 @@ class CheckpointManager:
             f"{self.prefix}/{LATEST}", json.dumps({"step": ckpt.step, "key": key})
         )
         self._prune()
+        return self.store.uri(key)
+
+    def save_final(self, model_bytes: bytes) -> str:
+        """Write the trained model (``save_model_bytes``) beside the checkpoints; its URI.
+
+        Pending checkpoint writes finish first, so a final model never sits beside a run
+        whose last checkpoint failed."""
+        self.wait()
+        key = f"{self.prefix}/{FINAL_MODEL}"
+        self.store.write_bytes(key, model_bytes)
         return self.store.uri(key)
 
     def _prune(self) -> None:

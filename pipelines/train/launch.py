@@ -6,7 +6,6 @@ call; no process outlives the call (each agent runs in its own process group, ki
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipelines.ports import free_port
+from pipelines.train.result import MalformedResult, parse_result
 
 log = logging.getLogger(__name__)
-RESULT_MARK = "MLOPS_TRAIN_RESULT "
 
 
 class TrainingFailed(RuntimeError):
@@ -79,13 +78,23 @@ class _Node:
 
 
 def _pump(
-    node_index: int, stream, tail: deque[str], sink: Callable[[str], None], results: list[dict]
+    node_index: int,
+    stream,
+    tail: deque[str],
+    sink: Callable[[str], None],
+    results: list[dict[str, float]],
 ) -> None:
     for line in iter(stream.readline, ""):
         line = line.rstrip("\n")
         tail.append(line)
-        if RESULT_MARK in line:
-            results.append(json.loads(line.split(RESULT_MARK, 1)[1]))
+        try:
+            result = parse_result(line)
+        except MalformedResult as exc:
+            # Keep pumping: a reader that stopped would leave the node blocked on a full pipe.
+            sink(f"[launcher] node {node_index}: {exc}")
+            result = None
+        if result is not None:
+            results.append(result)
         sink(f"[node {node_index}] {line}")
     stream.close()
 
@@ -143,8 +152,11 @@ def launch_local(
     timeout_s: float = 3600,
     min_nodes: int | None = None,
     on_start: Callable[[list[int]], None] | None = None,
-) -> dict:
+) -> dict[str, float]:
     """Run the training entrypoint as ``nodes`` torchrun agents; return rank 0's result.
+
+    ``entry_args`` are the entrypoint's (``TrainJob.argv()``); ``env`` is added to the agents'
+    environment (the secrets, which never go on a command line).
 
     Fixed-size jobs fail as soon as any node fails. Elastic jobs (``min_nodes < nodes``) outlive
     the loss of non-host nodes: they fail only if the store host (node 0) fails or every node
@@ -155,7 +167,7 @@ def launch_local(
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     elastic = (min_nodes or nodes) < nodes
     running: list[_Node] = []
-    results: list[dict] = []
+    results: list[dict[str, float]] = []
     try:
         for i in range(nodes):
             cmd = torchrun_command(

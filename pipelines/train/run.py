@@ -8,40 +8,12 @@ from typing import Any
 
 from pipelines.config import Settings
 from pipelines.data.shard import load_manifest
-from pipelines.registry import Registry, git_sha
+from pipelines.registry import Registry, code_version
 from pipelines.store import open_store
+from pipelines.train.job import TrainJob, secret_env
 from pipelines.train.launch import launch_local
 
 log = logging.getLogger(__name__)
-
-
-def entry_args(settings: Settings, manifest_uri: str, run_id: str) -> list[str]:
-    """Arguments of ``python -m pipelines.train`` for these settings (local and k8s alike)."""
-    t = settings.train
-    return [
-        "--manifest",
-        manifest_uri,
-        "--run-id",
-        run_id,
-        "--epochs",
-        str(t.epochs),
-        "--batch-size",
-        str(t.batch_size),
-        "--lr",
-        str(t.lr),
-        "--seed",
-        str(t.seed),
-        "--checkpoint-every",
-        str(t.checkpoint_every),
-        "--hidden",
-        ",".join(str(h) for h in t.hidden),
-        "--embedding-dim",
-        str(t.embedding_dim),
-        "--sync",
-        t.sync,
-        "--sync-every",
-        str(t.sync_every),
-    ]
 
 
 def start_training_run(
@@ -67,7 +39,7 @@ def start_training_run(
         "manifest_uri": manifest_uri,
         "dataset": manifest.data["dataset"],
         "data_date": manifest.data["date"],
-        "git_sha": git_sha(),
+        "git_sha": code_version(settings.mlflow.code_version),
         **({"run_key": run_key} if run_key else {}),
         **(tags or {}),
     }
@@ -97,12 +69,13 @@ def train_model(
     t = settings.train
     try:
         result = launch_local(
-            entry_args(settings, manifest_uri, run_id),
+            TrainJob.for_run(settings, manifest_uri, run_id).argv(),
             nodes=t.nodes,
             procs_per_node=t.procs_per_node,
             max_restarts=t.max_restarts,
             min_nodes=t.min_nodes,
             rdzv_port=t.rdzv_port,
+            env=secret_env(settings),
             sink=sink,
         )
     except BaseException:

@@ -1,31 +1,30 @@
 """The training entrypoint run by torchrun on every node: DDP, checkpoints, MLflow from rank 0.
 
-``python -m pipelines.train --manifest URI --run-id MLFLOW_RUN_ID [--epochs E ...]``
-Each node reads only the training shards the manifest assigns to it (data locality).
+``python -m pipelines.train --job JSON`` (a :class:`pipelines.train.job.TrainJob`, built by the
+launcher or the pod's arguments). Each rank reads only the train shards under its share of rows.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipelines.config import load_settings
 from pipelines.data import layout
-from pipelines.data.shard import Manifest, load_manifest, read_shards, read_split
+from pipelines.data.shard import Manifest, ManifestError, load_manifest, read_shards, read_split
+from pipelines.registry import Registry
 from pipelines.store import ObjectStore, open_store
 from pipelines.train.checkpoint import Checkpoint, CheckpointManager
+from pipelines.train.job import TrainJob, parse_job
 from pipelines.train.model import (
     TabularMLP,
     encode_frame,
@@ -33,64 +32,57 @@ from pipelines.train.model import (
     predict_proba,
     save_model_bytes,
 )
+from pipelines.train.partition import RowSlice, rank_rows
+from pipelines.train.result import format_result
 
 log = logging.getLogger("pipelines.train")
 
 
-@dataclass(frozen=True)
-class TrainArgs:
-    manifest: str
-    run_id: str
-    epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-    checkpoint_every: int
-    hidden: tuple[int, ...]
-    embedding_dim: int
-    sync: str = "ddp"
-    """'ddp': all-reduce gradients every step; 'local_sgd': average parameters every N steps."""
-    sync_every: int = 8
-
-
-def ddp_setup() -> tuple[int, int, int, int]:
-    """Init the process group (nccl on GPU, gloo on CPU); returns rank, world, node, nnodes."""
+def ddp_setup(timeout_s: float) -> tuple[int, int]:
+    """Init the process group (nccl on GPU, gloo on CPU); returns rank and world size."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # A bounded collective timeout: a peer that died mid-step fails this rank instead of
     # hanging it, so the elastic agent can restart the group.
-    timeout = timedelta(seconds=float(os.environ.get("MLOPS_DIST_TIMEOUT_S", "300")))
-    dist.init_process_group(backend=backend, timeout=timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    node = int(os.environ.get("GROUP_RANK", "0"))
-    return rank, world, node, max(world // local_world, 1)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
 
 
-def node_shards(manifest: Manifest, node: int, nnodes: int) -> list[dict]:
-    """This node's train shards: round-robin over the manifest's (its content, and so its
-    data version, does not depend on how many nodes read it)."""
-    return manifest.shards("train")[node::nnodes]
+def read_rank_rows(
+    store: ObjectStore, manifest: Manifest, rank: int, world: int
+) -> tuple[pd.DataFrame, list[RowSlice]]:
+    """This rank's rows of the train split (see :func:`rank_rows`), read from only the shards
+    that hold them, each checked against its sha256."""
+    shards = manifest.shards("train")
+    try:
+        mine = rank_rows([int(s["rows"]) for s in shards], rank, world)
+    except ValueError as exc:
+        raise ManifestError(f"{manifest.uri}: {exc}") from None
+    frames = [read_shards(store, manifest, [shards[p.shard]]).iloc[p.start : p.stop] for p in mine]
+    return pd.concat(frames, ignore_index=True), mine
 
 
 class Trainer:
     def __init__(
-        self, args: TrainArgs, store: ObjectStore, rank: int, world: int, node: int, nnodes: int
+        self,
+        job: TrainJob,
+        store: ObjectStore,
+        rank: int,
+        world: int,
+        registry: Registry | None = None,
     ):
-        self.args, self.store, self.rank, self.world = args, store, rank, world
-        torch.manual_seed(args.seed)
-        self.manifest = load_manifest(store, args.manifest)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        mine = node_shards(self.manifest, node, nnodes)
-        frame = read_shards(store, self.manifest, mine)
-        frame = frame.iloc[local_rank::local_world]
+        """``registry`` is rank 0's MLflow (metrics and the model); the other ranks have none."""
+        self.job, self.cfg, self.store = job, job.train, store
+        self.rank, self.world, self.registry = rank, world, registry
+        torch.manual_seed(self.cfg.seed)
+        self.manifest = load_manifest(store, job.manifest_uri)
+        frame, mine = read_rank_rows(store, self.manifest, rank, world)
+        paths = [self.manifest.shards("train")[p.shard]["path"] for p in mine]
         log.info(
-            "rank %d/%d on node %d reads %d rows from shards %s",
+            "rank %d/%d reads %d train rows: %s",
             rank,
             world,
-            node,
             len(frame),
-            [s["path"] for s in mine],
+            ", ".join(f"{path}[{p.start}:{p.stop}]" for path, p in zip(paths, mine, strict=True)),
         )
         m = self.manifest.data
         feats = m["features"]
@@ -98,29 +90,29 @@ class Trainer:
             encode_frame(frame, feats["numeric"], feats["categorical"], m["stats"])
         )
         self.y = torch.from_numpy(frame[m["label"]].to_numpy(dtype="float32"))
-        self.model: TabularMLP = model_from_manifest(m, args.hidden, args.embedding_dim)
+        self.model: TabularMLP = model_from_manifest(m, self.cfg.hidden, self.cfg.embedding_dim)
         # Local SGD trains each rank's replica alone and averages parameters every
         # `sync_every` steps (PeriodicModelAverager): far less communication than DDP.
         # A world of one has nothing to all-reduce: DDP's hooks would only add latency.
-        ddp = args.sync == "ddp" and world > 1
+        ddp = self.cfg.sync == "ddp" and world > 1
         self.forward: nn.Module = (
             DDP(self.model, gradient_as_bucket_view=True) if ddp else self.model
         )
         self.averager = None
-        if args.sync == "local_sgd":
+        if self.cfg.sync == "local_sgd":
             from torch.distributed.algorithms.model_averaging.averagers import (
                 PeriodicModelAverager,
             )
 
-            self.averager = PeriodicModelAverager(period=args.sync_every, warmup_steps=0)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+            self.averager = PeriodicModelAverager(period=self.cfg.sync_every, warmup_steps=0)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
         # Every rank runs the same number of steps, or DDP's all-reduce would hang.
-        steps = torch.tensor([max(len(self.y) // args.batch_size, 1)])
+        steps = torch.tensor([max(len(self.y) // self.cfg.batch_size, 1)])
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
         self.steps_per_epoch = int(steps.item())
         self.log_every = max(1, min(10, self.steps_per_epoch // 4))
-        self.ckpt = CheckpointManager(store, layout.checkpoints(args.run_id))
+        self.ckpt = CheckpointManager(store, layout.checkpoints(job.run_id))
         self.step, self.start_epoch, self.start_step_in_epoch = 0, 0, 0
         self.restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         self._load_snapshot()
@@ -170,9 +162,9 @@ class Trainer:
         return float(loss.detach())
 
     def _run_epoch(self, epoch: int, metrics: list[tuple[str, float, int]]) -> float:
-        g = torch.Generator().manual_seed(self.args.seed * 1000 + epoch * 31 + self.rank)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch * 31 + self.rank)
         order = torch.randperm(len(self.y), generator=g)
-        bs = self.args.batch_size
+        bs = self.cfg.batch_size
         first = self.start_step_in_epoch if epoch == self.start_epoch else 0
         losses = []
         for i in range(first, self.steps_per_epoch):
@@ -181,31 +173,32 @@ class Trainer:
             self.step += 1
             if self.step % self.log_every == 0:
                 metrics.append(("loss", float(np.mean(losses[-self.log_every :])), self.step))
-            if self.step % self.args.checkpoint_every == 0:
+            if self.step % self.cfg.checkpoint_every == 0:
                 self._save_snapshot(epoch, i + 1)
         return float(np.mean(losses)) if losses else float("nan")
 
     def train(self) -> dict[str, float]:
         from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(load_settings().mlflow.tracking_uri) if self.rank == 0 else None
+        client = self.registry.client if self.registry is not None else None
+        run_id = self.job.run_id
+        # Every rank starts the clock together: otherwise the first rank to arrive counts its
+        # wait for the slowest peer's start-up as training time.
+        dist.barrier()
         started, samples = time.perf_counter(), 0
         epoch_loss = float("nan")
         pending_logs = []  # MLflow writes happen off the training thread
-        for epoch in range(self.start_epoch, self.args.epochs):
+        for epoch in range(self.start_epoch, self.cfg.epochs):
             metrics: list[tuple[str, float, int]] = []
             done_before = self.step
             epoch_loss = self._run_epoch(epoch, metrics)
-            samples += (self.step - done_before) * self.args.batch_size * self.world
+            samples += (self.step - done_before) * self.cfg.batch_size * self.world
             self._save_snapshot(epoch + 1, 0)
             if client is not None:
                 now = int(time.time() * 1000)
                 batch = [Metric(k, v, now, s) for k, v, s in metrics]
                 batch.append(Metric("epoch_loss", epoch_loss, now, epoch))
-                pending_logs.append(
-                    client.log_batch(self.args.run_id, metrics=batch, synchronous=False)
-                )
+                pending_logs.append(client.log_batch(run_id, metrics=batch, synchronous=False))
                 log.info("epoch %d loss %.5f step %d", epoch, epoch_loss, self.step)
         self.ckpt.wait()  # the last checkpoint is durable before the run reports success
         for op in pending_logs:
@@ -224,17 +217,17 @@ class Trainer:
             "steps": float(self.step),
             "restarts": float(self.restarts),
         }
-        if client is not None:  # rank 0
-            result.update(self._finish(client))
+        if self.registry is not None:  # rank 0
+            result.update(self._finish(self.registry))
             # Rank 0 records the run's summary itself: on Kubernetes no launcher reads stdout.
             now = int(time.time() * 1000)
-            client.log_batch(
-                self.args.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.items()]
+            self.registry.client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.items()]
             )
         return result
 
-    def _finish(self, client: Any) -> dict[str, float]:
-        """Rank 0: validation metrics, the final model to MLflow, summary metrics."""
+    def _finish(self, registry: Registry) -> dict[str, float]:
+        """Rank 0: validation metrics, and the final model to the store and to MLflow."""
         from sklearn.metrics import roc_auc_score
 
         self.model.eval()
@@ -243,60 +236,25 @@ class Trainer:
         p = predict_proba(self.model, val)
         val_auc = float(roc_auc_score(val[label], p)) if val[label].nunique() > 1 else float("nan")
         data = save_model_bytes(self.model)
-        key = f"{layout.checkpoints(self.args.run_id)}/final/model.pt"
-        self.store.write_bytes(key, data)
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.pt")
-            with open(path, "wb") as fh:
-                fh.write(data)
-            client.log_artifact(self.args.run_id, path, artifact_path="model")
+        self.ckpt.save_final(data)
+        registry.log_bytes(self.job.run_id, data, "model", "model.pt")
         y = val[label].to_numpy(dtype="float64")
         q = np.clip(p.astype("float64"), 1e-7, 1 - 1e-7)
         val_loss = float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
         return {"val_auc": val_auc, "val_loss": val_loss}
 
 
-def parse_args(argv: list[str] | None = None) -> TrainArgs:
-    s = load_settings().train
-    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
-    p.add_argument("--manifest", required=True, help="URI of the data set's manifest.json")
-    p.add_argument("--run-id", required=True, help="MLflow run that receives metrics and model")
-    p.add_argument("--epochs", type=int, default=s.epochs)
-    p.add_argument("--batch-size", type=int, default=s.batch_size)
-    p.add_argument("--lr", type=float, default=s.lr)
-    p.add_argument("--seed", type=int, default=s.seed)
-    p.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every)
-    p.add_argument("--hidden", type=lambda v: tuple(int(x) for x in v.split(",")), default=s.hidden)
-    p.add_argument("--embedding-dim", type=int, default=s.embedding_dim)
-    p.add_argument("--sync", choices=["ddp", "local_sgd"], default=s.sync)
-    p.add_argument("--sync-every", type=int, default=s.sync_every)
-    a = p.parse_args(argv)
-    return TrainArgs(
-        a.manifest,
-        a.run_id,
-        a.epochs,
-        a.batch_size,
-        a.lr,
-        a.seed,
-        a.checkpoint_every,
-        tuple(a.hidden),
-        a.embedding_dim,
-        a.sync,
-        a.sync_every,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    job = parse_job(argv)
+    # The one place the job meets its secrets: they come from this process's environment.
+    store_cfg, mlflow_cfg = job.with_secrets(os.environ)
     torch.set_num_threads(1)
-    rank, world, node, nnodes = ddp_setup()
-    trainer = Trainer(args, open_store(load_settings().store), rank, world, node, nnodes)
-    result = trainer.train()
+    rank, world = ddp_setup(job.train.dist_timeout_s)
+    registry = Registry(mlflow_cfg) if rank == 0 else None
+    result = Trainer(job, open_store(store_cfg), rank, world, registry).train()
     if rank == 0:
-        print("MLOPS_TRAIN_RESULT " + json.dumps(result), flush=True)
+        print(format_result(result), flush=True)
     # Only a healthy group is torn down: after a failure, destroy_process_group can block on
     # peers that are gone; the process exits with the exception and the agent handles it.
     dist.destroy_process_group()

@@ -11,9 +11,16 @@ cannot rejoin a finished rendezvous); the whole group is retried instead (see
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from airflow.sdk import XComArg
+    from airflow.sdk.bases.operator import BaseOperator
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    from pipelines.config import Settings, TrainSettings
 
 RANK_LABEL = "mlops.io/rank"
 JOB_LABEL = "mlops.io/job"
@@ -40,8 +47,11 @@ def rendezvous_service(job: str, namespace: str, port: int) -> dict[str, Any]:
     }
 
 
-def node_pod_kwargs(train: Any, job: str, rank: int, entry_args: list[str]) -> dict[str, Any]:
-    """The per-rank KubernetesPodOperator arguments (JSON-able, for ``expand_kwargs``)."""
+def node_pod_kwargs(
+    train: TrainSettings, job: str, rank: int, entry_args: list[str]
+) -> dict[str, Any]:
+    """The per-rank KubernetesPodOperator arguments (JSON-able, for ``expand_kwargs``);
+    ``entry_args`` carry the training job (``TrainJob.argv()``), the same for every rank."""
     from pipelines.train.launch import torchrun_command
 
     endpoint = f"{job}-0.{job}:{train.pod_rdzv_port}"
@@ -63,15 +73,13 @@ def node_pod_kwargs(train: Any, job: str, rank: int, entry_args: list[str]) -> d
         "labels": {JOB_LABEL: job, RANK_LABEL: str(rank)},
         "cmds": cmd[:1],
         "arguments": cmd[1:],
-        "env_vars": {
-            "MLOPS_PROFILE": "kubernetes",
-            "MLOPS_NODE_RANK": str(rank),
-            "PYTHONUNBUFFERED": "1",
-        },
+        # Settings travel in the job argument (torchrun gives each rank its rank); the secrets
+        # come from `train.secret_env` (pod_defaults), never from the arguments.
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
 
 
-def pod_defaults(train: Any) -> dict[str, Any]:
+def pod_defaults(train: TrainSettings) -> dict[str, Any]:
     """Arguments shared by every rank: image, namespace, resources, scheduling, secrets."""
     from kubernetes.client import models as k8s
 
@@ -121,7 +129,9 @@ def attempt_pods(pods: list[dict[str, Any]], attempt: int) -> list[dict[str, Any
     ]
 
 
-def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> tuple[Any, Any]:
+def kubernetes_training_group(
+    train: TrainSettings, prepared: XComArg, pool: str
+) -> tuple[BaseOperator, list[MappedOperator]]:
     """Up to ``train.group_attempts`` attempts of: Service (setup) -> one pod per node (mapped)
     -> Service deleted (teardown, on failure too). Returns (the last teardown, all node tasks).
 
@@ -150,12 +160,12 @@ def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> tuple[Any
             )
 
             @task
-            def node_specs(p: dict, attempt: int = attempt) -> list[dict]:
+            def node_specs(p: dict[str, Any], attempt: int = attempt) -> list[dict[str, Any]]:
                 return attempt_pods(p["pods"], attempt)
 
             nodes = KubernetesPodOperator.partial(
                 task_id="train_node", pool=pool, retries=0, **pod_defaults(train)
-            ).expand_kwargs(node_specs(prepared))
+            ).expand_kwargs(node_specs(prepared))  # type: ignore[arg-type]  # resolved at run time
             delete_rendezvous_service = KubernetesDeleteResourceOperator(
                 task_id="delete_rendezvous_service",
                 yaml_conf=service_yaml,
@@ -177,7 +187,7 @@ def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> tuple[Any
                 trigger_rule=TriggerRule.ALL_DONE,
                 ignore_downstream_trigger_rules=False,
             )
-            def retry_group(p: dict) -> bool:
+            def retry_group(p: dict[str, Any]) -> bool:
                 """Run the group again only if the training run has not finished."""
                 from airflow.sdk import get_current_context
 
@@ -188,19 +198,23 @@ def kubernetes_training_group(train: Any, prepared: Any, pool: str) -> tuple[Any
                     run_settings(get_current_context()["params"]), p["run_id"]
                 )
 
-            previous >> retry_group(prepared) >> group
+            previous >> retry_group(prepared) >> group  # type: ignore[arg-type]
         previous = delete_rendezvous_service
         all_nodes.append(nodes)
+    assert previous is not None, "train.group_attempts is at least 1"
     return previous, all_nodes
 
 
-def prepare(settings: Any, manifest_uri: str, run_key: str, tags: dict[str, Any]) -> dict:
+def prepare(
+    settings: Settings, manifest_uri: str, run_key: str, tags: dict[str, Any]
+) -> dict[str, Any]:
     """Open (or reuse) the MLflow run and render the Service and every rank's pod arguments."""
-    from pipelines.train.run import entry_args, start_training_run
+    from pipelines.train.job import TrainJob
+    from pipelines.train.run import start_training_run
 
     run_id, done = start_training_run(settings, manifest_uri, run_key, tags)
     job = job_name(run_id)
-    args = entry_args(settings, manifest_uri, run_id)
+    args = TrainJob.for_run(settings, manifest_uri, run_id).argv()
     service = rendezvous_service(job, settings.train.namespace, settings.train.pod_rdzv_port)
     return {
         "run_id": run_id,

@@ -15,15 +15,20 @@ from mlops_airflow.training import (
 )
 
 from pipelines.config import load_settings, with_overrides
+from pipelines.train.job import TrainJob
 
 ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = "s3://lake/shards/t/v/manifest.json"
+S3_SECRET, MLFLOW_TOKEN = "wJalr9XUtnFEMIK7MDENG", "tok-3f9a1c77e2"
 
 
 @pytest.fixture
-def train(tmp_path: Path):  # type: ignore[no-untyped-def]
+def settings(tmp_path: Path):  # type: ignore[no-untyped-def]
     s = load_settings({"MLOPS_HOME": str(tmp_path), "MLOPS_PROFILE": "kubernetes"})
     return with_overrides(
         s,
+        store={"key": "AKIA7Q2EXAMPLE", "secret": S3_SECRET},
+        mlflow={"token": MLFLOW_TOKEN},
         train={
             "nodes": 3,
             "min_nodes": 2,
@@ -36,13 +41,18 @@ def train(tmp_path: Path):  # type: ignore[no-untyped-def]
             ],
             "secret_env": ["mlops-s3", "mlops-mlflow"],
         },
-    ).train
+    )
 
 
-def render(train, rank: int, job: str):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def train(settings):  # type: ignore[no-untyped-def]
+    return settings.train
+
+
+def render(train, rank: int, job: str, args: list[str] | None = None):  # type: ignore[no-untyped-def]
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    args = ["--manifest", "s3://lake/shards/t/v/manifest.json", "--run-id", "abc"]
+    args = args or ["--job", "{}"]
     kpo = KubernetesPodOperator(
         task_id=f"train_node_{rank}",
         **pod_defaults(train),
@@ -51,13 +61,14 @@ def render(train, rank: int, job: str):  # type: ignore[no-untyped-def]
     return kpo.build_pod_request_obj(dry_run=True)
 
 
-def test_three_node_pods_carry_ranks_rendezvous_and_resources(train) -> None:  # type: ignore[no-untyped-def]
+def test_three_node_pods_carry_ranks_rendezvous_and_resources(settings, train) -> None:  # type: ignore[no-untyped-def]
     from kubernetes.client import ApiClient
 
     job = job_name("abc")
+    train_job = TrainJob.for_run(settings, MANIFEST, "abc")
     api = ApiClient()
     for rank in range(3):
-        pod = render(train, rank, job)
+        pod = render(train, rank, job, train_job.argv())
         # Round-trip through the Kubernetes models: the spec is well-formed.
         data = api.sanitize_for_serialization(pod)
         again = api._ApiClient__deserialize(data, "V1Pod")
@@ -76,11 +87,14 @@ def test_three_node_pods_carry_ranks_rendezvous_and_resources(train) -> None:  #
         assert "-m torch.distributed.run --nnodes=2:3 --nproc-per-node=1" in line
         assert f"--rdzv-endpoint={job}-0.{job}:29500" in line and f"--rdzv-id={job}" in line
         assert f"is_host={'true' if rank == 0 else 'false'}" in line
-        assert line.endswith(
-            "-m pipelines.train --manifest s3://lake/shards/t/v/manifest.json --run-id abc"
-        )
+        # Every rank gets the same one job argument, and it walks the settings across whole.
+        assert c.args[-4:-1] == ["-m", "pipelines.train", "--job"]
+        assert TrainJob.model_validate_json(c.args[-1]) == train_job
+        assert train_job.train == train and train_job.store.root == settings.store.root
+        # Secrets stay out of the pod spec: they come from the secrets mounted as env.
+        assert S3_SECRET not in line and MLFLOW_TOKEN not in line
         env = {e.name: e.value for e in c.env}
-        assert env["MLOPS_PROFILE"] == "kubernetes" and env["MLOPS_NODE_RANK"] == str(rank)
+        assert env == {"PYTHONUNBUFFERED": "1"}  # torchrun gives the rank; nothing else is read
         assert [e.secret_ref.name for e in c.env_from] == ["mlops-s3", "mlops-mlflow"]
         assert c.resources.limits == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
         assert c.resources.requests == c.resources.limits

@@ -14,9 +14,10 @@ import pytest
 from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.data.generate import generate_partition
+from pipelines.data.results import ValidationBlocked
 from pipelines.data.shard import SPLITS, load_manifest, read_split, shard_dataset
 from pipelines.data.spec import load_spec
-from pipelines.data.validate import ValidationBlocked, validate_partition
+from pipelines.data.validate import validate_partition
 from pipelines.store import ObjectStore
 
 pytestmark = pytest.mark.integration
@@ -139,13 +140,13 @@ def test_unseen_country_only_warns(tmp_path: Path) -> None:
 
 def test_sharding_is_deterministic_and_splits_by_entity(store: ObjectStore) -> None:
     generate_partition(store, SPEC, "2026-11-01", 6000)
-    first = shard_dataset(store, SPEC, "2026-11-01", target_rows=1000, nodes=2)
+    first = shard_dataset(store, SPEC, "2026-11-01", target_rows=1000)
     shard_bytes = {
         s["path"]: store.read_bytes(f"{store.key_of(first.base_uri)}/{s['path']}")
         for split in SPLITS
         for s in first.shards(split)
     }
-    again = shard_dataset(store, SPEC, "2026-11-01", target_rows=1000, nodes=2)
+    again = shard_dataset(store, SPEC, "2026-11-01", target_rows=1000)
     assert again.data_version == first.data_version
     for path, data in shard_bytes.items():
         assert store.read_bytes(f"{store.key_of(again.base_uri)}/{path}") == data
@@ -160,27 +161,25 @@ def test_sharding_is_deterministic_and_splits_by_entity(store: ObjectStore) -> N
     assert loaded.data["features"]["log1p"] == ["amount", "distance_km"]
 
 
-def test_the_node_count_never_rewrites_a_published_manifest(tmp_path: Path) -> None:
-    """Content-addressed means immutable: the same rows sharded for 1 and for 2 nodes publish
-    the same bytes under the same version; a node count that changes the shards (the floor of
-    one train shard per node) gets a new version and leaves the first one as it was."""
+def test_the_node_count_plays_no_part_in_the_published_data_set(tmp_path: Path) -> None:
+    """Content-addressed means immutable: the sharder never sees a node count, so the same rows
+    publish the same bytes under the same version however many nodes train on them. Ranks split
+    the train rows at training time (train.partition.rank_rows), a single shard included."""
+    from pipelines.train.partition import rank_rows
+
     store = ObjectStore(f"file://{tmp_path}/lake")
     generate_partition(store, SPEC, "2026-11-01", 4000)
-    one = shard_dataset(store, SPEC, "2026-11-01", target_rows=500, nodes=1)
-    published = store.read_bytes(store.key_of(one.uri))
-    two = shard_dataset(store, SPEC, "2026-11-01", target_rows=500, nodes=2)
-    assert two.data_version == one.data_version and two.uri == one.uri
-    assert store.read_bytes(store.key_of(one.uri)) == published
-    many = shard_dataset(store, SPEC, "2026-11-01", target_rows=500, nodes=12)
-    assert len(many.shards("train")) == 12 and many.data_version != one.data_version
-    assert store.read_bytes(store.key_of(one.uri)) == published
-    from pipelines.train.worker import node_shards
-
-    parts = [node_shards(one, n, 2) for n in range(2)]
-    assert sorted(s["path"] for p in parts for s in p) == sorted(
-        s["path"] for s in one.shards("train")
-    )
-    assert all(parts)
+    many = shard_dataset(store, SPEC, "2026-11-01", target_rows=500)
+    published = store.read_bytes(store.key_of(many.uri))
+    one = shard_dataset(store, SPEC, "2026-11-01", target_rows=250_000)
+    assert len(many.shards("train")) == 6 and len(one.shards("train")) == 1
+    assert one.data_version != many.data_version
+    assert store.read_bytes(store.key_of(many.uri)) == published
+    for m in (many, one):
+        sizes = [s["rows"] for s in m.shards("train")]
+        for world in (1, 2, 12):
+            got = [sum(p.stop - p.start for p in rank_rows(sizes, r, world)) for r in range(world)]
+            assert all(got) and sum(got) == m.rows("train"), (world, got)
 
 
 def test_different_data_gives_a_different_version(tmp_path: Path) -> None:
@@ -268,12 +267,12 @@ def test_sharding_depends_on_rows_only_not_on_batches_or_files(tmp_path: Path) -
     same shards and data version (rows are placed by hash and sorted by key within a shard)."""
     store = ObjectStore(f"file://{tmp_path}/lake")
     generate_partition(store, SPEC, "2026-11-01", 5000)
-    whole = shard_dataset(store, SPEC, "2026-11-01", target_rows=800, nodes=2)
-    small = shard_dataset(store, SPEC, "2026-11-01", 800, nodes=2, batch_rows=333)
+    whole = shard_dataset(store, SPEC, "2026-11-01", target_rows=800)
+    small = shard_dataset(store, SPEC, "2026-11-01", 800, batch_rows=333)
     df = _landing_frame(store, "2026-11-01")
     _write_landing(store, "2026-11-01", [df.iloc[2500:].iloc[::-1], df.iloc[:2500]])
-    split_files = shard_dataset(store, SPEC, "2026-11-01", 800, nodes=2, batch_rows=1000)
-    one_thread = shard_dataset(store, SPEC, "2026-11-01", 800, 2, batch_rows=700, workers=1)
+    split_files = shard_dataset(store, SPEC, "2026-11-01", 800, batch_rows=1000)
+    one_thread = shard_dataset(store, SPEC, "2026-11-01", 800, batch_rows=700, workers=1)
     assert whole.data_version == small.data_version == split_files.data_version
     assert one_thread.data_version == whole.data_version
     sizes = [s["rows"] for s in whole.shards("train")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import psutil
 import pytest
 
@@ -22,7 +24,12 @@ def _manifest(settings: Settings, rows: int = 6000) -> str:
 
 
 def test_two_node_ddp_run_logs_to_mlflow_and_checkpoints(local_settings: Settings) -> None:
-    s = with_overrides(local_settings, train={"nodes": 2, "epochs": 3, "checkpoint_every": 10})
+    # Small shards here (several per rank); the default target gives this day one train shard.
+    s = with_overrides(
+        local_settings,
+        train={"nodes": 2, "epochs": 3, "checkpoint_every": 10},
+        data={"shard_target_rows": 2000},
+    )
     manifest = _manifest(s, rows=12000)  # ~40 validation positives: an AUC that means something
     lines: list[str] = []
     out = stages.train(s, manifest, run_key="test/run-1", sink=lines.append)
@@ -91,8 +98,9 @@ def test_elastic_job_survives_a_lost_node_and_resumes_from_checkpoint(
 ) -> None:
     import threading
 
+    from pipelines.train.job import TrainJob
     from pipelines.train.launch import kill_tree, launch_local
-    from pipelines.train.run import entry_args, start_training_run
+    from pipelines.train.run import start_training_run
 
     s = with_overrides(
         local_settings,
@@ -119,7 +127,7 @@ def test_elastic_job_survives_a_lost_node_and_resumes_from_checkpoint(
         threading.Thread(target=later, daemon=True).start()
 
     result = launch_local(
-        entry_args(s, manifest, run_id),
+        TrainJob.for_run(s, manifest, run_id).argv(),
         nodes=2,
         max_restarts=3,
         min_nodes=1,
@@ -179,6 +187,25 @@ def test_a_retried_task_resumes_its_run_instead_of_starting_over(
     step = int(resumed[0].split("at step ")[1].split()[0])
     assert step > 0
     assert reg.get_run(out["run_id"]).info.status == "FINISHED"
+
+
+def test_two_nodes_share_a_single_train_shard(local_settings: Settings) -> None:
+    """A small day under the default 250,000-row target has one train shard, fewer than the
+    nodes: each rank reads it and trains on its own half of the rows, none is left idle."""
+    from pipelines.data.shard import load_manifest
+
+    s = with_overrides(local_settings, train={"nodes": 2, "epochs": 2})
+    manifest_uri = _manifest(s, rows=8000)
+    m = load_manifest(open_store(s.store), manifest_uri)
+    assert len(m.shards("train")) == 1
+    lines: list[str] = []
+    out = stages.train(s, manifest_uri, sink=lines.append)
+    found = [re.search(r"rank (\d)/2 reads \d+ train rows: \S+\[(\d+):(\d+)\]", x) for x in lines]
+    ranks = sorted((int(f[1]), int(f[2]), int(f[3])) for f in found if f)
+    n = m.rows("train")
+    assert ranks == [(0, 0, n // 2), (1, n // 2, n)], ranks  # disjoint, every row once
+    assert out["metrics"]["world_size"] == 2.0
+    assert out["metrics"]["steps"] > 0 and out["metrics"]["val_auc"] > 0.6, out["metrics"]
 
 
 def test_two_nodes_match_one_node_with_the_same_global_batch(local_settings: Settings) -> None:
