@@ -28,4 +28,5 @@ CMD ["--port=8500", \
      "--model_config_file_poll_wait_seconds=30", \
      "--monitoring_config_file=/etc/tf-serving/monitoring.config", \
      "--enable_batching", \
-     "--batching_parameters_file=/etc/tf-serving/batching.config"]
+     "--batching_parameters_file=/etc/tf-serving/batching.config", \
+     "--allow_version_labels_for_unavailable_models"]

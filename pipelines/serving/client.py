@@ -198,6 +198,9 @@ class LocalServer:
         cmd += ["--rest-port", str(self.port), "--grpc-port", str(self.grpc_port)]
         cmd += ["--model-config", str(self.config_file), "--poll-seconds", str(self.poll_seconds)]
         cmd += ["--port-file", str(self.daemon.port_file)]
+        # As the TF Serving pods run (infra/k8s/base/tf-serving.yaml): a restarted replica
+        # comes back with its labelled config.
+        cmd += ["--allow_version_labels_for_unavailable_models"]
         try:
             info = self.daemon.start(cmd, self._healthy, timeout)
         except DaemonUnavailable as exc:

@@ -1,7 +1,7 @@
 """TF Serving's gRPC API (``tensorflow-serving-api``) over the same :class:`ModelManager`.
 
-``PredictionService``: Predict and GetModelMetadata. ``ModelService``: GetModelStatus and
-HandleReloadConfigRequest. Errors use the gRPC codes TF Serving returns.
+``PredictionService``: Predict, Classify, Regress and GetModelMetadata. ``ModelService``:
+GetModelStatus and HandleReloadConfigRequest. Errors use the gRPC codes TF Serving returns.
 """
 
 from __future__ import annotations
@@ -9,21 +9,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
     status_pb2,
 )
 
-from pipelines.serving import model_config
-from pipelines.serving.server import ModelManager, ServingError
+from pipelines.serving import inference, model_config
+from pipelines.serving.errors import ServingError
+
+if TYPE_CHECKING:  # server.py imports this module when it starts gRPC
+    from pipelines.serving.server import ModelManager
 
 _STATES = {
     "UNKNOWN": 0,
@@ -57,7 +62,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         import tensorflow as tf
 
         name, version, label = _spec(request.model_spec)
-        with _grpc_errors(context), self.manager.metered(name, "GRPC"):
+        with _grpc_errors(context), self.manager.metered(name, "GRPC", "Predict"):
             columns = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
             servable, outputs = self.manager.run_signature(
                 name, columns, version, label, request.model_spec.signature_name
@@ -72,6 +77,31 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         for key, value in outputs.items():
             if key in wanted:
                 response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = classification_pb2.ClassificationResponse()
+        return self._infer(inference.CLASSIFY, request, response, context)
+
+    def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
+        response = regression_pb2.RegressionResponse()
+        return self._infer(inference.REGRESS, request, response, context)
+
+    def _infer(
+        self, method: str, request: Any, response: Any, context: grpc.ServicerContext
+    ) -> Any:
+        """Classify or Regress; the response's model_spec names the version and signature used."""
+        if not request.HasField("model_spec"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        name, version, label = _spec(request.model_spec)
+        with _grpc_errors(context), self.manager.metered(name, "GRPC", method.title()):
+            servable, signature, result = self.manager.infer(
+                method, name, request.input, version, label, request.model_spec.signature_name
+            )
+        response.model_spec.name = name
+        response.model_spec.version.value = servable.version
+        response.model_spec.signature_name = signature
+        response.result.CopyFrom(result)
         return response
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -1,9 +1,9 @@
 """A TF-Serving-compatible model server for dev, tests and the demo (``mlops serve``).
 
-Speaks TF Serving's REST API (status, metadata, ``:predict`` by version or label, its error
-bodies and status codes), reads and polls a ``model_config_list`` file with version labels
-(labels may only point at AVAILABLE versions), and exposes Prometheus metrics at
-``/monitoring/prometheus/metrics``. Production runs the real tensorflow/serving image instead.
+Speaks TF Serving's REST API (status, metadata, ``:predict``, ``:classify`` and ``:regress`` by
+version or label, its error bodies and status codes), reads and polls a ``model_config_list`` file
+with version labels (labels may only point at AVAILABLE versions), and exposes Prometheus metrics
+at ``/monitoring/prometheus/metrics``. Production runs the real tensorflow/serving image instead.
 """
 
 from __future__ import annotations
@@ -21,38 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pipelines.serving import model_config
+from pipelines.serving import inference, model_config
+from pipelines.serving.errors import ServingError
 
 log = logging.getLogger(__name__)
-
-# gRPC status name -> HTTP status, as TF Serving's http_server.cc maps them.
-HTTP_CODES = {
-    "OK": 200,
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,
-    "OUT_OF_RANGE": 400,
-    "NOT_FOUND": 404,
-    "ALREADY_EXISTS": 409,
-    "PERMISSION_DENIED": 403,
-    "UNAUTHENTICATED": 401,
-    "RESOURCE_EXHAUSTED": 429,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-    "UNIMPLEMENTED": 501,
-    "INTERNAL": 500,
-    "UNKNOWN": 500,
-}
 MAX_BODY = 8 << 20
-
-
-class ServingError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_CODES.get(self.code, 500)
 
 
 @dataclass
@@ -85,11 +58,11 @@ WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"  # where TF Serving look
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 
 
-def _warm_up(signatures: Any, path: Path) -> int:
+def _warm_up(signatures: Any, signature_defs: dict[str, Any], path: Path) -> int:
     """Replay the SavedModel's warmup records, as TF Serving does before a version becomes
     AVAILABLE: its first real requests then do not pay for the graph's first run. A record
-    that fails fails the load. Only PredictLog records are replayed (this server has no
-    Classify/Regress); others are skipped with a warning. Returns the requests replayed."""
+    that fails fails the load. Predict, Classify and Regress records are replayed; others
+    (MultiInference) are skipped with a warning. Returns the requests replayed."""
     records = path / WARMUP_FILE
     if not records.exists():
         return 0
@@ -99,12 +72,20 @@ def _warm_up(signatures: Any, path: Path) -> int:
     done = 0
     for raw in tf.data.TFRecordDataset(str(records)).take(MAX_WARMUP_RECORDS):
         entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-        if not entry.HasField("predict_log"):
-            log.warning("skipping a %s warmup record", entry.WhichOneof("log_type"))
+        kind = entry.WhichOneof("log_type")
+        if kind == "predict_log":
+            request = entry.predict_log.request
+            fn = signatures[request.model_spec.signature_name or "serving_default"]
+            fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        elif kind in ("classify_log", "regress_log"):
+            request = getattr(entry, kind).request
+            method = inference.CLASSIFY if kind == "classify_log" else inference.REGRESS
+            inference.run(
+                method, signature_defs, signatures, request.model_spec.signature_name, request.input
+            )
+        else:
+            log.warning("skipping a %s warmup record", kind)
             continue
-        request = entry.predict_log.request
-        fn = signatures[request.model_spec.signature_name or "serving_default"]
-        fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
         done += 1
     return done
 
@@ -128,9 +109,18 @@ def _load_signature_defs(path: Path) -> dict[str, Any]:
 class ModelManager:
     """Loads the versions a config lists, applies labels, answers status and predict."""
 
-    def __init__(self, config_file: str | Path | None = None, poll_seconds: float = 1.0):
+    def __init__(
+        self,
+        config_file: str | Path | None = None,
+        poll_seconds: float = 1.0,
+        allow_labels_for_unavailable: bool = False,
+    ):
         self.config_file = Path(config_file) if config_file else None
         self.poll_seconds = poll_seconds
+        # TF Serving's --allow_version_labels_for_unavailable_models: a new label (or one kept
+        # on its version) may point at a version that is still loading; moving a label onto
+        # such a version is refused either way.
+        self.allow_labels_for_unavailable = allow_labels_for_unavailable
         self.models: dict[str, ModelState] = {}
         self.lock = threading.RLock()
         self._last_text: str | None = None
@@ -159,33 +149,28 @@ class ModelManager:
             except Exception:
                 log.exception("config poll failed")
 
-    def _initial_load(self, timeout: float = 300.0) -> None:
-        """TF Serving's first config: load every listed version, wait until each is AVAILABLE
-        or has failed, then apply the labels. Later reloads refuse a label on a version that
-        is not AVAILABLE; the first does not, so a restarted server with a labelled config
-        comes back labelled (a label on a version that failed to load is refused and logged)."""
+    def _initial_load(self) -> None:
+        """TF Serving's first config is applied like any reload: labels are checked before any
+        version is added, so a first config with labels is refused, and the server does not
+        start, unless it runs with --allow_version_labels_for_unavailable_models (the local
+        data plane and infra/k8s pass it, so a restarted replica comes back labelled)."""
         if self.config_file is None or not self.config_file.exists():
             return
+        text = self.config_file.read_text()
         try:
-            entries = model_config.parse(self.config_file.read_text())
-        except Exception:  # noqa: BLE001 - the poll below reports a bad file
-            entries = []
-        unlabelled = [model_config.ModelEntry(e.name, e.base_path, e.versions) for e in entries]
-        with self.lock:
-            self.apply(unlabelled)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                loading = [
-                    s
-                    for m in self.models.values()
-                    for s in m.servables.values()
-                    if s.state == "LOADING"
-                ]
-            if not loading:
-                break
-            time.sleep(0.05)
-        self.poll_once()
+            entries = model_config.parse(text)
+        except Exception:  # noqa: BLE001 - the poll reports a bad file, as for any reload
+            return
+        try:
+            self.apply(entries)
+        except ServingError as exc:
+            raise ServingError(
+                exc.code,
+                f"{exc.message} (first config {self.config_file}: TF Serving assigns labels "
+                "to versions that are still loading only when started with "
+                "--allow_version_labels_for_unavailable_models)",
+            ) from None
+        self._last_text = text
 
     def poll_once(self) -> None:
         """Re-apply the config file. Like TF Serving, every poll re-applies; failures log."""
@@ -207,9 +192,12 @@ class ModelManager:
             # config that adds a version and labels it in one step is rejected whole.
             for e in entries:
                 current = self.models.get(e.name)
-                for v in e.labels.values():
+                for label, v in e.labels.items():
                     s = current.servables.get(v) if current else None
-                    if s is None or s.state != "AVAILABLE":
+                    if s is not None and s.state == "AVAILABLE":
+                        continue
+                    kept = current is None or current.labels.get(label, v) == v
+                    if not (self.allow_labels_for_unavailable and kept):
                         raise ServingError(
                             "FAILED_PRECONDITION",
                             f"Request to assign label to version {v} of model {e.name}, which "
@@ -265,7 +253,7 @@ class ModelManager:
             servable.signature_defs = _load_signature_defs(path)
             servable.signature = loaded.signatures
             servable._loaded = loaded  # type: ignore[attr-defined]  # keep the object alive
-            servable.warmup_requests = _warm_up(loaded.signatures, path)
+            servable.warmup_requests = _warm_up(loaded.signatures, servable.signature_defs, path)
             servable.state = "AVAILABLE"
             log.info(
                 "model %s version %d AVAILABLE (%d warmup requests)",
@@ -346,10 +334,11 @@ class ModelManager:
             "metadata": {"signature_def": {"signature_def": defs}},
         }
 
-    # -- predict --------------------------------------------------------------------------
+    # -- predict, classify, regress --------------------------------------------------------
     @contextmanager
-    def metered(self, name: str, entrypoint: str) -> Iterator[None]:
-        """Count the request by status and record its latency (TF Serving's two series)."""
+    def metered(self, name: str, entrypoint: str, api: str = "predict") -> Iterator[None]:
+        """Count the request by status and record its latency (TF Serving's two series; ``api``
+        is the REST method, ``predict``/``classify``/``regress``, or the gRPC one, ``Predict``)."""
         started = time.perf_counter()
         code = "OK"
         try:
@@ -361,7 +350,7 @@ class ModelManager:
             with self.lock:
                 key = (name, code)
                 self.counters[key] = self.counters.get(key, 0) + 1
-                series = self.latency.setdefault(f"{name}|{entrypoint}", [])
+                series = self.latency.setdefault(f"{name}|{api}|{entrypoint}", [])
                 series.append((time.perf_counter() - started) * 1e6)
                 if len(series) > 100_000:
                     del series[:50_000]
@@ -383,7 +372,8 @@ class ModelManager:
         if sig_name not in s.signature:
             raise ServingError(
                 "FAILED_PRECONDITION",
-                f'Serving signature name: "{sig_name}" not found in signature def',
+                f'Serving signature name: "{sig_name}" not found in signature def. The model '
+                f"exports: {', '.join(inference.callable_signatures(s.signature_defs))}",
             )
         fn = s.signature[sig_name]
         specs = fn.structured_input_signature[1]
@@ -428,6 +418,37 @@ class ModelManager:
                 return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(n)]}
             return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
 
+    def infer(
+        self,
+        method: str,
+        name: str,
+        request_input: Any,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "",
+    ) -> tuple[Servable, str, Any]:
+        """Classify or Regress (``inference.CLASSIFY``/``REGRESS``) a gRPC ``Input`` of
+        tf.Examples; returns the servable, the signature used and the result proto."""
+        s = self.resolve(name, version, label)
+        used, result = inference.run(
+            method, s.signature_defs, s.signature, signature_name, request_input
+        )
+        return s, used, result
+
+    def classify_or_regress(
+        self,
+        method: str,
+        name: str,
+        body: Any,
+        version: int | None = None,
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        """The REST ``:classify``/``:regress`` call; TF Serving answers ``{"results": [...]}``."""
+        with self.metered(name, "REST", method):
+            signature_name, request_input = inference.input_from_json(body)
+            _, _, result = self.infer(method, name, request_input, version, label, signature_name)
+            return {"results": inference.result_json(result)}
+
     def prometheus(self) -> str:
         """TF Serving's request count and latency series, in Prometheus text format."""
         lines = ["# TYPE :tensorflow:serving:request_count counter"]
@@ -438,8 +459,8 @@ class ModelManager:
             lines.append("# TYPE :tensorflow:serving:request_latency histogram")
             bounds = [*(f"{10 * 1.8**i:.0f}" for i in range(33)), "+Inf"]
             for key, values in sorted(self.latency.items()):
-                model, entrypoint = key.split("|", 1)
-                labels = f'model_name="{model}",API="predict",entrypoint="{entrypoint}"'
+                model, api, entrypoint = key.split("|", 2)
+                labels = f'model_name="{model}",API="{api}",entrypoint="{entrypoint}"'
                 ordered = sorted(values)
                 for b in bounds:
                     c = len(ordered) if b == "+Inf" else bisect.bisect_right(ordered, float(b))
@@ -549,15 +570,6 @@ class RestHandler(BaseHTTPRequestHandler):
         if m is None or m["tail"] not in (":predict", ":classify", ":regress"):
             self._send(404, {"error": f"Malformed request: POST {self.path}"})
             return
-        if m["tail"] != ":predict":
-            self._error(
-                ServingError(
-                    "UNIMPLEMENTED",
-                    f"{m['tail'][1:]} needs a Classify/Regress signature; "
-                    "this model exports serving_default (predict) only",
-                )
-            )
-            return
         try:
             body = json.loads(raw or b"null")
         except json.JSONDecodeError as exc:
@@ -567,8 +579,15 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(ServingError("INVALID_ARGUMENT", "JSON Parse error: nested too deeply"))
             return
         version = int(m["version"]) if m["version"] else None
+        method = m["tail"][1:]
         try:
-            self._send(200, self.manager.predict(m["model"], body, version, m["label"]))
+            if method == "predict":
+                answer = self.manager.predict(m["model"], body, version, m["label"])
+            else:
+                answer = self.manager.classify_or_regress(
+                    method, m["model"], body, version, m["label"]
+                )
+            self._send(200, answer)
         except ServingError as exc:
             self._error(exc)
         except RecursionError:
@@ -591,13 +610,14 @@ def serve(
     grpc_port: int | None = 8500,
     poll_seconds: float = 1.0,
     port_file: str | Path | None = None,
+    allow_labels_for_unavailable: bool = False,
 ) -> None:
     """Run REST (and gRPC unless ``grpc_port`` is None) until SIGTERM/SIGINT.
 
     Port 0 picks a free port; the bound ports are written to ``port_file`` when given."""
     import signal
 
-    manager = ModelManager(config_file, poll_seconds)
+    manager = ModelManager(config_file, poll_seconds, allow_labels_for_unavailable)
     manager.start()
     server = make_server(manager, host, rest_port)
     grpc_server = None

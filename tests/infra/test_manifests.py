@@ -750,6 +750,9 @@ def test_tf_serving_pool_configuration_lines_up(label: str, tmp_path: Path) -> N
         a for a in cmd if not not_config.match(a)
     ]
     assert (args["port"], args["rest_api_port"]) == ("8500", "8501")
+    # The controller publishes labelled configs; TF Serving checks labels before loading any
+    # version, on the first config too, so a restarted pod would refuse its own config.
+    assert "--allow_version_labels_for_unavailable_models" in server["args"]
 
     # The controller publishes to serving.publish_root: version directories (shared), then each
     # label's <label>/models.config; the init container and the sidecar copy them to the volume

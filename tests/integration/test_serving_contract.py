@@ -22,6 +22,7 @@ from pipelines.data.shard import feature_stats
 from pipelines.data.spec import load_spec
 from pipelines.serving import model_config
 from pipelines.serving.client import LocalServer, ServingClient
+from pipelines.serving.errors import ServingError
 from pipelines.serving.export import export_saved_model, to_instances
 from pipelines.serving.server import ModelManager, make_server
 from pipelines.train.model import TabularMLP, predict_proba
@@ -193,12 +194,7 @@ def test_a_deeply_nested_body_is_a_400_with_an_error_body(server: tuple[str, Pat
     assert requests.get(f"{url}/v1/models/{MODEL}", timeout=10).status_code == 200  # still up
 
 
-def test_zero_padded_version_directories_and_a_labelled_startup_config(
-    models: dict, tmp_path: Path
-) -> None:
-    """TF Serving's own test models live in ``00000123``-style directories; a config that
-    labels its versions at start-up comes up labelled (TF Serving loads, then labels, on the
-    first config; only later reloads refuse a label on a version that is not AVAILABLE)."""
+def _padded_labelled(models: dict, tmp_path: Path) -> Path:
     import shutil
 
     base = tmp_path / MODEL
@@ -207,14 +203,53 @@ def test_zero_padded_version_directories_and_a_labelled_startup_config(
     config = tmp_path / "models.config"
     entry = model_config.ModelEntry(MODEL, str(base), [123, 124], {"stable": 123, "canary": 124})
     model_config.write(config, [entry])
-    manager = ModelManager(config, poll_seconds=0)
+    return config
+
+
+def test_a_labelled_first_config_is_refused_as_tf_serving_refuses_it(
+    models: dict, tmp_path: Path
+) -> None:
+    """TF Serving checks labels before it adds any version, on the first config too
+    (server_core.cc): without --allow_version_labels_for_unavailable_models it does not start."""
+    manager = ModelManager(_padded_labelled(models, tmp_path), poll_seconds=0)
+    with pytest.raises(ServingError) as err:
+        manager.start()
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert err.value.message.startswith(
+        f"Request to assign label to version 123 of model {MODEL}, which is not currently "
+        "available for inference (first config "
+    )
+    assert "--allow_version_labels_for_unavailable_models" in err.value.message
+    assert MODEL not in manager.models  # refused whole: nothing was added
+
+
+def test_zero_padded_version_directories_and_a_labelled_startup_config(
+    models: dict, tmp_path: Path
+) -> None:
+    """TF Serving's own test models live in ``00000123``-style directories; with the flag a
+    config that labels its versions at start-up comes up labelled (how every replica runs)."""
+    manager = ModelManager(
+        _padded_labelled(models, tmp_path), poll_seconds=0, allow_labels_for_unavailable=True
+    )
     manager.start()
     try:
+        assert manager.models[MODEL].labels == {"stable": 123, "canary": 124}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+            s.state == "LOADING" for s in manager.models[MODEL].servables.values()
+        ):
+            time.sleep(0.1)
         assert {v: s.state for v, s in manager.models[MODEL].servables.items()} == {
             123: "AVAILABLE",
             124: "AVAILABLE",
         }
-        assert manager.models[MODEL].labels == {"stable": 123, "canary": 124}
+        assert manager.resolve(MODEL, label="canary").version == 124
+        # The flag allows a label on a loading version only if the label is new or kept: a
+        # label moved onto a version that is not AVAILABLE is refused, as in TF Serving.
+        base = str(tmp_path / MODEL)
+        moved = model_config.ModelEntry(MODEL, base, [123, 124, 125], {"stable": 125})
+        with pytest.raises(ServingError, match="version 125 of model"):
+            manager.apply([moved])
     finally:
         manager.stop()
 
