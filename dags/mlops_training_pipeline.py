@@ -31,22 +31,20 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from mlops_airflow.common import OWNER, TRAINING_POOL, on_failure
-
-from pipelines.config import settings
+from mlops_airflow.common import OWNER, TRAINING_POOL, deployment, on_failure
 
 # The profile decides the training launcher: local torchrun agents or one pod per node.
-TRAIN = settings().train
-CANARY = settings().canary
+TRAIN = deployment().train
+CANARY = deployment().canary
 # Assets other DAGs can schedule on (for example batch scoring). URIs are logical and stable
 # across deployments; each event's extra carries the concrete manifest URI / model version.
 DATASET_ASSET = Asset(
-    name=f"{settings().data.dataset}_shards",
-    uri=f"mlops://datasets/{settings().data.dataset}/shards",
+    name=f"{deployment().data.dataset}_shards",
+    uri=f"mlops://datasets/{deployment().data.dataset}/shards",
 )
 MODEL_ASSET = Asset(
-    name=f"{settings().mlflow.model_name}_registered",
-    uri=f"mlflow://models/{settings().mlflow.model_name}",
+    name=f"{deployment().mlflow.model_name}_registered",
+    uri=f"mlflow://models/{deployment().mlflow.model_name}",
 )
 
 DEFAULT_ARGS = {
@@ -114,12 +112,11 @@ def mlops_training_pipeline() -> None:
         from mlops_airflow.common import interval_date, record, run_settings
 
         from pipelines import stages
-        from pipelines.data.validate import ValidationBlocked
 
         ctx = get_current_context()
         try:
             out = stages.validate_data(run_settings(ctx["params"]), interval_date(ctx))
-        except ValidationBlocked as exc:
+        except stages.ValidationBlocked as exc:
             from airflow.exceptions import AirflowFailException
 
             record(ctx, exc.summary.to_dict())
@@ -177,10 +174,10 @@ def mlops_training_pipeline() -> None:
         """After the last attempt ran or was skipped: MLflow says whether training finished."""
         from mlops_airflow.common import record, run_settings
 
-        from pipelines.train.run import finish_training_run
+        from pipelines import stages
 
         ctx = get_current_context()
-        return record(ctx, finish_training_run(run_settings(ctx["params"]), prepared["run_id"]))
+        return record(ctx, stages.finish_training(run_settings(ctx["params"]), prepared["run_id"]))
 
     @task
     def evaluate_model(trained: dict) -> dict:
@@ -210,12 +207,8 @@ def mlops_training_pipeline() -> None:
             evaluation["run_id"],
             {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
         )
-        out["roll_out"] = (
-            bool(out["model_version"])
-            and out["newer_than_champion"]
-            and not out["is_champion"]  # a rerun of the serving model's run: nothing to roll out
-            and not is_backfill(ctx)
-            and not ctx["params"]["skip_rollout"]
+        out["rollout"] = stages.rollout_decision(
+            out, backfill=is_backfill(ctx), skip_rollout=ctx["params"]["skip_rollout"]
         )
         ctx["outlet_events"][MODEL_ASSET].extra = {
             "model_version": out["model_version"],
@@ -225,8 +218,8 @@ def mlops_training_pipeline() -> None:
 
     @task.short_circuit
     def should_roll_out(registered: dict) -> bool:
-        """Only blessed, registered runs on data newer than the champion's, not backfills."""
-        return bool(registered["roll_out"])
+        """The register task's roll-out decision; its reasons are in that task's log."""
+        return bool(registered["rollout"]["roll_out"])
 
     @task
     def export_and_infra_validate(registered: dict) -> dict:

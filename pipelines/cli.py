@@ -54,7 +54,7 @@ def cmd_data_generate(a: argparse.Namespace) -> int:
 
 def cmd_data_validate(a: argparse.Namespace) -> int:
     from pipelines import stages
-    from pipelines.data.validate import ValidationBlocked
+    from pipelines.data.results import ValidationBlocked
 
     try:
         out = stages.validate_data(_settings(), a.date, a.dataset)
@@ -75,15 +75,11 @@ def cmd_data_shard(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from pipelines import stages
-    from pipelines.config import with_overrides
+    from pipelines.params import apply_params
 
-    s = _settings()
-    over = {
-        k: v
-        for k, v in (("nodes", a.nodes), ("procs_per_node", a.procs_per_node), ("epochs", a.epochs))
-        if v
-    }
-    s = with_overrides(s, train=over) if over else s
+    s = apply_params(
+        _settings(), {"nodes": a.nodes, "procs_per_node": a.procs_per_node, "epochs": a.epochs}
+    )
     out = stages.train(
         s, a.manifest, run_key=a.run_key, sink=lambda line: print(line, file=sys.stderr)
     )
@@ -147,17 +143,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return EXIT_OK
     from pathlib import Path
 
+    from pipelines.serving.errors import ServingError
     from pipelines.serving.server import serve
 
     config = a.model_config or str(Path(s.serving.base_dir) / "models.config")
-    serve(
-        config,
-        a.host or s.serving.host,
-        s.serving.rest_port if a.rest_port is None else a.rest_port,
-        s.serving.grpc_port if a.grpc_port is None else (a.grpc_port if a.grpc_port >= 0 else None),
-        a.poll_seconds or s.serving.poll_seconds,
-        a.port_file,
-    )
+    try:
+        serve(
+            config,
+            a.host or s.serving.host,
+            s.serving.rest_port if a.rest_port is None else a.rest_port,
+            s.serving.grpc_port
+            if a.grpc_port is None
+            else (a.grpc_port if a.grpc_port >= 0 else None),
+            a.poll_seconds or s.serving.poll_seconds,
+            a.port_file,
+            a.allow_unavailable_labels,
+        )
+    except ServingError as exc:  # the first config was refused: TF Serving does not start
+        print(f"mlops serve: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -298,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-config", help="model_config_list file (default: MLOPS_HOME's)")
     s.add_argument("--poll-seconds", type=float)
     s.add_argument("--port-file", help="write the bound port here (used with --rest-port 0)")
+    s.add_argument(
+        "--allow_version_labels_for_unavailable_models",
+        "--allow-version-labels-for-unavailable-models",
+        dest="allow_unavailable_labels",
+        action="store_true",
+        help="as TF Serving's flag: labels may point at versions still loading (needed for a "
+        "first config with labels)",
+    )
     s.add_argument("--stop", action="store_true", help="stop every local serving process")
     s.add_argument("--status", action="store_true", help="print labels, split and topology")
     s.set_defaults(fn=cmd_serve)

@@ -45,6 +45,11 @@ class MlflowSettings(_Section):
     experiment: str = Field("mlops_training_pipeline", description="experiment for training runs")
     artifact_root: str | None = Field(None, description="artifact location for a new experiment")
     model_name: str = Field("fraud_detector", description="registered model name")
+    code_version: str | None = Field(
+        None,
+        description="code version on MLflow runs and in the training key (images set it at "
+        "build time); None = the checkout's git HEAD",
+    )
     token: SecretStr | None = Field(
         None, description="bearer token for the tracking server (MLFLOW_TRACKING_TOKEN); env/secret"
     )
@@ -72,7 +77,11 @@ class DataSettings(_Section):
     dataset: str = Field("transactions", description="dataset spec name (pipelines/data/specs)")
     spec_dir: str | None = Field(None, description="extra directory searched for dataset specs")
     rows_per_day: int = Field(20000, ge=1, description="rows the generator writes per day")
-    shard_target_rows: int = Field(4000, ge=1, description="target rows per parquet shard")
+    shard_target_rows: int = Field(
+        250_000,
+        ge=1,
+        description="target rows per parquet shard; small splits are shared by nodes at train time",
+    )
     split_fractions: tuple[float, float, float] = Field(
         (0.7, 0.15, 0.15), description="train/val/test fractions of entities (hash split)"
     )
@@ -107,6 +116,9 @@ class TrainSettings(_Section):
         None, ge=1, description="elastic lower bound (--nnodes=MIN:MAX); None = fixed size"
     )
     rdzv_port: int = Field(0, ge=0, description="c10d rendezvous port on 127.0.0.1; 0 = free port")
+    dist_timeout_s: float = Field(
+        300.0, gt=0, description="collective timeout: a rank whose peer died fails, not hangs"
+    )
     image: str = Field("mlops-trainer:latest", description="trainer image (kubernetes launcher)")
     namespace: str = Field("mlops", description="Kubernetes namespace for training pods")
     service_account: str = Field("mlops-trainer", description="service account of training pods")
@@ -311,10 +323,44 @@ class Settings(_Section):
     canary: CanarySettings = CanarySettings()
 
 
+def _secrets(s: Settings) -> dict[str, SecretStr | None]:
+    """The secrets in the settings by dotted name: S3 keys, the MLflow token."""
+    return {
+        "store.key": s.store.key,
+        "store.secret": s.store.secret,
+        "mlflow.token": s.mlflow.token,
+    }
+
+
 def secret_values(s: Settings) -> list[str]:
-    """The secrets in the settings: S3 keys, the MLflow token."""
-    secrets = [s.store.key, s.store.secret, s.mlflow.token]
-    return [v.get_secret_value() for v in secrets if v is not None]
+    """The secrets' values (for masking in logs)."""
+    return [v.get_secret_value() for v in _secrets(s).values() if v is not None]
+
+
+# Values from examples and tutorials (infra/k8s/examples/secrets.example.yaml uses the first):
+# harmless on a laptop, an open door anywhere else.
+PLACEHOLDER_SECRETS = frozenset(
+    {"replace-me", "change-me", "changeme", "minioadmin", "password", "secret", "admin"}
+)
+# Read by boto3/s3fs straight from the environment, beside the settings' own S3 keys.
+_ENV_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def refuse_placeholder_secrets(s: Settings, environ: dict[str, str]) -> None:
+    """Outside the local profile, a secret left at an example value stops the process with one
+    sentence naming the setting (never the value)."""
+    if s.profile == "local":
+        return
+    named = {
+        **{f"{k} ({ENV_PREFIX}{k.upper().replace('.', '__')})": v for k, v in _secrets(s).items()},
+        **{k: SecretStr(environ[k]) for k in _ENV_SECRETS if k in environ},
+    }
+    for name, value in named.items():
+        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            raise ConfigError(
+                f"Profile {s.profile!r} refuses to start: secret {name} is still an example "
+                "value; set it from a Kubernetes secret or an Airflow connection."
+            )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -395,6 +441,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             f"Invalid configuration for profile {profile!r}:\n{_describe(exc)}"
         ) from None
     protect(*secret_values(loaded))  # no log record of this process may show them from now on
+    refuse_placeholder_secrets(loaded, env)
     return loaded
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,10 +24,11 @@ class RunNotFound(RegistryError):
     """A run id that the tracking server does not know (bad input, not a failure)."""
 
 
-def git_sha() -> str:
-    """Code version: ``MLOPS_GIT_SHA`` (set in images) or the checkout's HEAD."""
-    if os.environ.get("MLOPS_GIT_SHA"):
-        return os.environ["MLOPS_GIT_SHA"]
+def code_version(configured: str | None) -> str:
+    """The code version: ``mlflow.code_version`` (images set it at build time), else the
+    checkout's git HEAD, else ``unknown``."""
+    if configured:
+        return configured
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],

@@ -7,14 +7,20 @@ Stages that accept data or change the registry or serving record it in :mod:`pip
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Settings
+from pipelines.data.results import ValidationBlocked
+
+__all__ = ["ValidationBlocked"]  # callers (the DAG, the CLI) catch it without importing deeper
 
 if TYPE_CHECKING:
     from pipelines.data.spec import DatasetSpec
     from pipelines.serving.control import ServingControl
     from pipelines.store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 def _data(settings: Settings, dataset: str | None) -> tuple[ObjectStore, DatasetSpec]:
@@ -52,8 +58,8 @@ def generate_data(
 
 
 def validate_data(settings: Settings, date: str, dataset: str | None = None) -> dict[str, Any]:
-    """Raises :class:`pipelines.data.validate.ValidationBlocked` when the batch is blocked."""
-    from pipelines.data.validate import ValidationBlocked, validate_partition
+    """Raises :class:`ValidationBlocked` (its summary quarantined) when the batch is blocked."""
+    from pipelines.data.validate import validate_partition
 
     store, spec = _data(settings, dataset)
     try:
@@ -99,7 +105,6 @@ def shard_data(settings: Settings, date: str, dataset: str | None = None) -> dic
         spec,
         date,
         settings.data.shard_target_rows,
-        settings.train.nodes,
         settings.data.split_fractions,
         settings.data.batch_rows,
         settings.data.workers,
@@ -122,6 +127,14 @@ def train(
     from pipelines.train.run import train_model
 
     return train_model(settings, manifest_uri, run_key, tags, sink)
+
+
+def finish_training(settings: Settings, run_id: str) -> dict[str, Any]:
+    """Close a training run whose nodes ran elsewhere (one pod per node); it must hold rank 0's
+    final metrics and model."""
+    from pipelines.train.run import finish_training_run
+
+    return finish_training_run(settings, run_id)
 
 
 def evaluate(
@@ -315,3 +328,15 @@ def stop_local_serving(settings: Settings) -> list[str]:
     from pipelines.serving.daemon import stop_all
 
     return stop_all(settings.serving.base_dir)
+
+
+def rollout_decision(
+    registered: dict[str, Any], *, backfill: bool, skip_rollout: bool
+) -> dict[str, Any]:
+    """Whether the registered version goes on to the canary, with one reason per check."""
+    from pipelines.serving.admission import decide_rollout
+
+    decision = decide_rollout(registered, backfill=backfill, skip_rollout=skip_rollout)
+    for line in decision.reasons:
+        log.info("roll-out: %s", line)
+    return decision.to_dict()

@@ -14,7 +14,7 @@ ARG GIT_SHA=unknown
 # torch (pipelines.train.model) and TensorFlow (pipelines.serving.export); only training runs in
 # trainer pods. false: an orchestration-only image (those tasks then fail with ImportError).
 ARG ML_RUNTIME=true
-ENV MLOPS_GIT_SHA=${GIT_SHA} \
+ENV MLOPS__MLFLOW__CODE_VERSION=${GIT_SHA} \
     MLOPS_PROFILE=kubernetes \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -15,26 +18,24 @@ OWNER = "ml-platform"
 TRAINING_POOL = "mlops_training"
 
 
-def run_settings(params: dict[str, Any]):  # type: ignore[no-untyped-def]
+def deployment() -> Settings:
+    """The deployment's settings (profile and environment, read once per process): what the DAG
+    needs at parse time, such as the training launcher and the sensor's timing."""
+    from pipelines.config import settings
+
+    return settings()
+
+
+def run_settings(params: dict[str, Any]) -> Settings:
     """Settings of this run: the profile from the environment plus the trigger form's params."""
-    from pipelines.config import settings, with_overrides
+    from pipelines.params import apply_params
 
-    base = settings()
-    overrides: dict[str, dict[str, Any]] = {}
-    if params.get("dataset"):
-        overrides["data"] = {"dataset": params["dataset"]}
-    train = {k: params[k] for k in ("nodes", "epochs") if params.get(k)}
-    if train:
-        overrides["train"] = train
-    if params.get("canary_steps"):
-        overrides["canary"] = {"steps": tuple(int(s) for s in params["canary_steps"])}
-    if params.get("skip_shadow"):
-        overrides["shadow"] = {"enabled": False}
+    base = deployment()
     _mask_secrets(base)
-    return with_overrides(base, **overrides) if overrides else base
+    return apply_params(base, params)
 
 
-def _mask_secrets(settings: Any) -> None:
+def _mask_secrets(settings: Settings) -> None:
     """Airflow's secrets masker hides the settings' secrets in task logs and rendered fields, in
     the supervisor too (it masks the task's captured stdout, where training nodes print)."""
     from airflow.sdk.log import mask_secret
@@ -62,17 +63,18 @@ def is_backfill(context: dict[str, Any]) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
-def training_key(context: dict[str, Any], settings: Any, data_version: str) -> str:
+def training_key(context: dict[str, Any], settings: Settings, data_version: str) -> str:
     """Idempotency key of a training run: DAG, data version, code version and training config.
 
     A retry, a rerun of the same interval or a backfill over it finds the same key, so it
     resumes (or reuses) that run instead of training, and registering, a duplicate."""
     import hashlib
 
-    from pipelines.registry import git_sha
+    from pipelines.registry import code_version
 
     cfg = settings.train.model_dump_json(exclude={"image", "namespace"})
-    digest = hashlib.sha256(f"{git_sha()}|{cfg}".encode()).hexdigest()[:12]
+    code = code_version(settings.mlflow.code_version)
+    digest = hashlib.sha256(f"{code}|{cfg}".encode()).hexdigest()[:12]
     return f"{context['dag'].dag_id}/{data_version}/{digest}"
 
 

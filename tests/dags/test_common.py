@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import pendulum
 import pytest
-from mlops_airflow.common import interval_date, is_backfill, run_settings
+from mlops_airflow.common import interval_date, is_backfill, run_settings, training_key
+
+from pipelines.config import load_settings, with_overrides
 
 
 def test_interval_date_prefers_the_param_then_the_interval_start() -> None:
@@ -35,3 +37,16 @@ def test_run_settings_apply_the_trigger_form(mlops_env) -> None:  # type: ignore
     assert s.canary.steps == (10, 100)
     assert s.data.dataset == "x"
     assert str(mlops_env) in s.home
+
+
+def test_the_training_key_follows_the_configured_code_version(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Images set ``mlflow.code_version`` at build time; new code must not reuse a run."""
+    ctx = {"dag": SimpleNamespace(dag_id="mlops_training_pipeline")}
+    s = load_settings({"MLOPS_HOME": str(tmp_path), "MLOPS__MLFLOW__CODE_VERSION": "abc123"})
+    assert s.mlflow.code_version == "abc123"
+    key = training_key(ctx, s, "dv1")
+    assert key.startswith("mlops_training_pipeline/dv1/")
+    assert training_key(ctx, s, "dv1") == key
+    newer = with_overrides(s, mlflow={"code_version": "def456"})
+    assert training_key(ctx, newer, "dv1") != key
+    assert training_key(ctx, with_overrides(s, train={"epochs": 1}), "dv1") != key

@@ -108,3 +108,26 @@ def test_params_form(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert params["nodes"] is None  # empty: the configured default applies
     assert params["force"] == "none"
     assert dag.doc_md and "mlops_training_pipeline" in dag.doc_md
+
+
+def test_the_dag_file_imports_airflow_plugins_and_stages_only() -> None:
+    """The DAG is wiring: anything deeper than the composition root belongs in a stage."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("airflow", "mlops_airflow", "pendulum", "datetime", "__future__")
+    for dag_file in (Path(__file__).resolve().parents[2] / "dags").glob("*.py"):
+        for node in ast.walk(ast.parse(dag_file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+                if node.module == "pipelines":
+                    assert [a.name for a in node.names] == ["stages"], (dag_file.name, node.lineno)
+                    continue
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, (
+                    f"{dag_file.name}:{node.lineno} imports {name}"
+                )

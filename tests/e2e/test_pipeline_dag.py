@@ -110,7 +110,11 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert rerun["train_model"]["reused"] is True
     assert rerun["train_model"]["run_id"] == r2["train_model"]["run_id"]
     assert rerun["register_model"]["model_version"] == "2"
-    assert rerun["register_model"]["roll_out"] is False
+    assert rerun["register_model"]["rollout"]["roll_out"] is False
+    assert (
+        "NO: version 2 already serves as champion: nothing to roll out"
+        in (rerun["register_model"]["rollout"]["reasons"])
+    )
     assert "stage_canary" not in rerun
     assert reg.alias_version("champion") == "2"
 

@@ -217,7 +217,11 @@ def test_backfill_then_a_rest_trigger_with_params(airflow: dict) -> None:
         prefix = f"reports/{DAG_ID}/{day}/{r['dag_run_id']}"
         shard = json.loads(store.read_text(f"{prefix}/shard_dataset.json"))
         register = json.loads(store.read_text(f"{prefix}/register_model.json"))
-        assert register["roll_out"] is False  # backfills never roll out
+        assert register["rollout"]["roll_out"] is False  # backfills never roll out
+        assert (
+            "NO: a backfill registers history and never rolls out"
+            in (register["rollout"]["reasons"])
+        )
         assert not store.exists(f"{prefix}/stage_canary.json")
         versions.add(shard["data_version"])
     assert sorted(r["data_interval_start"][:10] for r in backfills) == DAYS

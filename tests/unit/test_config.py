@@ -39,6 +39,31 @@ def test_kubernetes_profile_uses_s3_and_pods(tmp_path: Path) -> None:
     assert s.train.launcher == "kubernetes"
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"MLOPS__STORE__SECRET": "replace-me"}, "store.secret (MLOPS__STORE__SECRET)"),
+        ({"MLOPS__MLFLOW__TOKEN": "Change-Me"}, "mlflow.token (MLOPS__MLFLOW__TOKEN)"),
+        ({"AWS_SECRET_ACCESS_KEY": "minioadmin"}, "AWS_SECRET_ACCESS_KEY"),
+    ],
+)
+def test_a_non_local_profile_refuses_example_secrets(
+    tmp_path: Path, env: dict[str, str], named: str
+) -> None:
+    base = {"MLOPS_HOME": str(tmp_path), "MLOPS_PROFILE": "kubernetes"}
+    with pytest.raises(ConfigError) as err:
+        load_settings({**base, **env})
+    msg = str(err.value)
+    assert msg == (
+        f"Profile 'kubernetes' refuses to start: secret {named} is still an example value; "
+        "set it from a Kubernetes secret or an Airflow connection."
+    )
+    assert next(iter(env.values())) not in msg  # the value itself is never echoed
+    # The same values are fine on a laptop, and real-looking secrets anywhere.
+    load_settings({**env, "MLOPS_HOME": str(tmp_path)})
+    load_settings({**base, **{k: "9f2c41d07be3a6" for k in env}})
+
+
 def test_unknown_profile_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Unknown profile 'prod'"):
         load_settings({"MLOPS_HOME": str(tmp_path), "MLOPS_PROFILE": "prod"})
