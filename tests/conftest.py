@@ -146,62 +146,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts proxied through the
     server as ``mlflow-artifacts:``); its URL. Shared by the session: use your own experiment
     and model names. The process group is terminated at the end."""
-    import signal
-    import subprocess
-    import time
-
-    import requests
+    from tests.processes import http_ok, running
 
     base = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_file = (base / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(base / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the workers go down with it
-        # No job runner: it keeps a huey store in a /dev/shm directory that outlives the server.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {proc.returncode}: "
-                    f"{(base / 'server.log').read_text()[-2000:]}"
-                )
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server on {url} not healthy within 120 s")
-            time.sleep(0.2)
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{base / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(base / "artifacts"),
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    # No job runner: it keeps a huey store in a /dev/shm directory that outlives the server.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    health = lambda: http_ok(f"{url}/health")  # noqa: E731
+    with running(cmd, env, base / "server.log", health, 120, f"mlflow server on {url}"):
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log_file.close()

@@ -220,7 +220,10 @@ class PartitionResults:
         for d in self.merged:
             cfg = d["expectation_config"]
             kind, column = cfg["type"], cfg["kwargs"].get("column")
-            if kind == UNIQUE and column == self.key and self.batches > 1:
+            # A key column GE could not evaluate (missing, say) stays failed: the hashes of an
+            # absent column say nothing about uniqueness.
+            raised = (d.get("exception_info") or {}).get("raised_exception")
+            if kind == UNIQUE and column == self.key and self.batches > 1 and not raised:
                 n = self._duplicate_rows()
                 partial = list(duplicate_keys or [])[:PARTIAL]
                 r = {**d["result"], "unexpected_count": n, "partial_unexpected_list": partial}

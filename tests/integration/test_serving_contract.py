@@ -27,6 +27,7 @@ from pipelines.serving.errors import ServingError
 from pipelines.serving.export import export_saved_model, to_instances
 from pipelines.serving.server import ModelManager, make_server
 from pipelines.train.model import TabularMLP, predict_proba
+from tests.serving_helpers import load_versions
 
 pytestmark = pytest.mark.integration
 MODEL = "fraud_detector"
@@ -306,14 +307,7 @@ def test_warmup_records_are_replayed_before_a_version_is_available(
     entry = prediction_log_pb2.PredictionLog.FromString(_first_record(records))
     del entry.predict_log.request.inputs["amount"]  # the signature needs every feature
     _write_record(records, entry.SerializeToString())
-    config = tmp_path / "models.config"
-    model_config.write(config, [model_config.ModelEntry(MODEL, str(base), [1, 2])])
-    manager = ModelManager(config, poll_seconds=60)
-    manager.poll_once()  # loads each version on its own thread
-    good, bad = manager.models[MODEL].servables[1], manager.models[MODEL].servables[2]
-    deadline = time.monotonic() + 60
-    while "LOADING" in (good.state, bad.state) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    good, bad = load_versions(tmp_path, MODEL, base, [1, 2])
     assert (good.state, good.warmup_requests) == ("AVAILABLE", 1)
     assert bad.state == "END" and "amount" in bad.error_message
 

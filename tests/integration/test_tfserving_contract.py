@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,10 @@ import grpc
 import pytest
 import requests
 
-from pipelines.serving import model_config
 from pipelines.serving.client import LocalServer, ServingClient
 from tests import half_plus_two
 from tests.half_plus_two import MODEL, ONLY_IN_124
+from tests.serving_helpers import load_versions
 
 pytestmark = pytest.mark.integration
 SIGNATURES = {"serving_default", "classify_x_to_y", "classify_x_to_terms", "regress_x_to_y"}
@@ -447,7 +446,7 @@ def test_classify_and_regress_warmup_records_are_replayed(ours: Endpoints, tmp_p
     import tensorflow as tf
     from tensorflow_serving.apis import classification_pb2, prediction_log_pb2, regression_pb2
 
-    from pipelines.serving.server import WARMUP_FILE, ModelManager
+    from pipelines.serving.server import WARMUP_FILE
 
     assert ours.base is not None
     base = tmp_path / MODEL
@@ -469,13 +468,6 @@ def test_classify_and_regress_warmup_records_are_replayed(ours: Endpoints, tmp_p
                 ),
             ):
                 writer.write(log.SerializeToString())
-    config = tmp_path / "models.config"
-    model_config.write(config, [model_config.ModelEntry(MODEL, str(base), [1, 2])])
-    manager = ModelManager(config, poll_seconds=60)
-    manager.poll_once()  # loads each version on its own thread
-    good, bad = manager.models[MODEL].servables[1], manager.models[MODEL].servables[2]
-    deadline = time.monotonic() + 60
-    while "LOADING" in (good.state, bad.state) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    good, bad = load_versions(tmp_path, MODEL, base, [1, 2])
     assert (good.state, good.warmup_requests) == ("AVAILABLE", 2)
     assert bad.state == "END" and "at least one of" in bad.error_message

@@ -252,3 +252,21 @@ def test_batches_with_a_different_number_of_results_are_refused() -> None:
     results.add(_batch_results([], 2), _table(["a", "b"], [0, 1]))
     with pytest.raises(ValueError):
         results.add(_batch_results([], 2)[:3], _table(["c", "d"], [0, 1]))
+
+
+def test_a_key_column_ge_could_not_evaluate_stays_failed_over_batches() -> None:
+    missing = 'The column "id" in BatchData does not exist.'
+
+    def batch(n: int) -> list[dict]:
+        out = _batch_results([], n)
+        out[1] = _ge(UNIQUE, False, "id", exception=missing)
+        return out
+
+    results = PartitionResults("id")
+    for ys in ([0, 1], [1, 0]):
+        results.add(batch(2), pa.table({"y": ys}))
+    (unique,) = [
+        check_result(d) for d in results.finish() if d["expectation_config"]["type"] == UNIQUE
+    ]
+    assert (unique.success, unique.detail) == (False, f"could not be evaluated: {missing}")
+    assert verdict([unique]) == "blocked"
