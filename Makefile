@@ -12,7 +12,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(MLOPS_HOME)/airflow \
 	AIRFLOW__API__HOST=127.0.0.1 \
 	PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: install demo test test-fast lint airflow lock clean
+.PHONY: install demo test test-fast lint airflow ui-check lock clean
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ airflow: $(STAMP)  ## airflow standalone with this project's DAGs on http://127.
 	$(AIRFLOW_ENV) $(BIN)/airflow pools set mlops_training 4 "concurrent training jobs"
 	@echo "Login: admin, password in $(MLOPS_HOME)/airflow/simple_auth_manager_passwords.json.generated"
 	$(AIRFLOW_ENV) $(BIN)/airflow standalone
+
+ui-check: $(STAMP)  ## after `make demo`: the blocked day's task log as the UI shows it, in headless Chromium
+	@command -v chromium >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium; }
+	$(BIN)/python -m tests.ui_check --home $(MLOPS_HOME)
 
 lock:  ## re-pin requirements.txt from the current venv
 	{ head -n 2 requirements.txt; $(BIN)/python -m pip freeze --exclude-editable \

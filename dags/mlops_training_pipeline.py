@@ -109,7 +109,7 @@ PARAMS = {
 def mlops_training_pipeline() -> None:
     @task(retries=0)
     def validate_data() -> dict:
-        from mlops_airflow.common import interval_date, record, run_settings
+        from mlops_airflow.common import blocked, interval_date, record, run_settings
 
         from pipelines import stages
 
@@ -117,10 +117,7 @@ def mlops_training_pipeline() -> None:
         try:
             out = stages.validate_data(run_settings(ctx["params"]), interval_date(ctx))
         except stages.ValidationBlocked as exc:
-            from airflow.exceptions import AirflowFailException
-
-            record(ctx, exc.summary.to_dict())
-            raise AirflowFailException(str(exc)) from exc
+            blocked(ctx, exc.summary)
         return record(ctx, out)
 
     @task(outlets=[DATASET_ASSET])
@@ -255,7 +252,7 @@ def mlops_training_pipeline() -> None:
         return record(ctx, {**out, "model_version": staged["model_version"]})
 
     @task.sensor(
-        mode="reschedule",  # the worker slot is free between windows
+        mode=CANARY.sensor_mode,  # reschedule: the worker slot is free between windows
         poke_interval=CANARY.poke_interval_s,
         timeout=CANARY.timeout_s,
         retries=0,

@@ -301,12 +301,69 @@ class CanarySettings(_Section):
     error_min_diff: float = Field(0.005, description="minimum error-rate difference that counts")
     psi_block: float = Field(0.2, description="score PSI at or above which drift counts")
     ks_alpha: float = Field(0.05, description="KS p-value threshold for score drift")
-    failure_limit: int = Field(3, ge=1, description="failed checks that trigger rollback")
+    failure_limit: int = Field(
+        3, ge=1, description="failed checks that trigger rollback (sequential: p99 windows)"
+    )
     replay: bool = Field(True, description="send held-out rows through the data plane (local runs)")
     window_seconds: float = Field(60.0, gt=0, description="window length with live traffic")
     poke_interval_s: float = Field(2.0, gt=0, description="monitor_canary sensor poke interval")
+    sensor_mode: Literal["reschedule", "poke"] = Field(
+        "reschedule",
+        description="monitor_canary's sensor mode: reschedule frees the worker slot between "
+        "pokes; poke keeps one task process (the demo: dags test with an executor can lose a "
+        "rescheduled sensor's finish)",
+    )
     timeout_s: float = Field(3600.0, gt=0, description="monitor_canary gives up (rollback) after")
     seed: int = Field(0, description="replay order and routing salt of the local traffic replay")
+    judge: Literal["sequential", "windowed"] = Field(
+        "sequential",
+        description="sequential: anytime-valid evidence over the whole analysis; windowed: each "
+        "window judged alone (judge_window + failure_limit)",
+    )
+    alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="sequential: false-rollback bound of a whole analysis, however often it looks "
+        "(split over errors, latency and scores)",
+    )
+    promote_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="sequential: chance that a canary beyond a margin on a metric promotes early",
+    )
+    error_margin: float = Field(
+        0.02,
+        gt=0,
+        lt=1,
+        description="sequential: non-inferiority margin on canary minus stable error rate",
+    )
+    latency_margin: float = Field(
+        0.15,
+        gt=0,
+        description="sequential: non-inferiority margin on the canary/baseline latency ratio - 1, "
+        "requests matched in time buckets",
+    )
+    score_margin: float = Field(
+        0.07,
+        gt=0,
+        lt=0.5,
+        description="sequential: allowed |P(canary score > stable score) - 1/2| (a retrained "
+        "model may shift its scores; +0.7 logit reads 0.12)",
+    )
+    max_canary_requests: int = Field(
+        1000,
+        ge=1,
+        description="sequential: analysis budget; at it, promote only if every estimate is "
+        "within its margin",
+    )
+    bucket_seconds: float = Field(
+        0.1,
+        gt=0,
+        description="sequential: canary and stable requests are compared within time buckets this "
+        "long, so a machine-wide slowdown cancels",
+    )
 
 
 class Settings(_Section):

@@ -3,7 +3,9 @@
 Day 1 trains and deploys the first model; day 2 (drifted data) trains a challenger and takes it
 through evaluation, registration and the canary; day 3 lands a defective batch that the gate
 blocks and quarantines, leaving the champion and serving untouched. Each day is one
-``airflow dags test`` run of ``mlops_training_pipeline`` (SQLite metadata DB under MLOPS_HOME).
+``airflow dags test --use-executor`` run of ``mlops_training_pipeline`` (SQLite metadata DB under
+MLOPS_HOME): each task runs as Airflow runs it, in a LocalExecutor worker that writes its task log
+where ``make airflow``'s UI reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,10 +30,14 @@ def airflow_env(home: str) -> dict[str, str]:
     dags = os.environ.get("MLOPS_DAGS_FOLDER", str(REPO / "dags"))
     plugins = os.environ.get("MLOPS_PLUGINS_FOLDER", str(REPO / "plugins"))
     venv_bin = str(Path(sys.executable).parent)
+    airflow_home = os.environ.get("AIRFLOW_HOME", str(Path(home) / "airflow"))
     return {
+        # SQLite serialises writers (API server, executor, task processes); its default 5 s
+        # busy timeout is short on two busy cores.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home}/airflow.db?timeout=60",
         **os.environ,
         "MLOPS_HOME": home,
-        "AIRFLOW_HOME": os.environ.get("AIRFLOW_HOME", str(Path(home) / "airflow")),
+        "AIRFLOW_HOME": airflow_home,
         "AIRFLOW__CORE__DAGS_FOLDER": dags,
         "AIRFLOW__CORE__PLUGINS_FOLDER": plugins,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -41,11 +48,106 @@ def airflow_env(home: str) -> dict[str, str]:
     }
 
 
-def _run(cmd: list[str], env: dict[str, str], log_file: Path) -> int:
+def executor_env(env: dict[str, str], api_port: int) -> dict[str, str]:
+    """Task processes under a LocalExecutor report to an API server on loopback: Airflow's own
+    path, so every task writes its log file (``dags test`` alone runs tasks in-process and leaves
+    the UI's log pages empty). The JWT secret lives only as long as the demo."""
+    return {
+        **env,
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # Workers are forked per task; the DAG is mostly a chain and training uses both cores.
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        # `dags test --use-executor` re-queues a rescheduled sensor by itself and can miss its
+        # final executor event (seen: a run stuck after monitor_canary succeeded); a poking
+        # sensor is one ordinary task process.
+        "MLOPS__CANARY__SENSOR_MODE": "poke",
+    }
+
+
+def api_port(environ: dict[str, str]) -> int:
+    """``AIRFLOW__API__PORT`` when set (checked free), else any free loopback port: this API
+    server only serves the demo's own task processes."""
+    from pipelines.ports import free_port
+
+    raw = environ.get("AIRFLOW__API__PORT")
+    if not raw:
+        return free_port()
+    port = int(raw)
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise PortTaken(
+                f"Port {port} on 127.0.0.1 is already in use by another process; set "
+                "AIRFLOW__API__PORT to a free port, or unset it for any free port."
+            ) from None
+    return port
+
+
+class PortTaken(RuntimeError):
+    """The demo's Airflow API port is held by another process."""
+
+
+def start_api_server(directory: Path, env: dict[str, str]) -> Any:
+    """``airflow api-server`` for the demo's task processes, in its own session (the caller
+    stops it); healthy once its health endpoint answers."""
+    import requests
+
+    from pipelines.serving.daemon import LocalDaemon
+
+    port = int(env["AIRFLOW__API__PORT"])
+
+    def healthy(_: dict[str, Any]) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/api/v2/monitor/health", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    daemon = LocalDaemon(directory, "airflow-api-server")
+    airflow = str(Path(sys.executable).parent / "airflow")
+    daemon.start([airflow, "api-server"], healthy, timeout=240, env=env, port_info={"port": port})
+    return daemon
+
+
+# A demo day takes one to two minutes here; a run that hangs is stopped, not waited for.
+DAY_TIMEOUT_S = 1800.0
+
+
+def _run(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 600.0) -> int:
+    """Run ``cmd`` in its own process group (it forks executor workers and task processes);
+    on a timeout, an error or Ctrl-C the whole group is stopped before this returns or raises.
+    A timeout returns 124, as ``timeout(1)`` does."""
+    import signal
+
     with open(log_file, "ab") as fh:
-        return subprocess.run(
-            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        ).returncode
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            fh.write(f"\n[demo] stopped after {timeout:.0f} s\n".encode())
+            return 124
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 def run_reports(store: Any, date: str) -> dict[str, Any]:
@@ -196,15 +298,23 @@ def summarize(
 
 
 def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool = False) -> int:
+    import signal
+
     from pipelines import stages
     from pipelines.config import load_settings
     from pipelines.registry import Registry
+    from pipelines.serving.daemon import DaemonUnavailable, stop_all
     from pipelines.store import open_store
 
+    # A terminated demo (SIGTERM, as from a supervisor or CI) cleans up as Ctrl-C does: the
+    # finally below stops what it started.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     settings = load_settings()
     home = Path(settings.home)
     if reset and home.exists():
-        stages.stop_local_serving(settings)  # what an earlier run left running in this home
+        # What an earlier run left running in this home: serving, and its Airflow API server.
+        stages.stop_local_serving(settings)
+        stop_all(home / "demo")
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
     if settings.serving.mode == "local":
@@ -218,9 +328,14 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
         except PortInUse as exc:
             print(exc, file=sys.stderr)
             return 2
+    try:
+        port = api_port(dict(os.environ))
+    except PortTaken as exc:
+        print(exc, file=sys.stderr)
+        return 2
     logs = home / "demo"
     logs.mkdir(exist_ok=True)
-    env = airflow_env(str(home))
+    env = executor_env(airflow_env(str(home)), port)
     airflow = str(Path(sys.executable).parent / "airflow")
     print(f"MLOPS_HOME={home}  (logs: {logs})", flush=True)
     t0 = time.perf_counter()
@@ -236,7 +351,13 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
     store = open_store(settings.store)
     days: list[tuple[str, str, dict[str, Any]]] = []
     ok = True
+    api = None
     try:
+        try:
+            api = start_api_server(logs, env)
+        except DaemonUnavailable as exc:
+            print(f"The demo's Airflow API server did not start: {exc}", file=sys.stderr)
+            return 3
         for title, day, drift, defect in plan:
             date = day.isoformat()
             stages.generate_data(settings, date, drift=drift, defect=defect)
@@ -249,6 +370,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                     airflow,
                     "dags",
                     "test",
+                    "--use-executor",
                     DAG_ID,
                     f"{date}T00:00:00+00:00",
                     "-c",
@@ -256,6 +378,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 ],
                 env,
                 log_file,
+                DAY_TIMEOUT_S,
             )
             reports = run_reports(store, date)
             expected_block = defect is not None
@@ -275,11 +398,15 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
         print(summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings)))
         print(
             f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
-            f"--backend-store-uri {settings.mlflow.tracking_uri}"
+            f"--backend-store-uri {settings.mlflow.tracking_uri}\n"
+            f"Airflow UI with these runs and their task logs: make airflow "
+            f"(task logs under {Path(env['AIRFLOW_HOME']) / 'logs'})"
         )
     finally:
-        # On success, failure and Ctrl-C: the replicas and Envoy run in their own sessions,
-        # so nothing else would stop them.
+        # On success, failure and Ctrl-C: the API server, the replicas and Envoy run in their
+        # own sessions, so nothing else would stop them.
+        if api is not None:
+            api.stop()
         if not keep_serving:
             stages.stop_local_serving(settings)
     return 0 if ok else 3

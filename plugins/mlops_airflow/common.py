@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from pipelines.config import Settings
+    from pipelines.data.results import ValidationSummary
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,17 @@ def record(
     open_store(settings.store).write_text(key, json.dumps(payload, indent=2, default=str))
     log.info("%s: %s", context["task"].task_id, json.dumps(payload, default=str))
     return payload
+
+
+def blocked(context: dict[str, Any], summary: ValidationSummary) -> NoReturn:
+    """A batch the gate blocked: its report, readable, in the task log (what a user opening
+    the failed run in the UI looks for), stored as the task's result, and the task failed
+    without a retry (the same batch would be blocked again)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    log.error("The data gate blocked this batch:\n%s", summary.message())
+    record(context, summary.to_dict())
+    raise AirflowFailException(summary.message().splitlines()[0])
 
 
 def on_failure(context: dict[str, Any]) -> None:

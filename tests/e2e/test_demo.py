@@ -18,8 +18,10 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MLOPS = str(Path(sys.executable).parent / "mlops")
-# The demo's fixed ports with one replica per pool: what a second run would collide on.
-PORTS = (8501, 8502, 8503, 8601, 8602, 9901)
+# The demo's fixed ports with one replica per pool: what a second run would collide on; and
+# the port its Airflow API server is told to use (any free one when not set).
+API_PORT = 8780
+PORTS = (8501, 8502, 8503, 8601, 8602, 9901, API_PORT)
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -29,7 +31,12 @@ def _env(home: Path) -> dict[str, str]:
         if not k.startswith(("MLOPS_", "MLOPS__", "AIRFLOW_", "AIRFLOW__"))
     }
     # One replica per pool keeps the test's CPU down; ports stay the profile's fixed ones.
-    return {**env, "MLOPS_HOME": str(home), "MLOPS__DATAPLANE__REPLICAS": "1"}
+    return {
+        **env,
+        "MLOPS_HOME": str(home),
+        "MLOPS__DATAPLANE__REPLICAS": "1",
+        "AIRFLOW__API__PORT": str(API_PORT),
+    }
 
 
 def _ours(home: Path) -> list[psutil.Process]:
@@ -89,6 +96,23 @@ def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> Non
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "shadow verdict" in run.stdout and "Topology: client -> Envoy" in run.stdout
         _clean(home)
+    _the_blocked_day_shows_its_report_in_the_ui(home)
+
+
+def _the_blocked_day_shows_its_report_in_the_ui(home: Path) -> None:
+    """``make airflow`` after ``make demo``: the blocked day's validate_data log, as the UI's
+    log page fetches it from Airflow's API server, holds the gate's report (it used to be empty:
+    ``dags test`` ran tasks in-process and wrote no task logs)."""
+    from pipelines.ports import free_port
+    from tests.ui_check import api_server, run_for, task_log
+
+    with api_server(home, free_port()) as base:
+        run = run_for(base, "2026-11-03")
+        assert run["state"] == "failed"
+        text = "\n".join(task_log(base, run["dag_run_id"], "validate_data"))
+    assert "transactions 2026-11-03: BLOCKED (20000 rows)" in text, text[-3000:]
+    assert "batch moved to" in text and "quarantine" in text
+    _clean(home)
 
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:

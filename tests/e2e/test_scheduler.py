@@ -5,8 +5,6 @@ with params, as the UI does."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from pipelines.ports import free_port
 from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -23,43 +22,28 @@ DAG_ID = "mlops_training_pipeline"
 DAYS = ["2026-10-01", "2026-10-02", "2026-10-03"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Start ``airflow standalone`` in a temporary AIRFLOW_HOME; stop it (and its children)."""
-    port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)
+    from pipelines.serving.daemon import stop_all
+    from tests.processes import http_ok, running
+    from tests.ui_check import airflow_env
+
+    port = free_port()
     env = {
-        **os.environ,
-        "MLOPS_HOME": str(tmp_path / "mlops"),
+        **airflow_env(tmp_path / "mlops", tmp_path / "airflow", port),
         **FREE_PORTS,
         "MLOPS__DATAPLANE__REPLICAS": "1",
         "MLOPS__TRAIN__EPOCHS": "3",
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        # SQLite serialises writers; its default 5 s busy timeout is short on two busy cores
-        # (the CLI's backfill insert then fails with "database is locked" while the scheduler
-        # writes).
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow/airflow.db?timeout=60",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
+        # The backfill and the REST trigger below log in like a user does.
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         # Task processes reach the API server here (the default assumes port 8080).
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    af = str(Path(bin_dir) / "airflow")
+    af = str(Path(sys.executable).parent / "airflow")
     subprocess.run([af, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     subprocess.run(
         [af, "pools", "set", "mlops_training", "4", "training"],
@@ -68,33 +52,26 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         capture_output=True,
         timeout=120,
     )
-    log = open(tmp_path / "standalone.log", "wb")  # noqa: SIM115 - closed in the finally
-    proc = subprocess.Popen(
-        [af, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                health = requests.get(f"{base}/api/v2/monitor/health", timeout=5).json()
-                if all(v.get("status") == "healthy" for v in health.values()):
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(2)
-        else:
-            raise AssertionError("airflow standalone did not become healthy in 240 s")
-        yield {"env": env, "airflow": af, "base": base, "home": tmp_path}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        from pipelines.serving.daemon import stop_all
 
+    def healthy() -> bool:
+        return http_ok(
+            f"{base}/api/v2/monitor/health",
+            lambda r: all(v.get("status") == "healthy" for v in r.json().values()),
+        )
+
+    try:
+        with running(
+            [af, "standalone"],
+            env,
+            tmp_path / "standalone.log",
+            healthy,
+            240,
+            "airflow standalone",
+            stop_timeout=60,
+        ):
+            yield {"env": env, "airflow": af, "base": base, "home": tmp_path}
+    finally:
         stop_all(tmp_path / "mlops" / "serving")
 
 

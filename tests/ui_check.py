@@ -1,0 +1,147 @@
+"""What a user sees in the Airflow UI after ``make demo``: a task's log, through Airflow's own
+API server on the demo's home, as the UI fetches it, and (``make ui-check``) as headless
+Chromium renders the page, saved as a screenshot.
+
+``python -m tests.ui_check --home .mlops --out .mlops/ui/validate_data.png``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DAG_ID = "mlops_training_pipeline"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def airflow_env(mlops_home: Path, airflow_home: Path, port: int) -> dict[str, str]:
+    """``make airflow``'s settings (this project's DAGs, SQLite under ``airflow_home``, the API
+    on loopback), every user an admin: no login page to script."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))},
+        "AIRFLOW_HOME": str(airflow_home),
+        # SQLite serialises writers; its default 5 s busy timeout is short on two busy cores.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home}/airflow.db?timeout=60",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "MLOPS_HOME": str(mlops_home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@contextmanager
+def api_server(home: Path, port: int) -> Iterator[str]:
+    """``airflow api-server`` on a demo home's metadata DB (``home/airflow``); its URL. The
+    whole process group is stopped on exit."""
+    from tests.processes import http_ok, running
+
+    base = f"http://127.0.0.1:{port}"
+    airflow = str(Path(sys.executable).parent / "airflow")
+    with running(
+        [airflow, "api-server"],
+        airflow_env(home, home / "airflow", port),
+        home / "ui-check-api-server.log",
+        lambda: http_ok(f"{base}/api/v2/monitor/health"),
+        240,
+        "airflow api-server",
+    ):
+        yield base
+
+
+def run_for(base: str, date: str) -> dict[str, Any]:
+    """The latest run of the DAG for a logical date (the demo's day)."""
+    runs = requests.get(
+        f"{base}/api/v2/dags/{DAG_ID}/dagRuns",
+        params={"order_by": "-start_date", "limit": 100},
+        timeout=30,
+    ).json()["dag_runs"]
+    mine = [r for r in runs if str(r.get("logical_date") or "").startswith(date)]
+    if not mine:
+        raise LookupError(f"no run of {DAG_ID} for {date}: {[r['logical_date'] for r in runs]}")
+    return dict(mine[0])
+
+
+def task_log(base: str, run_id: str, task_id: str, try_number: int = 1) -> list[str]:
+    """The task log's lines as the UI receives them (one event per line)."""
+    resp = requests.get(
+        f"{base}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+        headers={"Accept": "application/json"},
+        params={"full_content": "true"},
+        timeout=60,
+    )
+    resp.raise_for_status()
+    content = resp.json()["content"]
+    return [c if isinstance(c, str) else str(c.get("event", "")) for c in content]
+
+
+def screenshot(url: str, out: Path) -> None:
+    """Headless Debian Chromium renders ``url`` and saves it (flags: no network chatter on this
+    closed machine, a throwaway profile)."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--window-size=1600,1000",
+                "--virtual-time-budget=20000",
+                f"--screenshot={out}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+    if not out.exists() or out.stat().st_size == 0:
+        raise RuntimeError(f"Chromium wrote no screenshot to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.ports import free_port
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--home", type=Path, default=Path(os.environ.get("MLOPS_HOME", ".mlops")))
+    p.add_argument("--date", default="2026-11-03", help="the demo's blocked day")
+    p.add_argument("--task", default="validate_data")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    home = a.home.resolve()
+    out = a.out or home / "ui" / f"{a.task}.png"
+    with api_server(home, free_port()) as base:
+        run = run_for(base, a.date)
+        lines = task_log(base, run["dag_run_id"], a.task)
+        print(f"{a.task} of {run['dag_run_id']} ({run['state']}): {len(lines)} log lines")
+        for line in lines:
+            if "BLOCKED" in line or "quarantine" in line:
+                print("  " + line.replace("\n", "\n  "))
+        url = f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/{a.task}"
+        screenshot(url, out)
+        print(f"screenshot of {url}: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
