@@ -316,9 +316,10 @@ class CanarySettings(_Section):
     timeout_s: float = Field(3600.0, gt=0, description="monitor_canary gives up (rollback) after")
     seed: int = Field(0, description="replay order and routing salt of the local traffic replay")
     judge: Literal["sequential", "windowed"] = Field(
-        "sequential",
-        description="sequential: anytime-valid evidence over the whole analysis; windowed: each "
-        "window judged alone (judge_window + failure_limit)",
+        "windowed",
+        description="windowed: each window judged alone (judge_window + failure_limit); "
+        "sequential: anytime-valid evidence over the whole analysis (not yet the default: its "
+        "end-to-end A/A run is not done, see README Known limits)",
     )
     alpha: float = Field(
         0.01,

@@ -1,4 +1,6 @@
-"""The canary judge: one window of canary vs stable traffic in, checks and an outcome out.
+"""The windowed canary judge: one window of canary vs stable traffic in, checks and an outcome
+out (``canary.judge=windowed``; the default sequential judge is ``sequential.py`` and shares the
+critical checks here).
 
 Checks follow ``shared/research/canary_tfserving.md``: success rate and NaN/Inf outputs are
 critical; p99 bound; latency vs stable (Mann-Whitney U plus a mean-ratio effect size); errors vs
@@ -57,6 +59,37 @@ def score_psi(a: np.ndarray, b: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((pb - pa) * np.log(pb / pa)))
 
 
+def critical_checks(canary: list[Sample], cfg: CanarySettings) -> list[Check]:
+    """The checks that roll back at once, in either judge: success rate clearly below the floor
+    and NaN/Inf outputs."""
+    cn = len(canary)
+    good = sum(s.code == 200 for s in canary)
+    rate = good / cn if cn else 0.0
+    # Critical only when clearly below the floor: at 60 requests one error already reads 98.3%,
+    # so a point-estimate floor would roll back healthy canaries (a one-sided binomial test).
+    p_floor = float(stats.binom.cdf(good, cn, cfg.min_success_rate)) if cn else 1.0
+    c_scores = np.array([v for s in canary if s.code == 200 for v in s.scores], dtype=float)
+    bad = int(np.sum(~np.isfinite(c_scores))) if len(c_scores) else 0
+    return [
+        Check(
+            "success_rate",
+            p_floor >= cfg.success_alpha,
+            True,
+            f"{rate:.2%} 2xx (floor {cfg.min_success_rate:.0%}, binomial p={p_floor:.3g})",
+        ),
+        Check("finite_outputs", bad == 0, True, f"{bad} NaN/Inf scores"),
+    ]
+
+
+def p99_check(c_lat: np.ndarray, cfg: CanarySettings) -> Check:
+    p99 = float(np.percentile(c_lat, 99))
+    return Check(
+        "p99_latency",
+        p99 <= cfg.max_p99_ms,
+        detail=f"p99 {p99:.1f} ms (bound {cfg.max_p99_ms:.0f})",
+    )
+
+
 def judge_window(
     canary: list[Sample],
     stable: list[Sample],
@@ -76,33 +109,12 @@ def judge_window(
             cn,
             sn,
         )
-    checks: list[Check] = []
+    checks = critical_checks(canary, cfg)
     ok = [s.code == 200 for s in canary]
-    rate = sum(ok) / cn
-    # Critical only when clearly below the floor: at 60 requests one error already reads 98.3%,
-    # so a point-estimate floor would roll back healthy canaries (a one-sided binomial test).
-    p_floor = float(stats.binom.cdf(sum(ok), cn, cfg.min_success_rate))
-    checks.append(
-        Check(
-            "success_rate",
-            p_floor >= cfg.success_alpha,
-            True,
-            f"{rate:.2%} 2xx (floor {cfg.min_success_rate:.0%}, binomial p={p_floor:.3g})",
-        )
-    )
     c_scores = np.array([v for s in canary if s.code == 200 for v in s.scores], dtype=float)
-    bad = int(np.sum(~np.isfinite(c_scores))) if len(c_scores) else 0
-    checks.append(Check("finite_outputs", bad == 0, True, f"{bad} NaN/Inf scores"))
     c_lat = np.array([s.latency_ms for s in canary if s.code == 200])
     if len(c_lat):
-        p99 = float(np.percentile(c_lat, 99))
-        checks.append(
-            Check(
-                "p99_latency",
-                p99 <= cfg.max_p99_ms,
-                detail=f"p99 {p99:.1f} ms (bound {cfg.max_p99_ms:.0f})",
-            )
-        )
+        checks.append(p99_check(c_lat, cfg))
     if sn >= cfg.min_samples:
         s_lat = np.array([s.latency_ms for s in reference if s.code == 200])
         if len(s_lat) < cfg.min_samples:

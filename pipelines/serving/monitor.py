@@ -1,12 +1,14 @@
 """Canary monitoring as a resumable state machine: each call judges one window and returns.
 
-The decision rules are a pure function, :func:`advance` ``(state, verdict, settings) ->
-state``; :func:`canary_tick` does the I/O around it: set the split, send (or wait for) a
-window of traffic, read the window from the data plane's access log, judge it, persist. State
-(weight step, window, failure counts, replay offset, judged windows, decision) lives in
-``rollouts/<model>/<version>/canary.json``, written after every window, so the Airflow sensor
-holds no worker slot between pokes and a crashed controller resumes where the last judged
-window left it. A window in flight when the process died is simply judged again.
+The decision rules are a pure function, :func:`fold` ``(state, window, settings) -> state``:
+the sequential judge (:func:`advance_sequential`, evidence accumulated over the analysis) or the
+windowed one (:func:`advance`); :func:`canary_tick` does the I/O around it: set the split,
+send (or wait for) a window of traffic, read the window from the data plane's access log, judge
+it, persist. State (weight step, window, failure counts, replay offset, judged windows, the
+sequential evidence, decision) lives in ``rollouts/<model>/<version>/canary.json``, written
+after every window, so the Airflow sensor holds no worker slot between pokes and a crashed
+controller resumes where the last judged window left it, its evidence intact. A window in
+flight when the process died is simply judged again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import requests
 
 from pipelines.config import CanarySettings, Settings
 from pipelines.registry import Registry
-from pipelines.serving.canary import WindowVerdict, judge_window, requests_for
+from pipelines.serving import sequential
+from pipelines.serving.canary import (
+    Check,
+    WindowVerdict,
+    critical_checks,
+    judge_window,
+    p99_check,
+    requests_for,
+)
 from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.evidence import Sample, by_label
@@ -113,6 +123,8 @@ def new_state(settings: Settings, version: str) -> dict[str, Any]:
         "offset": 0,
         "window_start": None,
         "windows": [],
+        "evidence": None,
+        "ramped": False,
         "decision": None,
         "reason": None,
         "seed": settings.canary.seed,
@@ -166,11 +178,141 @@ def judge(window: dict[str, list[Sample]], cfg: CanarySettings) -> WindowVerdict
     return judge_window(window["canary"], stable, cfg, baseline=window["baseline"])
 
 
+def hold_step(cfg: CanarySettings) -> int:
+    """The step the sequential judge stays at, once the ramp is walked, until it decides: the
+    lowest weight below 100 %. The budget counts exposed canary requests, and a low weight buys
+    the most comparison per canary request: at 5 % each canary error or score is weighed against
+    about 19 stable ones, at 50 % against one (a 100 % step has no stable traffic at all)."""
+    below = [i for i, w in enumerate(cfg.steps) if w < 100]
+    return min(below, key=lambda i: cfg.steps[i]) if below else len(cfg.steps) - 1
+
+
+def _next_step(state: dict[str, Any], cfg: CanarySettings) -> int:
+    """Up the ramp one step at a time (steps below 100 %), then :func:`hold_step`."""
+    nxt = state["step"] + 1
+    if not state.get("ramped") and nxt < len(cfg.steps) and cfg.steps[nxt] < 100:
+        return nxt
+    state["ramped"] = True
+    return hold_step(cfg)
+
+
+def advance_sequential(
+    state: dict[str, Any], window: dict[str, list[Sample]], cfg: CanarySettings
+) -> dict[str, Any]:
+    """The sequential judge's rules: fold one window into the analysis' evidence, then decide.
+
+    Critical checks roll back at once; so does any comparison shown worse (anytime-valid, the
+    analysis' false-rollback rate <= ``alpha``). Every comparison shown within its margin
+    promotes, at any step. Otherwise the weight walks the steps below 100 %
+    (``windows_per_step`` windows each), then holds at :func:`hold_step`; at
+    ``max_canary_requests`` the point estimates decide: promote only if every one is within its
+    margin (a metric not judged is not within).
+    """
+    step = cfg.steps[state["step"]]
+    out = copy.deepcopy(state)
+    evidence = sequential.update(out.get("evidence") or sequential.new_state(), window, cfg)
+    out["evidence"] = evidence
+    out["window_start"] = None
+    canary = window["canary"]
+    checks = critical_checks(canary, cfg)
+    lat = np.array([s.latency_ms for s in canary if s.code == 200])
+    if len(lat):
+        checks.append(p99_check(lat, cfg))
+    found = sequential.findings(evidence, cfg)
+    checks += [Check(f.name, not f.worse, detail=f.detail) for f in found]
+    small = len(canary) < cfg.min_samples
+    if small:
+        checks.insert(
+            0,
+            Check(
+                "samples",
+                False,
+                detail=f"{len(canary)} canary requests < "
+                f"{cfg.min_samples} (folded into the evidence)",
+            ),
+        )
+    passed = sum(c.passed for c in checks)
+    if any(c.critical and not c.passed for c in checks):
+        outcome = "critical"
+    elif small:
+        outcome = "inconclusive"
+    else:
+        outcome = "pass" if passed == len(checks) else "fail"
+    verdict = WindowVerdict(
+        outcome,
+        100.0 * passed / len(checks),
+        checks,
+        len(canary),
+        len(window["stable"]) + len(window["baseline"]),
+    )
+    n = evidence["canary_requests"]
+    out["windows"].append(
+        {
+            "weight": step,
+            **verdict.to_dict(),
+            "explain": f"{verdict.explain()} [{n} canary requests so far]",
+            "evidence": {f.name: {"worse": f.worse, "within": f.within, **f.data} for f in found},
+        }
+    )
+    if outcome == "critical":
+        return _decided(out, "rollback", f"critical check failed at {step}%: {verdict.explain()}")
+    worse = [f for f in found if f.worse]
+    if worse:
+        return _decided(
+            out,
+            "rollback",
+            f"worse than stable after {n} canary requests (anytime-valid, alpha "
+            f"{cfg.alpha:g}) at {step}%: " + "; ".join(f"{f.name}: {f.detail}" for f in worse),
+        )
+    if small:
+        out["inconclusive_run"] += 1
+        if out["inconclusive_run"] >= 3:
+            return _decided(out, "rollback", f"3 inconclusive windows in a row at {step}%")
+    else:
+        out["inconclusive_run"] = 0
+    out["failed_checks"] += sum(c.name == "p99_latency" and not c.passed for c in checks)
+    if out["failed_checks"] >= cfg.failure_limit:
+        return _decided(
+            out, "rollback", f"p99 over {cfg.max_p99_ms:.0f} ms in {out['failed_checks']} windows"
+        )
+    explained = "; ".join(f"{f.name}: {f.detail}" for f in found)
+    if all(f.within for f in found):
+        return _decided(
+            out,
+            "promote",
+            f"within every margin after {n} canary requests (promote alpha "
+            f"{cfg.promote_alpha:g}) at {step}%: {explained}",
+        )
+    if n >= cfg.max_canary_requests:
+        off = [f.name for f in found if f.estimate_ok is not True]
+        if off:
+            return _decided(
+                out,
+                "rollback",
+                f"budget of {cfg.max_canary_requests} canary requests spent ({n}) with "
+                f"{', '.join(off)} not within margin (or not judged): {explained}",
+            )
+        return _decided(
+            out,
+            "promote",
+            f"budget of {cfg.max_canary_requests} canary requests spent ({n}); nothing shown "
+            f"worse and every estimate within its margin: {explained}",
+        )
+    if not small:
+        out["window"] += 1
+        if out["window"] >= cfg.windows_per_step:
+            out["window"], out["step"] = 0, _next_step(out, cfg)
+    return out
+
+
 def fold(
     state: dict[str, Any], window: dict[str, list[Sample]], cfg: CanarySettings
 ) -> dict[str, Any]:
-    """The state machine, pure: ``(state, window, settings) -> state``."""
-    return advance(state, judge(window, cfg), cfg)
+    """The state machine, pure: ``(state, window, settings) -> state``, with the judge that
+    ``cfg.judge`` names."""
+    if cfg.judge == "windowed":
+        return advance(state, judge(window, cfg), cfg)
+    return advance_sequential(state, window, cfg)
 
 
 def canary_tick(settings: Settings, control: ServingControl, version: str) -> dict[str, Any]:
@@ -244,9 +386,11 @@ def _finish(
     if state["decision"]:
         verdict = verdict_of(state)
         save_state(open_store(settings.store), settings, version, phase="judged", verdict=verdict)
-        Registry(settings.mlflow).set_version_tags(
-            version, {"canary_verdict": state["decision"], "canary_reason": state["reason"][:4000]}
-        )
+        tags = {"canary_verdict": state["decision"], "canary_reason": state["reason"][:4000]}
+        if state.get("evidence"):
+            tags["canary_judge"] = "sequential"
+            tags["canary_requests"] = str(state["evidence"]["canary_requests"])
+        Registry(settings.mlflow).set_version_tags(version, tags)
         log.info(
             "canary verdict for version %s: %s (%s)", version, state["decision"], state["reason"]
         )

@@ -12,7 +12,7 @@ from pipelines.serving.canary import Check, WindowVerdict, judge_window, request
 from pipelines.serving.dataplane.evidence import Sample
 from pipelines.serving.monitor import advance, fold
 
-CFG = CanarySettings()
+CFG = CanarySettings(judge="windowed")  # judge_window and advance: the windowed judge
 
 
 def window(

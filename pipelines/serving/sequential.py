@@ -1,0 +1,416 @@
+"""Anytime-valid sequential tests for the canary: evidence accumulates over every window and
+weight step of one analysis, so it may be looked at after each window without inflating the
+false-rollback rate (Lindon et al., KDD 2022; Waudby-Smith & Ramdas, JRSS-B 2023).
+
+Each comparison keeps a small JSON state (plain numbers and lists) that :func:`update` folds one
+window into; :func:`findings` reads the decisions back with their statistic, boundary and the
+requests used. Rollback tests share ``alpha`` (Bonferroni: errors, latency, scores a third each,
+scores split over its two sides), so P(any false rollback) <= alpha however often one looks.
+Promotion needs every metric shown within its margin (an intersection-union test: each promote
+test runs at the full ``promote_alpha``).
+
+- Errors, worse: conditional on each time bucket's traffic and error count, the canary's share
+  of the errors is hypergeometric when the rates are equal; a mixture SPRT over a grid of odds
+  ratios (Fisher's noncentral hypergeometric likelihood) is a test martingale under H0.
+- Errors, within margin: time-uniform Beta-binomial mixture confidence sequences (Robbins) for
+  each rate; within when canary's upper bound minus stable's lower bound <= ``error_margin``.
+- Latency: each canary request against the baseline requests of its time bucket (a slowdown that
+  hits both pools cancels in the log ratio), clipped log ratios, betting e-processes (aGRAPA) for
+  "slower than baseline" and "not slower than 1 + latency_margin".
+- Scores: P(canary score > stable score), each canary answer against its share of the window's
+  stable answers, betting e-processes for "outside 1/2 +- score_margin" (rollback) and "inside"
+  (promote).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import optimize, special
+
+from pipelines.config import CanarySettings
+from pipelines.serving.dataplane.evidence import Sample
+
+ODDS_GRID = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+# Latency log ratios are clipped to +-1 (a factor of e) so each observation is bounded, which is
+# all the betting test needs; a +20 % canary reads 0.18, far inside the clip.
+LOG_CLIP = 1.0
+# A bet never risks more than this share of what one observation could lose (Waudby-Smith and
+# Ramdas truncate at 1/2): a full bet is ruined by one unlucky observation.
+BET_CAP = 0.5
+
+State = dict[str, Any]
+
+
+def _bet() -> State:
+    return {"n": 0, "mean": 0.0, "m2": 0.0, "log_e": 0.0, "max_log_e": 0.0, "rejected_at": None}
+
+
+def new_state() -> State:
+    """The evidence of an analysis before its first window."""
+    return {
+        "canary_requests": 0,
+        "stable_requests": 0,
+        "errors": {
+            "canary_n": 0,
+            "canary_errors": 0,
+            "stable_n": 0,
+            "stable_errors": 0,
+            "log_lr": [0.0] * len(ODDS_GRID),
+            "worse_at": None,
+            "within_at": None,
+        },
+        "latency": {"pairs": 0, "log_ratio_sum": 0.0, "worse": _bet(), "within": _bet()},
+        "scores": {
+            "pairs": 0,
+            "seen": [],
+            "above": _bet(),
+            "below": _bet(),
+            "within_above": _bet(),
+            "within_below": _bet(),
+        },
+    }
+
+
+def _bet_on(b: State, xs: np.ndarray, null: float, side: int, lo: float, hi: float) -> None:
+    """Fold observations ``xs`` (in ``[lo, hi]``, in time order) into a test of H0: mean <= null
+    (``side`` +1) or mean >= null (``side`` -1). The capital prod(1 + lam (x - null) side) is a
+    nonnegative supermartingale under H0 whenever lam >= 0 is chosen from past data only, so by
+    Ville's inequality it crosses ``1/level`` with probability <= level. lam is the aGRAPA plug-in
+    (Waudby-Smith & Ramdas 2023), shrunk towards the null so nothing is bet before evidence."""
+    loss = (null - lo) if side > 0 else (hi - null)
+    cap = BET_CAP / loss
+    prior_var = ((hi - lo) / 4.0) ** 2
+    n, mean, m2, log_e, best = b["n"], b["mean"], b["m2"], b["log_e"], b["max_log_e"]
+    for x in xs.tolist():
+        mu = (null + n * mean) / (n + 1)
+        var = (prior_var + m2) / (n + 1)
+        edge = side * (mu - null)
+        lam = min(max(edge / (var + edge * edge), 0.0), cap)
+        log_e += math.log1p(lam * side * (x - null))
+        best = max(best, log_e)
+        n += 1
+        d = x - mean
+        mean += d / n
+        m2 += d * (x - mean)
+    b.update(n=n, mean=mean, m2=m2, log_e=log_e, max_log_e=best)
+
+
+def _mark(b: State, log_bound: float, requests: int) -> None:
+    if b["rejected_at"] is None and b["max_log_e"] >= log_bound:
+        b["rejected_at"] = requests
+
+
+def partners(c_times: np.ndarray, r_times: np.ndarray, bucket_s: float) -> list[np.ndarray]:
+    """For each canary request, the reference requests of its time bucket it is compared with,
+    dealt out in time order so no reference serves two canary requests (the observations stay
+    independent); a canary request alone in its bucket gets none."""
+    out: list[np.ndarray] = [np.empty(0, dtype=int) for _ in range(len(c_times))]
+    if not len(c_times) or not len(r_times):
+        return out
+    cb = np.floor(c_times / bucket_s).astype(np.int64)  # bucket_s = inf: one bucket
+    rb = np.floor(r_times / bucket_s).astype(np.int64)
+    r_order = np.lexsort((r_times, rb))
+    r_sorted_b = rb[r_order]
+    for b in np.unique(cb):
+        cs = np.flatnonzero(cb == b)
+        cs = cs[np.argsort(c_times[cs], kind="stable")]
+        lo, hi = np.searchsorted(r_sorted_b, [b, b + 1])
+        rs = r_order[lo:hi]
+        if not len(rs):
+            continue
+        # The j-th reference (in time) goes to the canary request at the same relative place.
+        owner = (np.arange(len(rs)) * len(cs)) // len(rs)
+        for k, i in enumerate(cs):
+            out[i] = rs[owner == k]
+    return out
+
+
+def _logcomb(n: int, k: np.ndarray) -> np.ndarray:
+    return np.asarray(special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
+
+
+def fisher_log_lr(x: int, nc: int, ns: int, e: int) -> np.ndarray:
+    """log LR of odds ratios ``ODDS_GRID`` against 1 for ``x`` canary errors among ``e``, given
+    ``nc`` canary and ``ns`` stable requests (Fisher's noncentral hypergeometric)."""
+    k = np.arange(max(0, e - ns), min(e, nc) + 1)
+    logw = _logcomb(nc, k) + _logcomb(ns, e - k)
+    log_theta = np.log(np.asarray(ODDS_GRID))
+    alt = special.logsumexp(logw[None, :] + np.outer(log_theta, k), axis=1)
+    return np.asarray(x * log_theta - alt + special.logsumexp(logw))
+
+
+def rate_bounds(k: int, n: int, level: float, prior_b: float) -> tuple[float, float]:
+    """Time-uniform (1 - level) bounds on a Bernoulli rate from ``k`` of ``n``: the rates p whose
+    Beta(1, prior_b)-mixture martingale has not reached 1/level (Robbins 1970)."""
+    if n == 0:
+        return 0.0, 1.0
+    c = float(special.betaln(1.0 + k, prior_b + n - k) - special.betaln(1.0, prior_b))
+    thr = math.log(1.0 / level)
+
+    def f(p: float) -> float:
+        return c - k * math.log(p) - (n - k) * math.log1p(-p) - thr
+
+    phat, top, tiny = k / n, 1.0 - 1e-12, 1e-300
+    hi = 1.0 if f(top) <= 0 else float(optimize.brentq(f, max(phat, 1e-12), top))
+    lo = 0.0 if k == 0 else float(optimize.brentq(f, tiny, phat))
+    return lo, hi
+
+
+def _ok(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if s.code == 200]
+
+
+def _score(s: Sample) -> float:
+    return s.scores[0] if s.scores and math.isfinite(s.scores[0]) else math.nan
+
+
+def _update_errors(
+    st: State, canary: list[Sample], stable: list[Sample], cfg: CanarySettings
+) -> None:
+    ct = np.array([s.t for s in canary], dtype=float)
+    ce = np.array([s.code != 200 for s in canary], dtype=bool)
+    rt = np.array([s.t for s in stable], dtype=float)
+    re = np.array([s.code != 200 for s in stable], dtype=bool)
+    st["canary_n"] += len(canary)
+    st["canary_errors"] += int(ce.sum())
+    st["stable_n"] += len(stable)
+    st["stable_errors"] += int(re.sum())
+    cb = np.floor(ct / cfg.bucket_seconds).astype(np.int64)
+    rb = np.floor(rt / cfg.bucket_seconds).astype(np.int64)
+    llr = np.asarray(st["log_lr"], dtype=float)
+    # Only buckets with errors and both pools carry information; the others' LR is exactly 1.
+    for b in np.unique(np.concatenate([cb[ce], rb[re]])):
+        nc, ns = int(np.sum(cb == b)), int(np.sum(rb == b))
+        x, y = int(np.sum(ce & (cb == b))), int(np.sum(re & (rb == b)))
+        if nc and ns:
+            llr += fisher_log_lr(x, nc, ns, x + y)
+    st["log_lr"] = [float(v) for v in llr]
+
+
+def errors_e_value_log(st: State) -> float:
+    """log of the mixture SPRT's e-value (uniform weights over the odds-ratio grid)."""
+    return float(special.logsumexp(st["log_lr"]) - math.log(len(ODDS_GRID)))
+
+
+def errors_bound(st: State, cfg: CanarySettings) -> float:
+    """Upper bound on canary error rate minus stable's (each bound at promote_alpha / 2)."""
+    level, b = cfg.promote_alpha / 2, 1.0 / cfg.error_margin
+    _, c_hi = rate_bounds(st["canary_errors"], st["canary_n"], level, b)
+    s_lo, _ = rate_bounds(st["stable_errors"], st["stable_n"], level, b)
+    return c_hi - s_lo
+
+
+def _update_latency(
+    st: State, canary: list[Sample], baseline: list[Sample], cfg: CanarySettings
+) -> None:
+    c, r = _ok(canary), _ok(baseline)
+    if not c or not r:
+        return
+    ct = np.array([s.t for s in c])
+    clog = np.log(np.maximum([s.latency_ms for s in c], 1e-6))
+    rlog = np.log(np.maximum([s.latency_ms for s in r], 1e-6))
+    groups = partners(ct, np.array([s.t for s in r]), cfg.bucket_seconds)
+    used = [i for i in np.argsort(ct, kind="stable") if len(groups[i])]
+    if not used:
+        return
+    raw = [clog[i] - rlog[groups[i]] for i in used]
+    shift = math.log1p(cfg.latency_margin)
+    worse = np.array([np.clip(d, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
+    within = np.array([np.clip(d - shift, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
+    st["pairs"] += len(used)
+    st["log_ratio_sum"] += float(sum(d.mean() for d in raw))
+    _bet_on(st["worse"], worse, 0.0, +1, -LOG_CLIP, LOG_CLIP)
+    _bet_on(st["within"], within, 0.0, -1, -LOG_CLIP, LOG_CLIP)
+
+
+def _update_scores(
+    st: State, canary: list[Sample], stable: list[Sample], cfg: CanarySettings
+) -> None:
+    # The local replay cycles a finite set of held-out rows and routing is sticky per key, so a
+    # canary may answer the same row again and again; the same (key, score) is one observation
+    # of the score distribution, not many (live traffic rarely repeats both).
+    seen = set(st["seen"])
+    c = []
+    for s in _ok(canary):
+        v = _score(s)
+        tag = zlib.crc32(f"{s.key}|{v!r}".encode())
+        if math.isfinite(v) and tag not in seen:
+            seen.add(tag)
+            c.append((s.t, v))
+    st["seen"] = sorted(seen)
+    r = [(s.t, _score(s)) for s in _ok(stable)]
+    c = [x for x in c if math.isfinite(x[1])]
+    r = [x for x in r if math.isfinite(x[1])]
+    if not c or not r:
+        return
+    ct, cs = np.array([x[0] for x in c]), np.array([x[1] for x in c])
+    rs = np.array([x[1] for x in r])
+    # Scores depend on the row, not on the moment: the whole window is one bucket, so each
+    # canary request gets every stable answer it can (at 5 % about 19).
+    groups = partners(ct, np.array([x[0] for x in r]), math.inf)
+    used = [i for i in np.argsort(ct, kind="stable") if len(groups[i])]
+    if not used:
+        return
+    # Ties count a half, so E[u] = 1/2 exactly when both pools answer from one distribution.
+    u = np.array([np.mean((cs[i] > rs[groups[i]]) + 0.5 * (cs[i] == rs[groups[i]])) for i in used])
+    st["pairs"] += len(used)
+    m = cfg.score_margin
+    _bet_on(st["above"], u, 0.5 + m, +1, 0.0, 1.0)
+    _bet_on(st["below"], u, 0.5 - m, -1, 0.0, 1.0)
+    _bet_on(st["within_above"], u, 0.5 + m, -1, 0.0, 1.0)
+    _bet_on(st["within_below"], u, 0.5 - m, +1, 0.0, 1.0)
+
+
+def _bounds(cfg: CanarySettings) -> tuple[float, float]:
+    """log boundaries: a rollback test's (alpha / 3 each) and a promote test's."""
+    return math.log(3.0 / cfg.alpha), math.log(1.0 / cfg.promote_alpha)
+
+
+def update(state: State, window: dict[str, list[Sample]], cfg: CanarySettings) -> State:
+    """Fold one window (``{"canary", "stable", "baseline"}``) into the evidence; the input is
+    unchanged. Latency compares with the baseline pool, errors and scores with every request the
+    stable version answered (``stable + baseline``), as the windowed judge does."""
+    out = copy.deepcopy(state)
+    stable = window["stable"] + window["baseline"]
+    out["canary_requests"] += len(window["canary"])
+    out["stable_requests"] += len(stable)
+    _update_errors(out["errors"], window["canary"], stable, cfg)
+    _update_latency(out["latency"], window["canary"], window["baseline"], cfg)
+    _update_scores(out["scores"], window["canary"], stable, cfg)
+    n = out["canary_requests"]
+    bound_w, bound_p = _bounds(cfg)
+    err = out["errors"]
+    if err["worse_at"] is None and errors_e_value_log(err) >= bound_w:
+        err["worse_at"] = n
+    if err["within_at"] is None and errors_bound(err, cfg) <= cfg.error_margin:
+        err["within_at"] = n
+    _mark(out["latency"]["worse"], bound_w, n)
+    _mark(out["latency"]["within"], bound_p, n)
+    for side in ("above", "below"):
+        _mark(out["scores"][side], bound_w - math.log(2), n)
+    for side in ("within_above", "within_below"):
+        _mark(out["scores"][side], bound_p, n)
+    return out
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One comparison's standing: shown worse (rollback), shown within margin (promote), and
+    whether its point estimate is within the margin (the budget rule; None = not judged)."""
+
+    name: str
+    worse: bool
+    within: bool
+    estimate_ok: bool | None
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _e(log_e: float) -> str:
+    return f"{math.exp(min(log_e, 700.0)):.3g}"
+
+
+def findings(state: State, cfg: CanarySettings) -> list[Finding]:
+    """The three comparisons as they stand, each explained: statistic, boundary, requests."""
+    bound_w, bound_p = _bounds(cfg)
+    err, lat, sc = state["errors"], state["latency"], state["scores"]
+    out = []
+
+    cn, sn = err["canary_n"], err["stable_n"]
+    c_rate = err["canary_errors"] / cn if cn else math.nan
+    s_rate = err["stable_errors"] / sn if sn else math.nan
+    e_log = errors_e_value_log(err)
+    diff_hi = errors_bound(err, cfg)
+    out.append(
+        Finding(
+            "errors_vs_stable",
+            err["worse_at"] is not None,
+            err["within_at"] is not None,
+            None if not (cn and sn) else bool(c_rate - s_rate <= cfg.error_margin),
+            f"canary {err['canary_errors']}/{cn} vs stable {err['stable_errors']}/{sn} errors; "
+            f"worse: mixture SPRT e={_e(e_log)} (boundary {_e(bound_w)})"
+            + (f" at {err['worse_at']} canary requests" if err["worse_at"] is not None else "")
+            + f"; within {cfg.error_margin:.1%}: difference <= {diff_hi:.2%} "
+            f"({1 - cfg.promote_alpha:.0%} CS)"
+            + (f", shown at {err['within_at']}" if err["within_at"] is not None else ""),
+            {
+                "canary_rate": c_rate,
+                "stable_rate": s_rate,
+                "e_worse": math.exp(min(e_log, 700.0)),
+                "boundary_worse": math.exp(bound_w),
+                "difference_upper": diff_hi,
+                "margin": cfg.error_margin,
+                "requests": cn,
+            },
+        )
+    )
+
+    pairs = lat["pairs"]
+    ratio = math.exp(lat["log_ratio_sum"] / pairs) if pairs else math.nan
+    out.append(
+        Finding(
+            "latency_vs_stable",
+            lat["worse"]["rejected_at"] is not None,
+            lat["within"]["rejected_at"] is not None,
+            None if not pairs else bool(ratio <= 1 + cfg.latency_margin),
+            f"ratio {ratio:.3f} vs baseline over {pairs} canary requests matched in "
+            f"{cfg.bucket_seconds:g} s buckets; slower: e={_e(lat['worse']['max_log_e'])} "
+            f"(boundary {_e(bound_w)})"
+            + _at(lat["worse"])
+            + f"; within x{1 + cfg.latency_margin:.2f}: e={_e(lat['within']['max_log_e'])} "
+            f"(boundary {_e(bound_p)})" + _at(lat["within"]),
+            {
+                "ratio": ratio,
+                "e_worse": math.exp(min(lat["worse"]["max_log_e"], 700.0)),
+                "boundary_worse": math.exp(bound_w),
+                "e_within": math.exp(min(lat["within"]["max_log_e"], 700.0)),
+                "boundary_within": math.exp(bound_p),
+                "margin": cfg.latency_margin,
+                "requests": pairs,
+            },
+        )
+    )
+
+    pairs = sc["pairs"]
+    theta = sc["above"]["mean"] if pairs else math.nan
+    bound_s = bound_w - math.log(2)
+    e_out = max(sc["above"]["max_log_e"], sc["below"]["max_log_e"])
+    e_in = min(sc["within_above"]["max_log_e"], sc["within_below"]["max_log_e"])
+    rejected = [sc[k]["rejected_at"] for k in ("above", "below")]
+    out.append(
+        Finding(
+            "score_drift",
+            any(r is not None for r in rejected),
+            all(sc[k]["rejected_at"] is not None for k in ("within_above", "within_below")),
+            None if not pairs else bool(abs(theta - 0.5) <= cfg.score_margin),
+            f"P(canary score > stable) {theta:.3f} over {pairs} canary requests; outside "
+            f"1/2 +- {cfg.score_margin:g}: e={_e(e_out)} (boundary {_e(bound_s)})"
+            + "".join(_at(sc[k]) for k in ("above", "below"))
+            + f"; within: e={_e(e_in)} (boundary {_e(bound_p)})"
+            + (
+                f", shown at {max(sc[k]['rejected_at'] for k in ('within_above', 'within_below'))}"
+                if all(sc[k]["rejected_at"] is not None for k in ("within_above", "within_below"))
+                else ""
+            ),
+            {
+                "p_superiority": theta,
+                "e_worse": math.exp(min(e_out, 700.0)),
+                "boundary_worse": math.exp(bound_s),
+                "e_within": math.exp(min(e_in, 700.0)),
+                "boundary_within": math.exp(bound_p),
+                "margin": cfg.score_margin,
+                "requests": pairs,
+            },
+        )
+    )
+    return out
+
+
+def _at(b: State) -> str:
+    return f", shown at {b['rejected_at']} canary requests" if b["rejected_at"] is not None else ""

@@ -1,0 +1,290 @@
+"""The sequential canary judge: each anytime-valid test's error control under repeated looks
+(seeded simulations), power on clear regressions, resumability, matched time buckets, and
+verdicts that explain themselves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from pipelines.config import CanarySettings
+from pipelines.serving import sequential
+from pipelines.serving.dataplane.evidence import Sample
+from pipelines.serving.monitor import fold
+
+CFG = CanarySettings(judge="sequential")
+
+
+def _looks_reject(step_obs, looks: int, runs: int, log_bound: float, seed: int) -> float:
+    """Share of ``runs`` sequences whose test crosses ``log_bound`` at any of ``looks`` looks."""
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(runs):
+        b = sequential._bet()
+        for _ in range(looks):
+            step_obs(b, rng)
+            if b["max_log_e"] >= log_bound:
+                hits += 1
+                break
+    return hits / runs
+
+
+def test_latency_bet_holds_its_level_however_often_it_looks() -> None:
+    """Symmetric clipped log ratios (an A/A canary), one look per observation batch of 10:
+    the e-process crosses 1/alpha in at most alpha of the runs (alpha 0.1 to keep it fast)."""
+
+    def obs(b: dict, rng: np.random.Generator) -> None:
+        x = np.clip(rng.normal(0, 0.5, 10) - rng.normal(0, 0.5, 10), -1, 1)
+        sequential._bet_on(b, x, 0.0, +1, -1.0, 1.0)
+
+    assert _looks_reject(obs, looks=60, runs=400, log_bound=math.log(10), seed=1) <= 0.1
+
+
+def test_score_bet_holds_its_level_at_the_margin_boundary() -> None:
+    """Observations with mean exactly 1/2 + margin: the "outside the margin" test may not fire
+    more often than alpha (the least favourable null)."""
+    m = CFG.score_margin
+
+    def obs(b: dict, rng: np.random.Generator) -> None:
+        u = (rng.random(10) < 0.5 + m).astype(float)
+        sequential._bet_on(b, u, 0.5 + m, +1, 0.0, 1.0)
+
+    assert _looks_reject(obs, looks=60, runs=400, log_bound=math.log(10), seed=2) <= 0.1
+
+
+def test_error_mixture_sprt_holds_its_level_with_equal_rates() -> None:
+    """Equal error rates on both pools, varying traffic shares (the weight steps): the mixture
+    SPRT's e-value crosses 1/alpha in at most alpha of the analyses, over 40 looks."""
+    rng = np.random.default_rng(3)
+    runs, hits = 400, 0
+    for _ in range(runs):
+        llr = np.zeros(len(sequential.ODDS_GRID))
+        for w in range(40):
+            nc, ns = (3, 57) if w % 2 else (30, 30)
+            x, y = int(rng.binomial(nc, 0.02)), int(rng.binomial(ns, 0.02))
+            if x + y:
+                llr += sequential.fisher_log_lr(x, nc, ns, x + y)
+            if sequential.errors_e_value_log({"log_lr": list(llr)}) >= math.log(10):
+                hits += 1
+                break
+    assert hits / runs <= 0.1
+
+
+def test_rate_confidence_sequence_covers_at_every_look() -> None:
+    """The Beta-binomial bound misses the true rate at some look in at most its level."""
+    rng = np.random.default_rng(4)
+    p, level, runs, misses = 0.01, 0.1, 200, 0
+    for _ in range(runs):
+        k = 0
+        for n in range(50, 1001, 50):
+            k += int(rng.binomial(50, p))
+            lo, hi = sequential.rate_bounds(k, n, level, 50.0)
+            if not lo <= p <= hi:
+                misses += 1
+                break
+    assert misses / runs <= level
+
+
+def _window(
+    rng: np.random.Generator,
+    weight: int,
+    t0: float,
+    n: int = 600,
+    c_err: float = 0.003,
+    s_err: float = 0.003,
+    c_ms: float = 8.0,
+    shift: float = 0.0,
+    slow: dict[int, float] | None = None,
+) -> dict[str, list[Sample]]:
+    """``n`` requests at 400/s from ``t0``, routed canary / baseline / stable as Envoy does;
+    ``slow`` maps a bucket index to a latency factor that hits every pool."""
+    out: dict[str, list[Sample]] = {"canary": [], "stable": [], "baseline": []}
+    base = min(weight, 100 - weight)
+    for i in range(n):
+        t = t0 + i / 400
+        r = rng.random() * 100
+        label = "canary" if r < weight else "baseline" if r < weight + base else "stable"
+        canary = label == "canary"
+        code = 500 if rng.random() < (c_err if canary else s_err) else 200
+        f = (slow or {}).get(int(t / CFG.bucket_seconds), 1.0)
+        ms = float(rng.lognormal(math.log(c_ms if canary else 8.0), 0.35)) * f
+        p = float(rng.beta(0.6, 20))
+        if canary and shift:
+            p = 1 / (1 + math.exp(-(math.log(p / (1 - p)) + shift)))
+        out[label].append(Sample(t, label, code, ms, (p,) if code == 200 else ()))
+    return out
+
+
+def _state() -> dict:
+    return {
+        "step": 0,
+        "window": 0,
+        "failed_checks": 0,
+        "inconclusive_run": 0,
+        "windows": [],
+        "window_start": None,
+        "evidence": None,
+        "decision": None,
+        "reason": None,
+    }
+
+
+def _analyse(seed: int, cfg: CanarySettings = CFG, max_windows: int = 60, **kw) -> dict:
+    rng = np.random.default_rng(seed)
+    state, t = _state(), 0.0
+    for _ in range(max_windows):
+        weight = cfg.steps[state["step"]]
+        state = fold(state, _window(rng, weight, t, n=6000 // weight, **kw), cfg)
+        t += 10.0
+        if state["decision"]:
+            break
+    return state
+
+
+def test_an_identical_canary_promotes_within_every_margin_and_explains_it() -> None:
+    state = _analyse(10)
+    assert state["decision"] == "promote", state["reason"]
+    assert "within every margin" in state["reason"]
+    for name in ("errors_vs_stable", "latency_vs_stable", "score_drift"):
+        assert name in state["reason"]
+    assert "boundary" in state["reason"] and "canary requests" in state["reason"]
+    last = state["windows"][-1]
+    assert set(last["evidence"]) == {"errors_vs_stable", "latency_vs_stable", "score_drift"}
+    assert all(e["within"] and not e["worse"] for e in last["evidence"].values())
+    assert state["evidence"]["canary_requests"] <= CFG.max_canary_requests
+
+
+def test_more_errors_roll_back_with_the_statistic_boundary_and_requests() -> None:
+    state = _analyse(11, c_err=0.05, s_err=0.005)
+    assert state["decision"] == "rollback", state["reason"]
+    assert "errors_vs_stable" in state["reason"] and "mixture SPRT e=" in state["reason"]
+    assert "boundary 300" in state["reason"]
+    ev = state["windows"][-1]["evidence"]["errors_vs_stable"]
+    assert ev["worse"] and ev["e_worse"] >= ev["boundary_worse"] and ev["requests"] > 0
+
+
+def test_a_slower_canary_rolls_back_on_latency() -> None:
+    state = _analyse(12, c_ms=8.0 * 1.3)
+    assert state["decision"] == "rollback", state["reason"]
+    assert "latency_vs_stable" in state["reason"]
+    failed = {c["name"] for w in state["windows"] for c in w["checks"] if not c["passed"]}
+    assert "latency_vs_stable" in failed  # the name the e2e fault tests look for
+
+
+def test_shifted_scores_roll_back_on_score_drift() -> None:
+    state = _analyse(13, shift=1.5)
+    assert state["decision"] == "rollback", state["reason"]
+    failed = {c["name"] for w in state["windows"] for c in w["checks"] if not c["passed"]}
+    assert "score_drift" in failed
+
+
+def test_nan_scores_roll_back_at_once() -> None:
+    rng = np.random.default_rng(14)
+    window = _window(rng, 5, 0.0, n=1200)
+    canary = window["canary"]
+    canary[0] = Sample(canary[0].t, "canary", 200, 5.0, (float("nan"),))
+    state = fold(_state(), window, CFG)
+    assert state["decision"] == "rollback" and "critical" in state["reason"]
+    assert len(state["windows"]) == 1
+
+
+def test_a_common_slowdown_cancels_in_matched_buckets() -> None:
+    """Half the time buckets are 3x slower for every pool, and the canary's requests sit mostly
+    in them: pooled, the canary reads ~2x slower; matched by bucket, the ratio is ~1."""
+    rng = np.random.default_rng(15)
+    slow = {b: 3.0 for b in range(0, 400, 2)}
+    window = _window(rng, 50, 0.0, n=4000, slow=slow)
+    # Keep the canary's requests in slow buckets and the baseline's mostly in fast ones.
+    in_slow = lambda s: int(s.t / CFG.bucket_seconds) in slow  # noqa: E731
+    window["canary"] = [s for s in window["canary"] if in_slow(s) or rng.random() < 0.2]
+    window["baseline"] = [s for s in window["baseline"] if not in_slow(s) or rng.random() < 0.2]
+    pooled = np.mean([s.latency_ms for s in window["canary"]]) / np.mean(
+        [s.latency_ms for s in window["baseline"]]
+    )
+    assert pooled > 1.8
+    ev = sequential.update(sequential.new_state(), window, CFG)
+    (lat,) = [f for f in sequential.findings(ev, CFG) if f.name == "latency_vs_stable"]
+    assert 0.9 < lat.data["ratio"] < 1.1, lat.detail
+    assert not lat.worse
+
+
+def test_the_evidence_resumes_identically_after_a_json_round_trip() -> None:
+    """A crashed controller reloads canary.json: continuing from the reloaded state gives the
+    same analysis, window for window, as never stopping."""
+    rng = np.random.default_rng(16)
+    windows = [_window(rng, w, 10.0 * i, n=6000 // w) for i, w in enumerate((5, 25, 50, 5, 5, 5))]
+    straight = _state()
+    for w in windows:
+        straight = fold(straight, w, CFG)
+    resumed = _state()
+    for w in windows:
+        resumed = json.loads(json.dumps(fold(resumed, w, CFG)))
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(straight, sort_keys=True)
+    assert resumed["evidence"]["canary_requests"] > 0
+
+
+def test_fold_leaves_its_input_unchanged_and_walks_the_ramp_then_holds_low() -> None:
+    rng = np.random.default_rng(17)
+    state = _state()
+    weights = []
+    for i in range(5):
+        frozen = json.dumps(state)
+        weight = CFG.steps[state["step"]]
+        weights.append(weight)
+        nxt = fold(state, _window(rng, weight, 10.0 * i, n=6000 // weight), CFG)
+        assert json.dumps(state) == frozen
+        state = nxt
+        if state["decision"]:
+            break
+    assert weights[:3] == [5, 25, 50]
+    assert all(w == 5 for w in weights[3:])  # 100 % has no stable traffic to compare with
+
+
+def test_at_the_budget_a_metric_not_judged_rolls_back() -> None:
+    """No baseline traffic at all: latency is never judged, so the budget cannot promote."""
+    cfg = CanarySettings(judge="sequential", max_canary_requests=100)
+    rng = np.random.default_rng(18)
+    window = _window(rng, 5, 0.0, n=3000)
+    window["stable"] += window["baseline"]
+    window["baseline"] = []
+    state = fold(_state(), window, cfg)
+    assert state["decision"] == "rollback"
+    assert "budget" in state["reason"] and "latency_vs_stable" in state["reason"]
+
+
+def test_the_windowed_judge_stays_selectable() -> None:
+    cfg = CanarySettings(judge="windowed")
+    rng = np.random.default_rng(19)
+    state, i = _state(), 0
+    while state["decision"] is None:
+        weight = cfg.steps[state["step"]]
+        state = fold(state, _window(rng, weight, 10.0 * i, n=int(90 * 100 / weight)), cfg)
+        i += 1
+    assert state["decision"] == "promote", state["reason"]
+    assert [w["weight"] for w in state["windows"]] == list(cfg.steps)
+    assert state["evidence"] is None
+
+
+def test_a_replayed_row_counts_once_for_the_score_comparison() -> None:
+    """Sticky routing over a finite replay set sends a canary the same rows every window; the
+    score evidence must not grow from repeats (latency and errors still do: new requests)."""
+    rng = np.random.default_rng(20)
+    first = _window(rng, 5, 0.0, n=1200)
+    keyed = {
+        k: [
+            Sample(s.t, s.label, s.code, s.latency_ms, s.scores, key=f"k{i}")
+            for i, s in enumerate(v)
+        ]
+        for k, v in first.items()
+    }
+    again = {
+        k: [Sample(s.t + 10, s.label, s.code, s.latency_ms, s.scores, key=s.key) for s in v]
+        for k, v in keyed.items()
+    }
+    ev = sequential.update(sequential.new_state(), keyed, CFG)
+    ev2 = sequential.update(json.loads(json.dumps(ev)), again, CFG)
+    assert ev2["scores"]["pairs"] == ev["scores"]["pairs"] > 0
+    assert ev2["latency"]["pairs"] > ev["latency"]["pairs"]
+    assert ev2["canary_requests"] == 2 * ev["canary_requests"]
