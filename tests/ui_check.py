@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         run = run_for(base, a.date)
         lines = task_log(base, run["dag_run_id"], a.task)
         print(f"{a.task} of {run['dag_run_id']} ({run['state']}): {len(lines)} log lines")
-        for line in lines:
-            if "BLOCKED" in line or "quarantine" in line:
+        for line in lines:  # the gate's report, as the log page shows it
+            if line.startswith("The data gate blocked"):
                 print("  " + line.replace("\n", "\n  "))
         url = f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/{a.task}"
         screenshot(url, out)
