@@ -44,7 +44,7 @@ import numpy as np
 from pipelines.config import CanarySettings
 from pipelines.serving.canary import requests_for
 from pipelines.serving.dataplane.evidence import Sample
-from pipelines.serving.monitor import fold
+from pipelines.serving.monitor import empty_state, fold
 
 SCENARIOS = ("aa", "aa_correlated", "errors", "latency", "scores")
 BASE_ERRORS, BASE_MS = 0.003, 8.0
@@ -126,17 +126,7 @@ def _round(
 
 
 def _state() -> dict[str, Any]:
-    return {
-        "step": 0,
-        "window": 0,
-        "failed_checks": 0,
-        "inconclusive_run": 0,
-        "windows": [],
-        "window_start": None,
-        "evidence": None,
-        "decision": None,
-        "reason": None,
-    }
+    return empty_state()
 
 
 def run_fold(seed: int, scenario: str, cfg: CanarySettings) -> Result:

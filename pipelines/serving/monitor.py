@@ -112,10 +112,11 @@ def replay_rows(settings: Settings, version: str) -> list[tuple[str, dict[str, A
     return [rows[i] for i in order]
 
 
-def new_state(settings: Settings, version: str) -> dict[str, Any]:
+def empty_state(version: str = "", seed: int = 0, started: float = 0.0) -> dict[str, Any]:
+    """An analysis before its first window (the bench and the tests fold windows into it)."""
     return {
         "version": str(version),
-        "started": time.time(),
+        "started": started,
         "step": 0,
         "window": 0,
         "failed_checks": 0,
@@ -127,8 +128,12 @@ def new_state(settings: Settings, version: str) -> dict[str, Any]:
         "ramped": False,
         "decision": None,
         "reason": None,
-        "seed": settings.canary.seed,
+        "seed": seed,
     }
+
+
+def new_state(settings: Settings, version: str) -> dict[str, Any]:
+    return empty_state(version, settings.canary.seed, time.time())
 
 
 def _decided(state: dict[str, Any], decision: str, reason: str) -> dict[str, Any]:

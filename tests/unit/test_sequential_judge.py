@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
 from pipelines.config import CanarySettings
 from pipelines.serving import sequential
 from pipelines.serving.dataplane.evidence import Sample
-from pipelines.serving.monitor import fold
+from pipelines.serving.monitor import empty_state, fold
 
 CFG = CanarySettings(judge="sequential")
 
@@ -117,18 +118,8 @@ def _window(
     return out
 
 
-def _state() -> dict:
-    return {
-        "step": 0,
-        "window": 0,
-        "failed_checks": 0,
-        "inconclusive_run": 0,
-        "windows": [],
-        "window_start": None,
-        "evidence": None,
-        "decision": None,
-        "reason": None,
-    }
+def _state() -> dict[str, Any]:
+    return empty_state()
 
 
 def _analyse(seed: int, cfg: CanarySettings = CFG, max_windows: int = 60, **kw) -> dict:
