@@ -120,6 +120,27 @@ def start_api_server(directory: Path, env: dict[str, str]) -> Any:
 DAY_TIMEOUT_S = 1800.0
 
 
+def _reap_group(pgid: int, timeout: float = 5.0) -> None:
+    """Wait until no process of group ``pgid`` is left (they were sent SIGTERM); SIGKILL what
+    is still there after ``timeout``."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+            return
+        time.sleep(0.1)
+
+
 def _run(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 600.0) -> int:
     """Run ``cmd`` in its own process group (it forks executor workers and task processes);
     on a timeout, an error or Ctrl-C the whole group is stopped before this returns or raises.
@@ -141,13 +162,18 @@ def _run(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 6
             fh.write(f"\n[demo] stopped after {timeout:.0f} s\n".encode())
             return 124
         finally:
-            if proc.poll() is None:
+            # The whole group, even after a normal exit: `dags test --use-executor` can leave
+            # an idle LocalExecutor worker behind (seen: one per demo, reparented to init).
+            try:
                 os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            _reap_group(proc.pid)
 
 
 def run_reports(store: Any, date: str) -> dict[str, Any]:

@@ -39,15 +39,22 @@ def _env(home: Path) -> dict[str, str]:
     }
 
 
+# Airflow renames its processes (setproctitle), so their command lines do not name the home.
+AIRFLOW_TITLES = ("airflow worker", "airflow api_server", "airflow api-server")
+
+
 def _ours(home: Path) -> list[psutil.Process]:
-    """Processes of a demo in ``home``: anything whose command line names it, and Envoy."""
+    """Processes of a demo in ``home``: anything whose command line names it, Envoy, and
+    Airflow's executor workers and API server (no other test leaves those running either)."""
     out = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
         except psutil.Error:
             continue
-        if p.pid != os.getpid() and (str(home) in cmd or "envoy/_bin/envoy" in cmd):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if str(home) in cmd or "envoy/_bin/envoy" in cmd or cmd.startswith(AIRFLOW_TITLES):
             out.append(p)
     return out
 
