@@ -72,27 +72,19 @@ def api_port(environ: dict[str, str]) -> int:
     """``AIRFLOW__API__PORT`` when set (checked free), else any free loopback port: this API
     server only serves the demo's own task processes."""
     from pipelines.ports import free_port
+    from pipelines.serving.daemon import check_port_free
 
     raw = environ.get("AIRFLOW__API__PORT")
     if not raw:
         return free_port()
     port = int(raw)
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise PortTaken(
-                f"Port {port} on 127.0.0.1 is already in use by another process; set "
-                "AIRFLOW__API__PORT to a free port, or unset it for any free port."
-            ) from None
+    check_port_free(
+        "127.0.0.1",
+        port,
+        "AIRFLOW__API__PORT",
+        hint="set AIRFLOW__API__PORT to a free port, or unset it for any free port",
+    )
     return port
-
-
-class PortTaken(RuntimeError):
-    """The demo's Airflow API port is held by another process."""
 
 
 def start_api_server(directory: Path, env: dict[str, str]) -> Any:
@@ -329,7 +321,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
     from pipelines import stages
     from pipelines.config import load_settings
     from pipelines.registry import Registry
-    from pipelines.serving.daemon import DaemonUnavailable, stop_all
+    from pipelines.serving.daemon import DaemonUnavailable, PortInUse, stop_all
     from pipelines.store import open_store
 
     # A terminated demo (SIGTERM, as from a supervisor or CI) cleans up as Ctrl-C does: the
@@ -344,7 +336,6 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
     if settings.serving.mode == "local":
-        from pipelines.serving.daemon import PortInUse
         from pipelines.serving.dataplane.local import LocalPlane
 
         try:  # one clear sentence now, not a failed staging on day 1
@@ -356,7 +347,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
             return 2
     try:
         port = api_port(dict(os.environ))
-    except PortTaken as exc:
+    except PortInUse as exc:
         print(exc, file=sys.stderr)
         return 2
     logs = home / "demo"

@@ -23,8 +23,10 @@ class PortInUse(DaemonUnavailable):
     """A fixed port that a local server needs is taken by another process."""
 
 
-def check_port_free(host: str, port: int, setting: str) -> None:
-    """Fail with one sentence naming the port and the setting that changes it."""
+def check_port_free(host: str, port: int, setting: str, hint: str | None = None) -> None:
+    """Fail with one sentence naming the port and the setting that changes it. ``setting`` is
+    a dotted settings name; ``hint`` replaces the advice after it (for a setting of another
+    program, such as ``AIRFLOW__API__PORT``)."""
     if port == 0:
         return
     with socket.socket() as s:
@@ -33,9 +35,9 @@ def check_port_free(host: str, port: int, setting: str) -> None:
             s.bind((host, port))
         except OSError:
             env = "MLOPS__" + setting.upper().replace(".", "__")
+            advice = hint or f"set {setting} ({env}) to a free port, or 0 for any free port"
             raise PortInUse(
-                f"Port {port} on {host} is already in use by another process; set {setting} "
-                f"({env}) to a free port, or 0 for any free port."
+                f"Port {port} on {host} is already in use by another process; {advice}."
             ) from None
 
 
