@@ -4,8 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export MLOPS_HOME ?= $(CURDIR)/.mlops
-AIRFLOW_ENV = AIRFLOW_HOME=$(MLOPS_HOME)/airflow \
-	AIRFLOW__DATABASE__SQL_ALCHEMY_CONN='sqlite:///$(abspath $(MLOPS_HOME))/airflow/airflow.db?timeout=60' \
+AIRFLOW_SERVER_ENV = AIRFLOW_HOME=$(MLOPS_HOME)/airflow \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False \
@@ -38,11 +37,8 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
-airflow: $(STAMP)  ## airflow standalone with this project's DAGs on http://127.0.0.1:8080
-	$(AIRFLOW_ENV) $(BIN)/airflow db migrate
-	$(AIRFLOW_ENV) $(BIN)/airflow pools set mlops_training 4 "concurrent training jobs"
-	@echo "Login: admin, password in $(MLOPS_HOME)/airflow/simple_auth_manager_passwords.json.generated"
-	$(AIRFLOW_ENV) $(BIN)/airflow standalone
+airflow: $(STAMP)  ## airflow standalone with this project's DAGs on http://127.0.0.1:8080, on a PostgreSQL it starts
+	$(AIRFLOW_SERVER_ENV) $(BIN)/mlops airflow
 
 ui-check: $(STAMP)  ## after `make demo`: the blocked day's task log as the UI shows it, in headless Chromium
 	@command -v chromium >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq \

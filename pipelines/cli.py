@@ -220,6 +220,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(reset=a.reset, start=a.start, keep_serving=a.keep_serving)
 
 
+def cmd_airflow(a: argparse.Namespace) -> int:
+    from pipelines.airflow_local import standalone
+
+    return standalone(_settings())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--start", default="2026-11-01", help="first partition date")
     d.add_argument("--keep-serving", action="store_true", help="leave the model server up")
     d.set_defaults(fn=cmd_demo)
+
+    af = sub.add_parser(
+        "airflow",
+        help="airflow standalone with this project's DAGs on a PostgreSQL it starts and stops "
+        "(make airflow)",
+    )
+    af.set_defaults(fn=cmd_airflow)
 
     data = sub.add_parser("data", help="generate, validate and shard landing data")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -367,6 +367,13 @@ class CanarySettings(_Section):
     )
 
 
+class PostgresSettings(_Section):
+    """The PostgreSQL the project starts itself when one is needed locally (pipelines/postgres.py:
+    `mlops airflow`'s metadata DB); its data lives in MLOPS_HOME/postgres."""
+
+    port: int = Field(0, ge=0, le=65535, description="its loopback port (0 = any free port)")
+
+
 class Settings(_Section):
     profile: str = Field("local", description="profile name the settings were built from")
     home: str = Field(description="MLOPS_HOME: all local state lives here")
@@ -379,6 +386,7 @@ class Settings(_Section):
     dataplane: DataPlaneSettings = DataPlaneSettings()
     shadow: ShadowSettings = ShadowSettings()
     canary: CanarySettings = CanarySettings()
+    postgres: PostgresSettings = PostgresSettings()
 
 
 def _secrets(s: Settings) -> dict[str, SecretStr | None]:

@@ -10,31 +10,32 @@ where ``make airflow``'s UI reads it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipelines.airflow_local import env_file, metadata_db
+from pipelines.processes import run_group
 
 DAG_ID = "mlops_training_pipeline"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def airflow_env(home: str) -> dict[str, str]:
-    """Environment for Airflow CLI calls: everything under MLOPS_HOME, no example DAGs."""
+    """Environment for Airflow CLI calls: everything under MLOPS_HOME, no example DAGs (the
+    metadata DB is set by ``airflow_local.metadata_db``)."""
     dags = os.environ.get("MLOPS_DAGS_FOLDER", str(REPO / "dags"))
     plugins = os.environ.get("MLOPS_PLUGINS_FOLDER", str(REPO / "plugins"))
     venv_bin = str(Path(sys.executable).parent)
     airflow_home = os.environ.get("AIRFLOW_HOME", str(Path(home) / "airflow"))
     return {
-        # SQLite serialises writers (API server, executor, task processes); its default 5 s
-        # busy timeout is short on two busy cores.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home}/airflow.db?timeout=60",
         **os.environ,
         "MLOPS_HOME": home,
         "AIRFLOW_HOME": airflow_home,
@@ -110,62 +111,6 @@ def start_api_server(directory: Path, env: dict[str, str]) -> Any:
 
 # A demo day takes one to two minutes here; a run that hangs is stopped, not waited for.
 DAY_TIMEOUT_S = 1800.0
-
-
-def _reap_group(pgid: int, timeout: float = 5.0) -> None:
-    """Wait until no process of group ``pgid`` is left (they were sent SIGTERM); SIGKILL what
-    is still there after ``timeout``."""
-    import signal
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        if time.monotonic() > deadline:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-            return
-        time.sleep(0.1)
-
-
-def _run(cmd: list[str], env: dict[str, str], log_file: Path, timeout: float = 600.0) -> int:
-    """Run ``cmd`` in its own process group (it forks executor workers and task processes);
-    on a timeout, an error or Ctrl-C the whole group is stopped before this returns or raises.
-    A timeout returns 124, as ``timeout(1)`` does."""
-    import signal
-
-    with open(log_file, "ab") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            fh.write(f"\n[demo] stopped after {timeout:.0f} s\n".encode())
-            return 124
-        finally:
-            # The whole group, even after a normal exit: `dags test --use-executor` can leave
-            # an idle LocalExecutor worker behind (seen: one per demo, reparented to init).
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            _reap_group(proc.pid)
 
 
 def run_reports(store: Any, date: str) -> dict[str, Any]:
@@ -330,9 +275,11 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
     settings = load_settings()
     home = Path(settings.home)
     if reset and home.exists():
-        # What an earlier run left running in this home: serving, and its Airflow API server.
+        # What an earlier run left running in this home: serving, its Airflow API server, and
+        # the metadata DB.
         stages.stop_local_serving(settings)
         stop_all(home / "demo")
+        stop_all(home / "postgres")
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)
     if settings.serving.mode == "local":
@@ -352,78 +299,90 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
         return 2
     logs = home / "demo"
     logs.mkdir(exist_ok=True)
-    env = executor_env(airflow_env(str(home)), port)
-    airflow = str(Path(sys.executable).parent / "airflow")
-    print(f"MLOPS_HOME={home}  (logs: {logs})", flush=True)
-    t0 = time.perf_counter()
-    if _run([airflow, "db", "migrate"], env, logs / "airflow-db.log") != 0:
-        print(f"airflow db migrate failed; see {logs / 'airflow-db.log'}", file=sys.stderr)
-        return 3
-    first = dt.date.fromisoformat(start)
-    plan = [
-        ("day 1", first, 0.0, None),
-        ("day 2 (drift)", first + dt.timedelta(days=1), 1.0, None),
-        ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii"),
-    ]
-    store = open_store(settings.store)
-    days: list[tuple[str, str, dict[str, Any]]] = []
-    ok = True
-    api = None
-    try:
+    with contextlib.ExitStack() as stack:
         try:
-            api = start_api_server(logs, env)
-        except DaemonUnavailable as exc:
-            print(f"The demo's Airflow API server did not start: {exc}", file=sys.stderr)
+            env = stack.enter_context(
+                metadata_db(
+                    home, executor_env(airflow_env(str(home)), port), settings.postgres.port
+                )
+            )
+        except PortInUse as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        env_file(env, home)
+        airflow = str(Path(sys.executable).parent / "airflow")
+        print(f"MLOPS_HOME={home}  (logs: {logs})", flush=True)
+        t0 = time.perf_counter()
+        if run_group([airflow, "db", "migrate"], env, logs / "airflow-db.log") != 0:
+            print(f"airflow db migrate failed; see {logs / 'airflow-db.log'}", file=sys.stderr)
             return 3
-        for title, day, drift, defect in plan:
-            date = day.isoformat()
-            stages.generate_data(settings, date, drift=drift, defect=defect)
-            log_file = logs / f"{date}.log"
-            log_file.unlink(missing_ok=True)
-            began = time.perf_counter()
-            print(f"{title}: airflow dags test {DAG_ID} {date} ...", end=" ", flush=True)
-            code = _run(
-                [
-                    airflow,
-                    "dags",
-                    "test",
-                    "--use-executor",
-                    DAG_ID,
-                    f"{date}T00:00:00+00:00",
-                    "-c",
-                    json.dumps({"date": date}),
-                ],
-                env,
-                log_file,
-                DAY_TIMEOUT_S,
-            )
-            reports = run_reports(store, date)
-            expected_block = defect is not None
-            blocked = reports.get("validate_data", {}).get("status") == "blocked"
-            finished = "promote" in reports or "rollback" in reports
-            good = (blocked and "shard_dataset" not in reports) if expected_block else finished
+        first = dt.date.fromisoformat(start)
+        plan = [
+            ("day 1", first, 0.0, None),
+            ("day 2 (drift)", first + dt.timedelta(days=1), 1.0, None),
+            ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii"),
+        ]
+        store = open_store(settings.store)
+        days: list[tuple[str, str, dict[str, Any]]] = []
+        ok = True
+        api = None
+        try:
+            try:
+                api = start_api_server(logs, env)
+            except DaemonUnavailable as exc:
+                print(f"The demo's Airflow API server did not start: {exc}", file=sys.stderr)
+                return 3
+            for title, day, drift, defect in plan:
+                date = day.isoformat()
+                stages.generate_data(settings, date, drift=drift, defect=defect)
+                log_file = logs / f"{date}.log"
+                log_file.unlink(missing_ok=True)
+                began = time.perf_counter()
+                print(f"{title}: airflow dags test {DAG_ID} {date} ...", end=" ", flush=True)
+                code = run_group(
+                    [
+                        airflow,
+                        "dags",
+                        "test",
+                        "--use-executor",
+                        DAG_ID,
+                        f"{date}T00:00:00+00:00",
+                        "-c",
+                        json.dumps({"date": date}),
+                    ],
+                    env,
+                    log_file,
+                    DAY_TIMEOUT_S,
+                )
+                reports = run_reports(store, date)
+                expected_block = defect is not None
+                blocked = reports.get("validate_data", {}).get("status") == "blocked"
+                finished = "promote" in reports or "rollback" in reports
+                good = (blocked and "shard_dataset" not in reports) if expected_block else finished
+                print(
+                    f"{'ok' if good else 'FAILED'} in {time.perf_counter() - began:.0f} s "
+                    f"(exit {code}, log {log_file})",
+                    flush=True,
+                )
+                ok = ok and good
+                days.append((title, date, reports))
+                if not good:
+                    break
+            print()
             print(
-                f"{'ok' if good else 'FAILED'} in {time.perf_counter() - began:.0f} s "
-                f"(exit {code}, log {log_file})",
-                flush=True,
+                summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings))
             )
-            ok = ok and good
-            days.append((title, date, reports))
-            if not good:
-                break
-        print()
-        print(summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings)))
-        print(
-            f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
-            f"--backend-store-uri {settings.mlflow.tracking_uri}\n"
-            f"Airflow UI with these runs and their task logs: make airflow "
-            f"(task logs under {Path(env['AIRFLOW_HOME']) / 'logs'})"
-        )
-    finally:
-        # On success, failure and Ctrl-C: the API server, the replicas and Envoy run in their
-        # own sessions, so nothing else would stop them.
-        if api is not None:
-            api.stop()
-        if not keep_serving:
-            stages.stop_local_serving(settings)
-    return 0 if ok else 3
+            print(
+                f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
+                f"--backend-store-uri {settings.mlflow.tracking_uri}\n"
+                f"Airflow UI with these runs and their task logs: make airflow "
+                f"(task logs under {Path(env['AIRFLOW_HOME']) / 'logs'})"
+            )
+        finally:
+            # On success, failure and Ctrl-C: the API server, the replicas and Envoy run in their
+            # own sessions, so nothing else would stop them.
+            if api is not None:
+                api.stop()
+            if not keep_serving:
+                stages.stop_local_serving(settings)
+        return 0 if ok else 3

@@ -25,13 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def airflow_env(mlops_home: Path, airflow_home: Path, port: int) -> dict[str, str]:
-    """``make airflow``'s settings (this project's DAGs, SQLite under ``airflow_home``, the API
-    on loopback), every user an admin: no login page to script."""
+    """``make airflow``'s settings (this project's DAGs, the API on loopback; the metadata DB
+    is set by ``airflow_local.metadata_db``), every user an admin: no login page to script."""
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))},
         "AIRFLOW_HOME": str(airflow_home),
-        # SQLite serialises writers; its default 5 s busy timeout is short on two busy cores.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home}/airflow.db?timeout=60",
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -45,19 +43,23 @@ def airflow_env(mlops_home: Path, airflow_home: Path, port: int) -> dict[str, st
 
 @contextmanager
 def api_server(home: Path, port: int) -> Iterator[str]:
-    """``airflow api-server`` on a demo home's metadata DB (``home/airflow``); its URL. The
-    whole process group is stopped on exit."""
+    """``airflow api-server`` on a demo home's metadata DB (its PostgreSQL, started for the
+    while); its URL. The whole process group and the database are stopped on exit."""
+    from pipelines.airflow_local import metadata_db
     from tests.processes import http_ok, running
 
     base = f"http://127.0.0.1:{port}"
     airflow = str(Path(sys.executable).parent / "airflow")
-    with running(
-        [airflow, "api-server"],
-        airflow_env(home, home / "airflow", port),
-        home / "ui-check-api-server.log",
-        lambda: http_ok(f"{base}/api/v2/monitor/health"),
-        240,
-        "airflow api-server",
+    with (
+        metadata_db(home, airflow_env(home, home / "airflow", port)) as env,
+        running(
+            [airflow, "api-server"],
+            env,
+            home / "ui-check-api-server.log",
+            lambda: http_ok(f"{base}/api/v2/monitor/health"),
+            240,
+            "airflow api-server",
+        ),
     ):
         yield base
 

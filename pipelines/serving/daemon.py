@@ -89,11 +89,14 @@ class LocalDaemon:
         timeout: float = 120.0,
         env: dict[str, str] | None = None,
         port_info: dict[str, Any] | None = None,
+        user: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """Start ``cmd`` unless a healthy instance runs; wait until ``healthy(info)``.
 
         ``env`` adds variables (secrets go here, never on the command line); ``port_info`` is
-        written as the port file at once, for programs that do not write one themselves."""
+        written as the port file at once, for programs that do not write one themselves (its
+        ``stop_signal``, a signal name, replaces SIGTERM in :meth:`stop`); ``user`` is a
+        (uid, gid) to run ``cmd`` as."""
         info = self.info()
         if info and healthy(info):
             return info
@@ -108,6 +111,9 @@ class LocalDaemon:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
+                user=user[0] if user else None,
+                group=user[1] if user else None,
+                extra_groups=[] if user else None,
             )
         self.pid_file.write_text(str(proc.pid))
         if port_info is not None:
@@ -130,10 +136,11 @@ class LocalDaemon:
     def stop(self) -> None:
         pid = self.pid()
         if pid is not None:
+            sig = signal.Signals[(self.info() or {}).get("stop_signal", "SIGTERM")]
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, sig)
             except (ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             for _ in range(50):
                 if not alive(pid):
                     break

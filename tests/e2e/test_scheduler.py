@@ -1,6 +1,11 @@
 """A real Airflow (``airflow standalone``: scheduler, dag-processor, api-server, triggerer,
-LocalExecutor, SQLite): a 3-day backfill from the CLI, then a run triggered through the REST API
-with params, as the UI does."""
+LocalExecutor) on a real PostgreSQL, both started by ``mlops airflow`` as ``make airflow`` does: a
+3-day backfill from the CLI, then a run triggered through the REST API with params, as the UI
+does; then everything it started must be stopped.
+
+Not SQLite: with a running scheduler, a second writer such as ``airflow backfill create`` gets
+"database is locked" at once whenever its transaction would wait on the scheduler's (CI hit it
+four times in a row). Airflow runs on PostgreSQL in production for this reason."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pytest
 import requests
 
 from pipelines.ports import free_port
+from pipelines.serving.daemon import alive
 from tests.ports import FREE_PORTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -24,7 +30,10 @@ DAYS = ["2026-10-01", "2026-10-02", "2026-10-03"]
 
 @pytest.fixture
 def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Start ``airflow standalone`` in a temporary AIRFLOW_HOME; stop it (and its children)."""
+    """``mlops airflow`` (what ``make airflow`` runs) in a temporary home: PostgreSQL, then
+    ``airflow standalone``. After the test it is stopped as a user's Ctrl-C or a supervisor's
+    SIGTERM would, and nothing of it may be left running."""
+    from pipelines.postgres import LocalPostgres
     from pipelines.serving.daemon import stop_all
     from tests.processes import http_ok, running
     from tests.ui_check import airflow_env
@@ -37,42 +46,72 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         "MLOPS__TRAIN__EPOCHS": "3",
         # The backfill and the REST trigger below log in like a user does.
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        # Task processes reach the API server here (the default assumes port 8080).
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     }
-    af = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([af, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run(
-        [af, "pools", "set", "mlops_training", "4", "training"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    mlops = str(Path(sys.executable).parent / "mlops")
     base = f"http://127.0.0.1:{port}"
+    env_sh = tmp_path / "airflow" / "mlops-env.sh"
 
     def healthy() -> bool:
-        return http_ok(
+        return env_sh.exists() and http_ok(
             f"{base}/api/v2/monitor/health",
             lambda r: all(v.get("status") == "healthy" for v in r.json().values()),
         )
 
+    pg = LocalPostgres(tmp_path / "mlops" / "postgres")
     try:
         with running(
-            [af, "standalone"],
+            [mlops, "airflow"],
             env,
             tmp_path / "standalone.log",
             healthy,
-            240,
-            "airflow standalone",
-            stop_timeout=60,
+            300,
+            "mlops airflow",
+            stop_timeout=90,
         ):
-            yield {"env": env, "airflow": af, "base": base, "home": tmp_path}
+            # What a user's other shell gets from `source mlops-env.sh`.
+            cli_env = {**env, **_sourced(env_sh)}
+            assert cli_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
+            db_pid = pg.daemon.pid()
+            assert db_pid is not None
+            yield {
+                "env": cli_env,
+                "airflow": str(Path(sys.executable).parent / "airflow"),
+                "base": base,
+                "home": tmp_path,
+            }
+        assert pg.daemon.pid() is None and not alive(db_pid), "PostgreSQL was left running"
+        left = _airflow_processes(tmp_path)
+        assert left == [], f"left running after mlops airflow stopped: {left}"
     finally:
         stop_all(tmp_path / "mlops" / "serving")
+        pg.stop()
+
+
+def _sourced(env_sh: Path) -> dict[str, str]:
+    out = subprocess.run(
+        ["bash", "-c", f"source {env_sh} && env -0"], capture_output=True, check=True
+    ).stdout.decode()
+    return dict(kv.split("=", 1) for kv in out.split("\0") if kv.startswith("AIRFLOW"))
+
+
+def _airflow_processes(home: Path) -> list[str]:
+    """Processes whose environment names this test's AIRFLOW_HOME (Airflow renames its
+    processes, so their command lines do not say)."""
+    import psutil
+
+    want = f"AIRFLOW_HOME={home / 'airflow'}"
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            with open(f"/proc/{proc.pid}/environ", "rb") as fh:
+                if want.encode() in fh.read().split(b"\0"):
+                    found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+        except OSError:
+            continue
+    return found
 
 
 def _token(a: dict, timeout: float = 120) -> dict[str, str]:
@@ -113,24 +152,13 @@ def _wait(a: dict, headers: dict[str, str], pred, timeout: float) -> list[dict]:
 
 
 def _cli(a: dict, *args: str) -> None:
-    """Run the airflow CLI; a failure shows what the CLI said.
-
-    SQLite answers "database is locked" at once, whatever the busy timeout, when a write
-    transaction would have to wait on the running scheduler's (it fails instead of
-    deadlocking); that is a property of SQLite with concurrent writers, which is why
-    production runs Airflow on PostgreSQL. The CLI's session is rolled back, so the command is
-    run again; if an earlier attempt's backfill did commit, the CLI says one is running."""
-    for attempt in range(4):
-        out = subprocess.run(
-            [a["airflow"], *args], env=a["env"], capture_output=True, text=True, timeout=300
-        )
+    """Run the airflow CLI; a failure shows what the CLI said."""
+    out = subprocess.run(
+        [a["airflow"], *args], env=a["env"], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
         said = out.stdout[-3000:] + out.stderr[-3000:]
-        if out.returncode == 0 or (attempt and "Another backfill is running" in said):
-            return
-        if "database is locked" not in said:
-            break
-        time.sleep(2)
-    raise AssertionError(f"airflow {' '.join(args)}: {said}")
+        raise AssertionError(f"airflow {' '.join(args)}: {said}")
 
 
 def _wait_for_dag(a: dict, headers: dict[str, str], timeout: float) -> None:

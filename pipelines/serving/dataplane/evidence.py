@@ -6,6 +6,7 @@ Nothing here sits in the request path; a window is a filter over lines Envoy alr
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import time
@@ -92,16 +93,45 @@ def by_label(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
 
 
 class AccessLog:
-    """The local Envoy's access-log file."""
+    """The local Envoy's access-log file, read incrementally.
+
+    Each read parses only the complete lines appended since the last one, and keeps the samples
+    ordered by time, so a window is a binary search, not a rescan of the whole log (a canary
+    analysis asks for thousands of windows over a log of hundreds of thousands of lines). A file
+    that shrank (rotated or truncated) is read again from its start."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._offset = 0
+        self._samples: list[Sample] = []
+        self._times: list[float] = []
+
+    def _refresh(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < self._offset:
+            self._offset, self._samples, self._times = 0, [], []
+        if size == self._offset:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read(size - self._offset)
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+        self._offset += end
+        text = chunk[:end].decode("utf-8", errors="replace")
+        for sample in parse_lines(text.splitlines()):
+            # Envoy writes a line when a request completes: nearly, not exactly, time-ordered.
+            i = bisect.bisect_right(self._times, sample.t)
+            self._times.insert(i, sample.t)
+            self._samples.insert(i, sample)
 
     def samples(self, since: float = 0.0, until: float | None = None) -> list[Sample]:
-        if not self.path.exists():
-            return []
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            return [s for s in parse_lines(fh) if s.t >= since and (until is None or s.t < until)]
+        self._refresh()
+        lo = bisect.bisect_left(self._times, since)
+        hi = len(self._times) if until is None else bisect.bisect_left(self._times, until)
+        return self._samples[lo:hi]
 
     def wait_for(self, request_ids: set[str], since: float, timeout: float = 10.0) -> list[Sample]:
         """The samples since ``since`` once every id in ``request_ids`` has been written
