@@ -13,8 +13,9 @@ running when a burst hits), ``errors`` (stable 0.5 %, canary 2.5 %), ``latency``
 ``scores`` (logit shifted by +0.7). An analysis may use at most ``canary.max_canary_requests``
 (1,000) canary requests.
 
-- ``sequential``: ``monitor.fold`` with ``canary.judge=sequential`` (the candidate; the DAG
-  keeps ``windowed`` until the sequential judge has passed its end-to-end A/A run);
+- ``sequential``: ``monitor.fold`` with the default settings (``canary.judge=sequential``,
+  ``canary.alpha`` 0.002), and ``sequential_a01`` with ``canary.alpha`` 0.01 (more power, more
+  false rollbacks);
 - ``windowed``: ``monitor.fold`` with ``canary.judge=windowed`` (each window judged alone:
   critical checks roll back at once, 3 failed checks, 3 inconclusive windows), 50 canary
   requests a window, and ``windowed_n200`` with 200;
@@ -187,13 +188,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
-    # The sequential judge is the candidate: its figures head the line (the DAG still runs the
-    # windowed one by default, see README Known limits).
-    cfg = CanarySettings(judge="sequential")
+    # The judge the DAG runs (config's default) heads the line; the others are side by side.
+    cfg = CanarySettings()
     t0 = time.perf_counter()
     windowed = cfg.model_copy(update={"judge": "windowed"})
     judges: dict[str, Callable[[int, str], Result]] = {
         "sequential": lambda seed, sc: run_fold(seed, sc, cfg),
+        "sequential_a01": lambda seed, sc: run_fold(
+            seed, sc, cfg.model_copy(update={"alpha": 0.01})
+        ),
         "windowed": lambda seed, sc: run_fold(seed, sc, windowed),
         "windowed_n200": lambda seed, sc: run_fold(
             seed, sc, windowed.model_copy(update={"min_samples": 200})

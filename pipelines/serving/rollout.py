@@ -70,16 +70,21 @@ def _tree_sha256(root: Path) -> dict[str, str]:
 
 # -- export and infra validation -------------------------------------------------------------
 def _latency_probe(
-    url: str, model: str, version: str, instances: list[dict[str, Any]], n: int = 60
-) -> tuple[list[float], list[float]]:
+    url: str, model: str, versions: list[str], instances: list[dict[str, Any]], n: int = 200
+) -> dict[str, tuple[list[float], list[float]]]:
+    """(latencies in ms, predictions) per version, the versions' requests interleaved (A B A
+    B ...) so a slowdown of the machine while probing hits them alike: the champion's p99 is a
+    baseline measured in the same run, not at another time."""
     client = ServingClient(url)
-    times, preds = [], []
+    out: dict[str, tuple[list[float], list[float]]] = {v: ([], []) for v in versions}
     for i in range(n):
         inst = instances[i % len(instances)]
-        t0 = time.perf_counter()
-        preds.extend(client.predict(model, [inst], version=version))
-        times.append((time.perf_counter() - t0) * 1000)
-    return times, preds
+        for v in versions:
+            t0 = time.perf_counter()
+            preds = client.predict(model, [inst], version=v)
+            out[v][0].append((time.perf_counter() - t0) * 1000)
+            out[v][1].extend(preds)
+    return out
 
 
 def held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFrame, Any]:
@@ -117,12 +122,10 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
             for v in versions:
                 client.wait_available(name, v, timeout=settings.serving.load_timeout_s)
             instances = to_instances(test, model)
-            cand_ms, served = _latency_probe(url, name, str(version), instances)
-            champ_ms = (
-                _latency_probe(url, name, champion, instances)[0]
-                if len(versions) > 1 and champion
-                else None
-            )
+            probed = [str(v) for v in versions]
+            probes = _latency_probe(url, name, probed, instances)
+            cand_ms, served = probes[str(version)]
+            champ_ms = probes[probed[1]][0] if len(probed) > 1 else None
         finally:
             server.shutdown()
             server.server_close()

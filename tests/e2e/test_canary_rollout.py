@@ -142,6 +142,18 @@ def serving_snapshot(s: Settings) -> dict[str, Any]:
     return {"labels": state["labels"], "weight": state["canary_weight"]}
 
 
+def walked_the_ramp(verdict: dict[str, Any], cfg: Any) -> bool:
+    """The weights the analysis judged windows at, as the configured judge walks them: the
+    windowed judge every step once (5, 25, 50, 100); the sequential judge up the steps below
+    100 % (5, 25, 50), then holding at the lowest (5) until it decides."""
+    weights = [w["weight"] for w in verdict["windows"]]
+    if cfg.judge == "windowed":
+        return weights == list(cfg.steps)
+    ramp = [w for w in cfg.steps if w < 100]
+    head = weights[: len(ramp)]
+    return head == ramp[: len(head)] and all(w == min(ramp) for w in weights[len(ramp) :])
+
+
 def canary_then_decide(s: Settings, version: str) -> dict[str, Any]:
     stages.stage_canary(s, version)
     verdict = monitor.monitor_canary(s, stages.serving_control(s), version)
@@ -174,8 +186,10 @@ def test_a_bad_canary_is_rolled_back_and_nothing_else_moves(
 
 
 def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any]) -> None:
-    """The same model as canary and stable: 20 full analyses (5, 25, 50, 100 %), each with its
-    own replay order and routing salt, all promote."""
+    """The same model as canary and stable: 20 full analyses, each with its own replay order
+    and routing salt, all promote. The sequential judge bounds a whole analysis' false-rollback
+    probability by ``canary.alpha`` (0.2 %), so 20 of them roll back with probability <= 4 %
+    at worst; its simulated A/A rate is 0 of 200 (docs/benchmarks.md)."""
     s = deployed["settings"]
     version = new_version(deployed, "same")
     stages.stage_canary(s, version)
@@ -185,15 +199,14 @@ def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any])
         store.delete(canary_state_key(s, version))
         seeded = with_overrides(s, canary={"seed": seed})
         verdict = monitor.monitor_canary(seeded, stages.serving_control(seeded), version)
-        outcomes.append((seed, verdict["decision"], verdict["reason"]))
         failed = [
             (w["weight"], c["name"], c["detail"])
             for w in verdict["windows"]
             for c in w["checks"]
             if not c["passed"]
         ]
-        assert verdict["decision"] == "promote", (seed, verdict["reason"], failed)
-        assert len(verdict["windows"]) == len(s.canary.steps)
+        outcomes.append((seed, verdict["decision"], verdict["reason"], failed))
+        assert walked_the_ramp(verdict, s.canary), [w["weight"] for w in verdict["windows"]]
     assert [o for o in outcomes if o[1] != "promote"] == []
     stages.rollback(s, version, "A/A test done")
 
@@ -220,11 +233,11 @@ def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, An
     finally:
         proc.kill()
     crashed = json.loads(store.read_text(key))
-    assert crashed["decision"] is None and 1 <= len(crashed["windows"]) < len(s.canary.steps)
+    assert crashed["decision"] is None and len(crashed["windows"]) >= 1
     # A new controller picks the state up.
     verdict = monitor.monitor_canary(s, stages.serving_control(s), version)
     assert verdict["decision"] == "promote", verdict["reason"]
-    assert [w["weight"] for w in verdict["windows"]] == list(s.canary.steps)
+    assert walked_the_ramp(verdict, s.canary)
     assert verdict["windows"][: len(crashed["windows"])] == crashed["windows"]
     stages.promote(s, version)
     assert Registry(s.mlflow).alias_version(CHAMPION) == version
@@ -318,7 +331,7 @@ def test_envoy_killed_mid_canary_comes_back_at_the_stored_weight(
     verdict = monitor.monitor_canary(s, control, version)
     assert control.plane.envoy_pid() not in (None, pid)
     assert verdict["decision"] == "promote", verdict["reason"]
-    assert [w["weight"] for w in verdict["windows"]] == list(s.canary.steps)
+    assert walked_the_ramp(verdict, s.canary)
     state = json.loads(store.read_text(key))
     assert state["decision"] == "promote"
     stages.rollback(s, version, "envoy-restart test done")

@@ -148,10 +148,11 @@ def test_an_identical_canary_promotes_within_every_margin_and_explains_it() -> N
 
 
 def test_more_errors_roll_back_with_the_statistic_boundary_and_requests() -> None:
-    state = _analyse(11, c_err=0.05, s_err=0.005)
+    # Below the critical success-rate floor's reach (2.5 % errors), so the SPRT decides.
+    state = _analyse(11, c_err=0.025, s_err=0.005)
     assert state["decision"] == "rollback", state["reason"]
     assert "errors_vs_stable" in state["reason"] and "mixture SPRT e=" in state["reason"]
-    assert "boundary 300" in state["reason"]
+    assert f"boundary {sequential._e(math.log(3 / CFG.alpha))}" in state["reason"]
     ev = state["windows"][-1]["evidence"]["errors_vs_stable"]
     assert ev["worse"] and ev["e_worse"] >= ev["boundary_worse"] and ev["requests"] > 0
 
