@@ -89,9 +89,11 @@ class LocalPostgres:
     """One PostgreSQL server whose data, password, pid and log live under ``directory``.
 
     ``port`` 0 takes a free loopback port; a fixed port that is taken fails with one sentence
-    naming ``setting``. ``start`` is idempotent (a healthy server already running is reused);
-    ``stop`` is a fast shutdown (SIGINT: open sessions are rolled back, no client is waited for).
-    Used as a context manager it stops the server on exit, on success, failure or Ctrl-C."""
+    naming ``setting``. ``start`` is idempotent (a healthy server already running is reused,
+    and ``started`` stays False); ``stop`` is a fast shutdown (SIGINT: open sessions are rolled
+    back, no client is waited for). Used as a context manager it stops the server on exit (on
+    success, failure or Ctrl-C) only if it started it: a server someone else runs (``make
+    airflow`` while the UI check or a tuning run borrows it) stays up."""
 
     def __init__(
         self,
@@ -106,6 +108,7 @@ class LocalPostgres:
         self.port = port
         self.setting = setting
         self.daemon = LocalDaemon(self.dir, "postgres")
+        self.started = False
 
     @property
     def password(self) -> str:
@@ -181,6 +184,7 @@ class LocalPostgres:
         if info and self._healthy(info):
             self.port = int(info["port"])
             return self
+        self.started = True
         owner = _run_as()
         self._initdb(owner)
         port = self.port or free_port(self.host)
@@ -238,7 +242,8 @@ class LocalPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.started:
+            self.stop()
 
 
 __all__ = ["LocalPostgres", "PostgresUnavailable", "masked", "url"]

@@ -232,14 +232,15 @@ def _update_latency(
 def _update_scores(
     st: State, canary: list[Sample], stable: list[Sample], cfg: CanarySettings
 ) -> None:
-    # The local replay cycles a finite set of held-out rows and routing is sticky per key, so a
-    # canary may answer the same row again and again; the same (key, score) is one observation
-    # of the score distribution, not many (live traffic rarely repeats both).
+    # The local replay cycles a finite set of held-out rows, so a canary may answer the same row
+    # more than once; a model answers one row with the same score bits, so a repeated score is
+    # one observation of the score distribution, not many (two rows with exactly the same
+    # float32 score are rare, and dropping one of them only costs evidence).
     seen = set(st["seen"])
     c = []
     for s in _ok(canary):
         v = _score(s)
-        tag = zlib.crc32(f"{s.key}|{v!r}".encode())
+        tag = zlib.crc32(repr(v).encode())
         if math.isfinite(v) and tag not in seen:
             seen.add(tag)
             c.append((s.t, v))

@@ -185,6 +185,9 @@ def test_a_bad_canary_is_rolled_back_and_nothing_else_moves(
     assert reg.version(version).tags["mlops.rollout"] == "rolled_back"
 
 
+# 20 analyses of several thousand replayed requests each: about 12 minutes here, so more than
+# the suite's 15-minute default on a busier machine.
+@pytest.mark.timeout(2400)
 def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any]) -> None:
     """The same model as canary and stable: 20 full analyses, each with its own replay order
     and routing salt, all promote. The sequential judge bounds a whole analysis' false-rollback

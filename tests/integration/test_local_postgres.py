@@ -28,9 +28,10 @@ def test_start_create_reuse_restart_stop(tmp_path: Path) -> None:
         engine.dispose()
         pid = pg.daemon.pid()
         assert pid is not None
-        # A second start finds the healthy server and reuses it.
-        again = LocalPostgres(tmp_path / "pg").start()
-        assert again.daemon.pid() == pid and again.port == pg.port
+        # A second start finds the healthy server and reuses it; leaving it does not stop it.
+        with LocalPostgres(tmp_path / "pg") as again:
+            assert again.daemon.pid() == pid and again.port == pg.port and not again.started
+        assert alive(pid) and pg.started
         # Loopback only, and a wrong password is refused.
         with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
             psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", password="x")
