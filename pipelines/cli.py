@@ -78,12 +78,40 @@ def cmd_train(a: argparse.Namespace) -> int:
     from pipelines.params import apply_params
 
     s = apply_params(
-        _settings(), {"nodes": a.nodes, "procs_per_node": a.procs_per_node, "epochs": a.epochs}
+        _settings(),
+        {
+            "nodes": a.nodes,
+            "procs_per_node": a.procs_per_node,
+            "epochs": a.epochs,
+            "params_from": a.params_from,
+        },
     )
     out = stages.train(
         s, a.manifest, run_key=a.run_key, sink=lambda line: print(line, file=sys.stderr)
     )
     print(out["run_id"])
+    return EXIT_OK
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from pipelines import stages
+    from pipelines.params import apply_params
+    from pipelines.tune.storage import StorageUnavailable
+
+    s = apply_params(_settings(), {"trials": a.trials, "workers": a.workers, "study": a.study})
+    try:
+        out = stages.tune(
+            s,
+            a.manifest,
+            s.tuning.trials,
+            s.tuning.workers,
+            a.study,
+            sink=lambda line: print(line, file=sys.stderr),
+        )
+    except StorageUnavailable as exc:
+        print(f"mlops tune: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print(out)
     return EXIT_OK
 
 
@@ -271,7 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--procs-per-node", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--run-key", help="idempotency key: reuse (resume) the run with this key")
+    t.add_argument(
+        "--params-from",
+        choices=["config", "tuning"],
+        help="tuning: the best trial of the data set's latest study (or tuning.study)",
+    )
     t.set_defaults(fn=cmd_train)
+
+    tu = sub.add_parser(
+        "tune",
+        help="an Optuna study on PostgreSQL, W parallel workers; prints its best params",
+    )
+    tu.add_argument("--manifest", required=True, help="the published data set's manifest URI")
+    tu.add_argument("--trials", type=_positive_int, help="trial budget (default tuning.trials)")
+    tu.add_argument("--workers", type=_positive_int, help="workers (default tuning.workers)")
+    tu.add_argument("--study", help="study name; an existing study is continued")
+    tu.set_defaults(fn=cmd_tune)
 
     e = sub.add_parser("evaluate", help="exit 0 blessed, 1 rejected; reasons printed")
     e.add_argument("--run-id", required=True)

@@ -105,6 +105,14 @@ class TrainSettings(_Section):
     lr: float = Field(5e-3, gt=0, description="Adam learning rate")
     hidden: tuple[int, ...] = Field((64, 32), description="hidden layer widths of the MLP")
     embedding_dim: int = Field(4, ge=1, description="width of each categorical embedding")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="dropout after each hidden layer (0 = none)"
+    )
+    params_from: Literal["config", "tuning"] = Field(
+        "config",
+        description="config: these settings; tuning: the best trial of tuning.study (or the "
+        "dataset's latest finished study) replaces the tuned fields",
+    )
     seed: int = Field(7, description="seed for init, shuffling and dropout")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     sync: Literal["ddp", "local_sgd"] = Field(
@@ -374,6 +382,121 @@ class PostgresSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="its loopback port (0 = any free port)")
 
 
+# The trainer's settings a study may search (the rest is topology and deployment).
+TUNABLE = ("lr", "batch_size", "epochs", "hidden", "dropout", "embedding_dim")
+
+
+class SearchParam(_Section):
+    """One dimension of the search space: a float or int range, or a list of choices."""
+
+    kind: Literal["float", "int", "categorical"] = Field(description="how Optuna samples it")
+    low: float | None = Field(None, description="float/int: lowest value (inclusive)")
+    high: float | None = Field(None, description="float/int: highest value (inclusive)")
+    log: bool = Field(False, description="float/int: sample on a log scale (low > 0)")
+    step: float | None = Field(None, description="float/int: grid step; None = continuous / 1")
+    choices: list[Any] | None = Field(None, description="categorical: the values to choose from")
+
+
+def _default_space() -> dict[str, SearchParam]:
+    return {
+        "lr": SearchParam(kind="float", low=3e-4, high=3e-2, log=True),
+        "hidden": SearchParam(kind="categorical", choices=[[32], [64, 32], [128, 64]]),
+        "dropout": SearchParam(kind="float", low=0.0, high=0.3),
+        "batch_size": SearchParam(kind="categorical", choices=[64, 128, 256]),
+        "epochs": SearchParam(kind="int", low=2, high=8),
+        "embedding_dim": SearchParam(kind="int", low=2, high=8),
+    }
+
+
+class TuningSettings(_Section):
+    """Hyperparameter tuning (pipelines/tune): one Optuna study on PostgreSQL, W workers."""
+
+    storage: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL of the study's PostgreSQL (env MLOPS__TUNING__STORAGE from "
+        "a secret); None = the local PostgreSQL in MLOPS_HOME/postgres",
+    )
+    storage_conn_id: str | None = Field(
+        None,
+        description="Airflow connection holding the storage URL (DAG tasks; env AIRFLOW_CONN_*)",
+    )
+    database: str = Field("optuna", description="database of the local PostgreSQL for studies")
+    study: str | None = Field(
+        None, description="study whose best trial train.params_from=tuning uses; None = latest"
+    )
+    experiment: str = Field("mlops_tuning", description="MLflow experiment of tuning runs")
+    trials: int = Field(20, ge=1, description="trial budget of a study (complete + pruned)")
+    workers: int = Field(2, ge=1, description="parallel workers pulling trials from the study")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; None = cores // workers on a machine"
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="tpe: Bayesian; random: baseline")
+    seed: int = Field(0, description="sampler seed")
+    startup_trials: int = Field(5, ge=1, description="TPE: random trials before it models")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="early stopping of trials on each epoch's validation loss"
+    )
+    warmup_epochs: int = Field(1, ge=0, description="median: epochs before a trial can be pruned")
+    prune_startup_trials: int = Field(
+        3, ge=0, description="median: finished trials before any is pruned"
+    )
+    heartbeat_s: int = Field(10, ge=1, description="seconds between a running trial's heartbeats")
+    grace_s: int = Field(
+        30, ge=1, description="a trial without a heartbeat this long is failed and retried"
+    )
+    max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    poll_s: float = Field(1.0, gt=0, description="wait of an idle worker for others' trials")
+    space: dict[str, SearchParam] = Field(
+        default_factory=_default_space,
+        description=f"search space by train setting; keys among {', '.join(TUNABLE)}",
+    )
+
+    @model_validator(mode="after")
+    def _space_valid(self) -> TuningSettings:
+        if not self.space:
+            raise ValueError("tuning.space is empty: declare at least one train setting to search")
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError("tuning.grace_s must be longer than tuning.heartbeat_s")
+        for name, p in self.space.items():
+            _check_search_param(f"tuning.space.{name}", name, p)
+        return self
+
+
+def _check_search_param(where: str, name: str, p: SearchParam) -> None:
+    """Refuse a dimension the trainer cannot take, naming it (``where``)."""
+    if name not in TUNABLE:
+        raise ValueError(f"{where}: {name!r} is not a tunable train setting ({', '.join(TUNABLE)})")
+    if p.kind == "categorical":
+        if not p.choices:
+            raise ValueError(f"{where}: a categorical dimension needs a non-empty choices list")
+        values = list(p.choices)
+        if name == "hidden" and not all(
+            isinstance(c, list) and c and all(isinstance(w, int) and w >= 1 for w in c)
+            for c in values
+        ):
+            raise ValueError(f"{where}: each choice must be a list of layer widths >= 1")
+    else:
+        if p.low is None or p.high is None or p.low > p.high:
+            raise ValueError(f"{where}: its {p.kind} range needs low <= high")
+        if p.log and p.low <= 0:
+            raise ValueError(f"{where}: a log-scale range needs low > 0")
+        if p.log and p.step is not None:
+            raise ValueError(f"{where}: a log-scale range takes no step")
+        if name == "hidden":
+            raise ValueError(f"{where}: hidden takes layer lists; declare it categorical")
+        if p.kind == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
+            raise ValueError(f"{where}: an int range needs whole low and high")
+        values = [p.low, p.high]
+    for value in values:
+        try:
+            TrainSettings.model_validate({name: value})
+        except ValidationError as exc:
+            msg = exc.errors(include_input=False, include_url=False)[0]["msg"]
+            raise ValueError(
+                f"{where}: value {value!r} is not a valid train.{name}: {msg}"
+            ) from None
+
+
 class Settings(_Section):
     profile: str = Field("local", description="profile name the settings were built from")
     home: str = Field(description="MLOPS_HOME: all local state lives here")
@@ -387,6 +510,7 @@ class Settings(_Section):
     shadow: ShadowSettings = ShadowSettings()
     canary: CanarySettings = CanarySettings()
     postgres: PostgresSettings = PostgresSettings()
+    tuning: TuningSettings = TuningSettings()
 
 
 def _secrets(s: Settings) -> dict[str, SecretStr | None]:
@@ -395,6 +519,7 @@ def _secrets(s: Settings) -> dict[str, SecretStr | None]:
         "store.key": s.store.key,
         "store.secret": s.store.secret,
         "mlflow.token": s.mlflow.token,
+        "tuning.storage": s.tuning.storage,
     }
 
 

@@ -20,13 +20,21 @@ RUN_PARAMS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "canary_steps": ("canary", "steps", lambda steps: tuple(int(s) for s in steps)),
     "skip_shadow": ("shadow", "enabled", lambda skip: not skip),
 }
+# The tuning DAG's form and `mlops tune`; `params_from` also in a training run's conf and
+# `mlops train --params-from` (the training DAG's form does not offer these).
+TUNING_PARAMS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "params_from": ("train", "params_from", str),
+    "trials": ("tuning", "trials", int),
+    "workers": ("tuning", "workers", int),
+    "study": ("tuning", "study", str),
+}
 
 
 def run_overrides(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"epochs": 3, "skip_shadow": True}`` -> ``{"train": {"epochs": 3}, "shadow":
     {"enabled": False}}``; params this module does not map (``date``, ``force``) are ignored."""
     out: dict[str, dict[str, Any]] = {}
-    for name, (section, field, convert) in RUN_PARAMS.items():
+    for name, (section, field, convert) in {**RUN_PARAMS, **TUNING_PARAMS}.items():
         value = params.get(name)
         if value is None or value == "" or value == [] or value is False:
             continue

@@ -124,9 +124,123 @@ def train(
     tags: dict[str, Any] | None = None,
     sink: Any = None,
 ) -> dict[str, Any]:
+    """With ``train.params_from = tuning`` the study's best params replace the tuned train
+    settings first (recorded as tags); the run then takes the same gates as any other."""
     from pipelines.train.run import train_model
 
+    if settings.train.params_from == "tuning":
+        settings, provenance = tuned_settings(settings, manifest_uri)
+        tags = {**(tags or {}), **provenance}
+        if run_key:  # a new best trial is a new training config: never reuse the old run
+            run_key = f"{run_key}/tuned-{provenance['tuning_study']}-{provenance['tuning_trial']}"
     return train_model(settings, manifest_uri, run_key, tags, sink)
+
+
+def tuned_settings(settings: Settings, manifest_uri: str) -> tuple[Settings, dict[str, Any]]:
+    """``settings`` with the best trial's params of the data set's study (``tuning.study``, or
+    the latest finished one), and the tags that say where they came from."""
+    from pipelines.config import with_overrides
+    from pipelines.data.shard import load_manifest
+    from pipelines.store import open_store
+    from pipelines.tune.storage import study_storage
+    from pipelines.tune.study import best_params
+
+    dataset = load_manifest(open_store(settings.store), manifest_uri).data["dataset"]
+    with study_storage(settings) as storage:
+        overrides, provenance = best_params(settings, storage.url, dataset)
+    log.info(
+        "train params from study %s trial %s: %s",
+        provenance["tuning_study"],
+        provenance["tuning_trial"],
+        overrides,
+    )
+    return with_overrides(settings, train=overrides), provenance
+
+
+def tune(
+    settings: Settings,
+    manifest_uri: str,
+    trials: int | None = None,
+    workers: int | None = None,
+    study: str | None = None,
+    sink: Any = None,
+) -> dict[str, Any]:
+    """One study with local worker processes (``mlops tune``); its summary."""
+    from pipelines.tune.run import tune as run_tuning
+
+    return run_tuning(settings, manifest_uri, trials, workers, study, sink)
+
+
+def default_study_name(settings: Settings, manifest_uri: str, key: str) -> str:
+    """The study of one tuning run (``key``: the DAG run id): a retry finds the same one."""
+    from pipelines.tune.run import default_study_name as name
+
+    return name(settings, manifest_uri, key)
+
+
+def start_tuning_storage(settings: Settings) -> dict[str, Any]:
+    """The study storage for a tuning DAG run: the local PostgreSQL started unless it runs
+    (``owned`` says this run started it, so its teardown stops it); nothing for a URL."""
+    from pipelines.tune.storage import acquire
+
+    storage = acquire(settings)
+    return {"storage": storage.masked, "owned": storage.owned}
+
+
+def stop_tuning_storage(settings: Settings, owned: bool) -> dict[str, Any]:
+    """Stop the local PostgreSQL only if this run started it."""
+    from pipelines.tune.storage import Storage, release
+
+    release(settings, Storage("", owned=owned))
+    return {"stopped": owned}
+
+
+def create_study(
+    settings: Settings, manifest_uri: str, study: str, workers: int
+) -> list[dict[str, Any]]:
+    """Create (or continue) the study and its parent MLflow run; one job per worker."""
+    from pipelines.tune.storage import local_url
+    from pipelines.tune.study import create_study as create
+
+    created = create(
+        settings, local_url(settings), manifest_uri, study, settings.tuning.trials, workers
+    )
+    return [
+        {**created, "manifest_uri": manifest_uri, "worker": i, "workers": workers}
+        for i in range(workers)
+    ]
+
+
+def worker_job(settings: Settings, job: dict[str, Any], colocated: int) -> Any:
+    """The :class:`~pipelines.tune.job.TuneJob` of one worker of a created study."""
+    from pipelines.tune.job import TuneJob
+
+    return TuneJob.for_worker(
+        settings, job["study"], job["manifest_uri"], job["parent_run_id"], job["worker"], colocated
+    )
+
+
+def tune_worker(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
+    """Run one worker in this process until the study's budget is spent."""
+    import os
+
+    from pipelines.train.job import secret_env
+    from pipelines.tune.storage import local_url
+    from pipelines.tune.study import run_worker
+
+    return run_worker(
+        worker_job(settings, job, colocated=job["workers"]),
+        local_url(settings),
+        {**os.environ, **secret_env(settings)},
+    )
+
+
+def finish_study(settings: Settings, study: str) -> dict[str, Any]:
+    """Best params and plots on the parent run; fails if the budget was not spent."""
+    from pipelines.tune.storage import local_url
+    from pipelines.tune.study import finish_study as finish
+
+    return finish(settings, local_url(settings), study)
 
 
 def finish_training(settings: Settings, run_id: str) -> dict[str, Any]:

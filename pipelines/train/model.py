@@ -29,12 +29,14 @@ class TabularMLP(nn.Module):
         hidden: tuple[int, ...] | list[int] = (64, 32),
         embedding_dim: int = 4,
         log1p: list[str] | None = None,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.numeric = list(numeric)
         self.categorical = {k: list(v) for k, v in categorical.items()}
         self.hidden = list(hidden)
         self.embedding_dim = embedding_dim
+        self.dropout = float(dropout)
         self.log1p = [n for n in numeric if n in set(log1p or [])]
         self.register_buffer("log_mask", torch.tensor([n in self.log1p for n in numeric]))
         self.register_buffer("mean", torch.tensor([stats[n]["mean"] for n in numeric]))
@@ -46,6 +48,8 @@ class TabularMLP(nn.Module):
         width = len(numeric) + embedding_dim * len(self.categorical)
         for h in self.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
+            if self.dropout:  # no module at 0: the state dict (and the export) stay as they were
+                layers.append(nn.Dropout(self.dropout))
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
@@ -71,6 +75,7 @@ class TabularMLP(nn.Module):
             "hidden": self.hidden,
             "embedding_dim": self.embedding_dim,
             "log1p": self.log1p,
+            "dropout": self.dropout,
         }
 
 
@@ -100,7 +105,7 @@ def encode_frame(
 
 
 def model_from_manifest(
-    manifest: dict[str, Any], hidden: tuple[int, ...], embedding_dim: int
+    manifest: dict[str, Any], hidden: tuple[int, ...], embedding_dim: int, dropout: float = 0.0
 ) -> TabularMLP:
     feats = manifest["features"]
     return TabularMLP(
@@ -110,6 +115,7 @@ def model_from_manifest(
         hidden,
         embedding_dim,
         feats.get("log1p", []),
+        dropout,
     )
 
 
@@ -129,6 +135,7 @@ def load_model_bytes(data: bytes) -> TabularMLP:
         cfg["hidden"],
         cfg["embedding_dim"],
         cfg.get("log1p", []),
+        cfg.get("dropout", 0.0),
     )
     model.load_state_dict(blob["state_dict"])
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import cast
 
@@ -36,6 +37,10 @@ from pipelines.train.partition import RowSlice, rank_rows
 from pipelines.train.result import format_result
 
 log = logging.getLogger("pipelines.train")
+
+# Called on rank 0 after each epoch with (trainer, epoch, mean train loss); it may raise to stop
+# the run early (tuning reports the validation loss to its pruner here and raises when pruned).
+EpochHook = Callable[["Trainer", int, float], None]
 
 
 def ddp_setup(timeout_s: float) -> tuple[int, int]:
@@ -69,9 +74,12 @@ class Trainer:
         rank: int,
         world: int,
         registry: Registry | None = None,
+        on_epoch: EpochHook | None = None,
     ):
-        """``registry`` is rank 0's MLflow (metrics and the model); the other ranks have none."""
+        """``registry`` is rank 0's MLflow (metrics and the model); the other ranks have none.
+        ``on_epoch`` (rank 0 only) runs after every epoch (see :data:`EpochHook`)."""
         self.job, self.cfg, self.store = job, job.train, store
+        self.on_epoch = on_epoch
         self.rank, self.world, self.registry = rank, world, registry
         torch.manual_seed(self.cfg.seed)
         self.manifest = load_manifest(store, job.manifest_uri)
@@ -90,7 +98,9 @@ class Trainer:
             encode_frame(frame, feats["numeric"], feats["categorical"], m["stats"])
         )
         self.y = torch.from_numpy(frame[m["label"]].to_numpy(dtype="float32"))
-        self.model: TabularMLP = model_from_manifest(m, self.cfg.hidden, self.cfg.embedding_dim)
+        self.model: TabularMLP = model_from_manifest(
+            m, self.cfg.hidden, self.cfg.embedding_dim, self.cfg.dropout
+        )
         # Local SGD trains each rank's replica alone and averages parameters every
         # `sync_every` steps (PeriodicModelAverager): far less communication than DDP.
         # A world of one has nothing to all-reduce: DDP's hooks would only add latency.
@@ -200,6 +210,8 @@ class Trainer:
                 batch.append(Metric("epoch_loss", epoch_loss, now, epoch))
                 pending_logs.append(client.log_batch(run_id, metrics=batch, synchronous=False))
                 log.info("epoch %d loss %.5f step %d", epoch, epoch_loss, self.step)
+            if self.on_epoch is not None and self.rank == 0:
+                self.on_epoch(self, epoch, epoch_loss)
         self.ckpt.wait()  # the last checkpoint is durable before the run reports success
         for op in pending_logs:
             if op is not None:
@@ -238,10 +250,14 @@ class Trainer:
         data = save_model_bytes(self.model)
         self.ckpt.save_final(data)
         registry.log_bytes(self.job.run_id, data, "model", "model.pt")
-        y = val[label].to_numpy(dtype="float64")
-        q = np.clip(p.astype("float64"), 1e-7, 1 - 1e-7)
-        val_loss = float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
-        return {"val_auc": val_auc, "val_loss": val_loss}
+        return {"val_auc": val_auc, "val_loss": log_loss(val[label].to_numpy(), p)}
+
+
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` for labels ``y`` (the run's val_loss)."""
+    y = y.astype("float64")
+    q = np.clip(p.astype("float64"), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
 
 def main(argv: list[str] | None = None) -> int:
