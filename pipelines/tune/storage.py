@@ -66,10 +66,8 @@ def acquire(settings: Settings) -> Storage:
             f"Profile {settings.profile!r} has no study storage: set tuning.storage "
             "(MLOPS__TUNING__STORAGE, from a secret) or tuning.storage_conn_id."
         )
-    pg = local_server(settings)
-    running = pg.daemon.pid() is not None
-    pg.start()
-    return Storage(pg.create_database(settings.tuning.database), owned=not running)
+    pg = local_server(settings).start()
+    return Storage(pg.create_database(settings.tuning.database), owned=pg.started)
 
 
 def release(settings: Settings, storage: Storage) -> None:
