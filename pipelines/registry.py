@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,23 @@ def code_version(configured: str | None) -> str:
         return "unknown"
 
 
+@contextmanager
+def _sqlite_lock(uri: str) -> Iterator[bool]:
+    """MLflow creates and migrates a SQLite file's tables when a client first opens it, and
+    two processes doing that at once fail ("table ... already exists", "online migration
+    expected to match one row"): a task and the test watching it, mapped tasks starting
+    together. Opening is serialised by an inter-process lock beside the file."""
+    if not uri.startswith("sqlite:///"):
+        yield False
+        return
+    import fasteners
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with fasteners.InterProcessLock(str(db) + ".lock"):
+        yield True
+
+
 class Registry:
     def __init__(self, cfg: MlflowSettings):
         import mlflow
@@ -52,26 +71,36 @@ class Registry:
 
         self.cfg = cfg
         export_mlflow_tls(cfg)  # MLflow reads its CA, client cert and token from the environment
-        if cfg.tracking_uri.startswith("sqlite:///"):
-            Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(
-                parents=True, exist_ok=True
-            )
         mlflow.set_tracking_uri(cfg.tracking_uri)
         if cfg.registry_uri:
             mlflow.set_registry_uri(cfg.registry_uri)
-        self.client = MlflowClient(cfg.tracking_uri, cfg.registry_uri)
+        with _sqlite_lock(cfg.tracking_uri) as local:
+            self.client = MlflowClient(cfg.tracking_uri, cfg.registry_uri)
+            if local:  # the registry store, too, is built on first use
+                self.client.search_registered_models(max_results=1)
         self.model_name = cfg.model_name
 
     # -- runs ---------------------------------------------------------------------------------
     def experiment_id(self) -> str:
+        """The experiment's id, created on first use. Two processes may both find it missing
+        (a task and its retry, a test and the task it watches): the loser reads the winner's."""
+        from mlflow.exceptions import MlflowException
+
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is not None:
             return str(exp.experiment_id)
-        return str(
-            self.client.create_experiment(
-                self.cfg.experiment, artifact_location=self.artifact_location()
+        try:
+            return str(
+                self.client.create_experiment(
+                    self.cfg.experiment, artifact_location=self.artifact_location()
+                )
             )
-        )
+        except MlflowException as exc:
+            exp = self.client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                raise
+            log.info("experiment %s was created concurrently (%s)", self.cfg.experiment, exc)
+            return str(exp.experiment_id)
 
     def artifact_location(self) -> str | None:
         """Where a new experiment keeps artifacts. A tracking server is given no local path

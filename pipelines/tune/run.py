@@ -17,7 +17,13 @@ from typing import Any
 from pipelines.config import Settings
 from pipelines.tune.job import TuneJob
 from pipelines.tune.storage import STORAGE_ENV, study_storage
-from pipelines.tune.study import create_study, finish_study, study_name, tuning_mlflow
+from pipelines.tune.study import (
+    create_study,
+    fail_abandoned,
+    finish_study,
+    study_name,
+    tuning_mlflow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +66,20 @@ def tune(
             )
             for i in range(workers)
         ]
+        pids: set[int] = set()
+
+        def started(started_pids: list[int]) -> None:
+            pids.update(started_pids)
+            if on_start is not None:
+                on_start(started_pids)
+
         try:
-            codes = run_workers(settings, storage.url, jobs, sink, on_start, timeout_s)
+            codes = run_workers(settings, storage.url, jobs, sink, started, timeout_s)
         except BaseException:
             from pipelines.registry import Registry
 
+            # The workers are stopped by now; what one of them left RUNNING is failed here.
+            fail_abandoned(settings, storage.url, name, pids)
             Registry(tuning_mlflow(settings)).end_run(created["parent_run_id"], ok=False)
             raise
         out = finish_study(settings, storage.url, name)

@@ -327,6 +327,28 @@ def finish_study(settings: Settings, url: str, name: str) -> dict[str, Any]:
     return out
 
 
+def fail_abandoned(settings: Settings, url: str, name: str, pids: set[int]) -> int:
+    """After ``mlops tune`` stopped its workers (Ctrl-C, a timeout): a trial still RUNNING on
+    one of them (this host, one of ``pids``; killed before it could tell) is told FAIL and its
+    MLflow run ended, instead of waiting for the heartbeat grace period. Returns how many."""
+    import socket
+
+    from optuna.trial import TrialState
+
+    from pipelines.registry import Registry
+
+    study = _load(settings.tuning, settings.train, url, name)
+    host = socket.gethostname()
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(f"{ATTR}host") == host and t.user_attrs.get(f"{ATTR}pid") in pids:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed += 1
+    if failed:
+        _close_orphans(Registry(tuning_mlflow(settings)), study)
+    return failed
+
+
 def _close_orphans(reg: Registry, study: optuna.Study) -> None:
     """A failed trial's MLflow run (its worker died mid-trial) is marked FAILED."""
     from optuna.trial import TrialState

@@ -16,6 +16,7 @@ from pipelines.tune.space import suggest
 if TYPE_CHECKING:
     import optuna
 
+    from pipelines.train.job import TrainJob
     from pipelines.train.worker import Trainer
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,69 @@ class TrialRunner:
 
     def run(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, Any]:
         """Train with the trial's params and tell the study how it ended (complete with the
-        final validation loss, pruned, or failed: the exception is raised after telling)."""
+        final validation loss, pruned, or failed: the exception is raised after telling).
+        Everything after the trial was asked for is inside the telling: a SIGTERM while its
+        MLflow run is being created still leaves it FAIL, not RUNNING."""
         import optuna
 
+        from pipelines.train.worker import Trainer
+
+        run_id: str | None = None
+        epochs_run = 0
+        curve: list[tuple[int, float]] = []
+
+        def on_epoch(trainer: Trainer, epoch: int, train_loss: float) -> None:
+            nonlocal epochs_run
+            from pipelines.train.model import predict_proba
+            from pipelines.train.worker import log_loss
+
+            epochs_run = epoch + 1
+            trainer.model.eval()
+            val_loss = log_loss(self.y, predict_proba(trainer.model, self.val))
+            trainer.model.train()
+            trial.report(val_loss, epoch)
+            curve.append((epoch, val_loss))
+            # Pruning after the last epoch would save nothing and lose a finished result.
+            if epochs_run < trainer.cfg.epochs and trial.should_prune():
+                trainer.ckpt.wait()
+                raise optuna.TrialPruned(f"val_loss {val_loss:.5f} after epoch {epoch}")
+
+        trainer: Trainer | None = None
+        try:
+            job = self._prepare(trial)
+            run_id = job.run_id
+            trainer = Trainer(job, self.store, 0, 1, self.registry, on_epoch=on_epoch)
+            result = trainer.train()
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr(f"{ATTR}epochs_run", epochs_run)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            assert run_id is not None  # pruning happens inside train()
+            self._end(run_id, "PRUNED", epochs_run, curve, ok=True)
+            log.info("trial %d pruned: %s", trial.number, exc)
+            return {"number": trial.number, "state": "PRUNED", "epochs_run": epochs_run}
+        except BaseException:
+            if trainer is not None:
+                trainer.ckpt.wait()
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if run_id is not None:
+                self._end(run_id, "FAIL", epochs_run, curve, ok=False)
+            raise
+        trial.set_user_attr(f"{ATTR}epochs_run", epochs_run)
+        value = float(result["val_loss"])
+        study.tell(trial, value)
+        self._end(run_id, "COMPLETE", epochs_run, curve, ok=True)
+        log.info("trial %d complete: val_loss %.5f", trial.number, value)
+        return {
+            "number": trial.number,
+            "state": "COMPLETE",
+            "value": value,
+            "epochs_run": epochs_run,
+        }
+
+    def _prepare(self, trial: optuna.Trial) -> TrainJob:
+        """The trial's sampled params, its attributes and nested MLflow run, and its TrainJob."""
         from pipelines.config import TrainSettings
         from pipelines.train.job import TrainJob
-        from pipelines.train.worker import Trainer
 
         params = suggest(trial, self.job.tuning.space)
         train = TrainSettings.model_validate(
@@ -127,52 +185,7 @@ class TrialRunner:
             store=self.job.store,
             mlflow=self.job.mlflow,
         )
-        epochs_run = 0
-        curve: list[tuple[int, float]] = []
-
-        def on_epoch(trainer: Trainer, epoch: int, train_loss: float) -> None:
-            nonlocal epochs_run
-            from pipelines.train.model import predict_proba
-            from pipelines.train.worker import log_loss
-
-            epochs_run = epoch + 1
-            trainer.model.eval()
-            val_loss = log_loss(self.y, predict_proba(trainer.model, self.val))
-            trainer.model.train()
-            trial.report(val_loss, epoch)
-            curve.append((epoch, val_loss))
-            # Pruning after the last epoch would save nothing and lose a finished result.
-            if epochs_run < trainer.cfg.epochs and trial.should_prune():
-                trainer.ckpt.wait()
-                raise optuna.TrialPruned(f"val_loss {val_loss:.5f} after epoch {epoch}")
-
-        trainer: Trainer | None = None
-        try:
-            trainer = Trainer(job, self.store, 0, 1, self.registry, on_epoch=on_epoch)
-            result = trainer.train()
-        except optuna.TrialPruned as exc:
-            trial.set_user_attr(f"{ATTR}epochs_run", epochs_run)
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self._end(run_id, "PRUNED", epochs_run, curve, ok=True)
-            log.info("trial %d pruned: %s", trial.number, exc)
-            return {"number": trial.number, "state": "PRUNED", "epochs_run": epochs_run}
-        except BaseException:
-            if trainer is not None:
-                trainer.ckpt.wait()
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self._end(run_id, "FAIL", epochs_run, curve, ok=False)
-            raise
-        trial.set_user_attr(f"{ATTR}epochs_run", epochs_run)
-        value = float(result["val_loss"])
-        study.tell(trial, value)
-        self._end(run_id, "COMPLETE", epochs_run, curve, ok=True)
-        log.info("trial %d complete: val_loss %.5f", trial.number, value)
-        return {
-            "number": trial.number,
-            "state": "COMPLETE",
-            "value": value,
-            "epochs_run": epochs_run,
-        }
+        return job
 
     def _end(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import psutil
 import pytest
@@ -143,7 +144,7 @@ def test_elastic_job_survives_a_lost_node_and_resumes_from_checkpoint(
 
 
 def test_a_retried_task_resumes_its_run_instead_of_starting_over(
-    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import subprocess
     import sys
@@ -155,26 +156,32 @@ def test_a_retried_task_resumes_its_run_instead_of_starting_over(
     manifest = _manifest(s)
     for k, v in {"EPOCHS": "25", "BATCH_SIZE": "32", "CHECKPOINT_EVERY": "25"}.items():
         monkeypatch.setenv(f"MLOPS__TRAIN__{k}", v)
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "train",
-            "--manifest",
-            manifest,
-            "--run-key",
-            "dag/run-7/train",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "train",
+                "--manifest",
+                manifest,
+                "--run-key",
+                "dag/run-7/train",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     reg = Registry(s.mlflow)
     deadline = time.monotonic() + 120
-    while reg.find_run("dag/run-7/train") is None and time.monotonic() < deadline:
+    while (
+        reg.find_run("dag/run-7/train") is None
+        and time.monotonic() < deadline
+        and first.poll() is None
+    ):
         time.sleep(0.1)
     run = reg.find_run("dag/run-7/train")
-    assert run is not None
+    assert run is not None, log.read_text()[-3000:]
     _wait_for_checkpoint(s, run.info.run_id)
     time.sleep(0.5)
     first.kill()  # the task process dies; its node agents follow (PDEATHSIG)

@@ -21,7 +21,7 @@ from pipelines.config import Settings, settings, with_overrides
 from pipelines.registry import Registry
 from pipelines.tune.job import TuneJob
 from pipelines.tune.run import tune
-from pipelines.tune.storage import STORAGE_ENV, local_server, local_url
+from pipelines.tune.storage import STORAGE_ENV, local_server, local_url, study_storage
 from pipelines.tune.study import tuning_mlflow
 from tests.ports import FREE_PORTS
 
@@ -318,3 +318,45 @@ def test_ctrl_c_stops_the_workers_and_the_server_it_started(world: dict[str, Any
     with local_server(s):
         states = {t.state.name for t in _study(s, "interrupted").get_trials()}
     assert "RUNNING" not in states  # the interrupted trials were told FAIL, not left running
+
+
+def test_trials_left_running_by_stopped_workers_are_failed_and_others_are_not(
+    world: dict[str, Any],
+) -> None:
+    """What `mlops tune` does after stopping its workers: a RUNNING trial of one of its (now
+    dead) worker pids on this host is told FAIL and its MLflow run ended; a trial of a pid it
+    did not start, or of another host, is left to its own worker."""
+    import socket
+
+    from pipelines.tune.study import create_study, fail_abandoned
+
+    s = world["settings"]
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    with study_storage(s) as storage:
+        url = storage.url
+        create_study(s, url, world["manifest"], "abandoned", trials=3, workers=1)
+        study = _study(s, "abandoned")
+        reg = Registry(tuning_mlflow(s))
+        owners = [
+            (socket.gethostname(), dead_pid),
+            (socket.gethostname(), 1),
+            ("elsewhere", dead_pid),
+        ]
+        runs = []
+        for host, pid in owners:
+            trial = study.ask()
+            trial.set_user_attr("mlops.host", host)
+            trial.set_user_attr("mlops.pid", pid)
+            run_id = reg.create_run(f"trial-{trial.number}", {})
+            trial.set_user_attr("mlops.mlflow_run_id", run_id)
+            runs.append(run_id)
+        assert fail_abandoned(s, url, "abandoned", {dead_pid}) == 1
+        states = [t.state.name for t in _study(s, "abandoned").get_trials()]
+        assert states == ["FAIL", "RUNNING", "RUNNING"]
+        assert [reg.get_run(r).info.status for r in runs] == ["FAILED", "RUNNING", "RUNNING"]
