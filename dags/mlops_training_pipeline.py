@@ -230,6 +230,18 @@ def mlops_training_pipeline() -> None:
         )
         return record(ctx, {**out, "model_version": registered["model_version"]})
 
+    @task
+    def optimize_runtime(exported: dict) -> dict:
+        """ONNX fp32 / int8 candidates against the SavedModel for batch scoring (same run,
+        same machine); beside the roll-out, which it never holds up."""
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
+        s = run_settings(ctx["params"])
+        return record(ctx, stages.optimize_runtime(s, exported["model_version"]))
+
     @task(retries=0)
     def stage_canary(exported: dict) -> dict:
         from mlops_airflow.common import record, run_settings
@@ -289,7 +301,8 @@ def mlops_training_pipeline() -> None:
             return []  # never staged (or staging undid itself): nothing to promote or undo
         return ["promote" if verdict["decision"] == "promote" else "rollback"]
 
-    @task
+    # A new champion is a model event too: batch scoring (scheduled on this Asset) re-scores.
+    @task(outlets=[MODEL_ASSET])
     def promote(registered: dict) -> dict:
         from mlops_airflow.common import record, run_settings
 
@@ -297,7 +310,9 @@ def mlops_training_pipeline() -> None:
 
         ctx = get_current_context()
         version = registered["model_version"]
-        return record(ctx, stages.promote(run_settings(ctx["params"]), version))
+        out = stages.promote(run_settings(ctx["params"]), version)
+        ctx["outlet_events"][MODEL_ASSET].extra = {"model_version": version, "alias": "champion"}
+        return record(ctx, out)
 
     @task
     def rollback(registered: dict) -> dict:
@@ -327,6 +342,7 @@ def mlops_training_pipeline() -> None:
     exported = export_and_infra_validate(registered)
     gate >> exported
     staged = stage_canary(exported)
+    optimize_runtime(exported)
     decision = decide(registered)
     shadowed = shadow_candidate(staged)
     monitor_canary(shadowed) >> decision >> [promote(registered), rollback(registered)]

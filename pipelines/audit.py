@@ -67,6 +67,7 @@ CANARY_STAGED = "rollout.canary_staged"
 SHADOWED = "rollout.shadowed"
 PROMOTED = "rollout.promoted"
 ROLLED_BACK = "rollout.rolled_back"
+PREDICTIONS_PUBLISHED = "predictions.published"
 # A closed vocabulary: a typo in a stage fails its test instead of writing an unsearchable event.
 EVENTS = frozenset(
     {
@@ -78,6 +79,7 @@ EVENTS = frozenset(
         SHADOWED,
         PROMOTED,
         ROLLED_BACK,
+        PREDICTIONS_PUBLISHED,
     }
 )
 FIELDS = ("seq", "time", "event", "actor", "subject", "details", "prev_hash", "hash")

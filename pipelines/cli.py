@@ -115,6 +115,16 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_score(a: argparse.Namespace) -> int:
+    from pipelines import stages
+    from pipelines.params import apply_params
+
+    s = apply_params(_settings(), {"runtime": a.runtime, "chunk_rows": a.chunk_rows})
+    out = stages.score(s, a.date, version=a.version, workers=a.workers, dataset=a.dataset)
+    _print(out)
+    return EXIT_OK
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pipelines import stages
 
@@ -292,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--dataset")
         c.add_argument("--date", required=True)
         c.set_defaults(fn=fn)
+
+    sc = sub.add_parser(
+        "score",
+        help="score a day's landing partition with the champion (or --version) and publish "
+        "predictions/<dataset>/<model>/<version>/dt=D under a manifest",
+    )
+    sc.add_argument("--date", required=True)
+    sc.add_argument("--version", help="pin a registered version (default: the champion)")
+    sc.add_argument("--workers", type=_positive_int, help="local worker processes")
+    sc.add_argument("--dataset")
+    sc.add_argument(
+        "--runtime",
+        choices=["auto", "savedmodel", "onnx"],
+        help="auto: the version's optimisation-gate choice (default batch.runtime)",
+    )
+    sc.add_argument("--chunk-rows", type=_positive_int, help="target rows per chunk")
+    sc.set_defaults(fn=cmd_score)
 
     t = sub.add_parser("train", help="train on a manifest; prints the MLflow run id")
     t.add_argument("--manifest", required=True)

@@ -497,6 +497,26 @@ def _check_search_param(where: str, name: str, p: SearchParam) -> None:
             ) from None
 
 
+class BatchSettings(_Section):
+    """Batch scoring (pipelines/batch): a day's landing partition scored by the champion's
+    exported artifact, in chunks of row groups, outputs published under a manifest."""
+
+    chunk_rows: int = Field(
+        500_000,
+        ge=1,
+        description="target rows per chunk (whole parquet row groups; a chunk never spans files)",
+    )
+    workers: int = Field(1, ge=1, description="local worker processes of `mlops score`")
+    runtime: Literal["auto", "savedmodel", "onnx"] = Field(
+        "auto",
+        description="auto = the model version's batch_runtime tag (the optimisation gate's "
+        "choice), else the SavedModel",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="runtime threads per worker; None = the cores shared by workers"
+    )
+
+
 class Settings(_Section):
     profile: str = Field("local", description="profile name the settings were built from")
     home: str = Field(description="MLOPS_HOME: all local state lives here")
@@ -511,6 +531,7 @@ class Settings(_Section):
     canary: CanarySettings = CanarySettings()
     postgres: PostgresSettings = PostgresSettings()
     tuning: TuningSettings = TuningSettings()
+    batch: BatchSettings = BatchSettings()
 
 
 def _secrets(s: Settings) -> dict[str, SecretStr | None]:

@@ -25,6 +25,7 @@ from pipelines.airflow_local import env_file, metadata_db
 from pipelines.processes import run_group
 
 DAG_ID = "mlops_training_pipeline"
+SCORING_DAG_ID = "mlops_batch_scoring"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,11 +114,11 @@ def start_api_server(directory: Path, env: dict[str, str]) -> Any:
 DAY_TIMEOUT_S = 1800.0
 
 
-def run_reports(store: Any, date: str) -> dict[str, Any]:
+def run_reports(store: Any, date: str, dag_id: str = DAG_ID) -> dict[str, Any]:
     """Task results of the latest DAG run for a date (written by each task)."""
     from pipelines.data import layout
 
-    prefix = f"{layout.run_report(DAG_ID, date)}"
+    prefix = f"{layout.run_report(dag_id, date)}"
     runs = [k for k in store.list(prefix)]
     if not runs:
         return {}
@@ -260,6 +261,47 @@ def summarize(
     return "\n".join(out)
 
 
+def _score_last_accepted_day(
+    store: Any,
+    days: list[tuple[str, str, dict[str, Any]]],
+    airflow: str,
+    env: dict[str, str],
+    logs: Path,
+) -> dict[str, Any] | None:
+    """The batch-scoring DAG on the last day the gate accepted, with the champion; its
+    published summary, or None (printed) when the run did not publish."""
+    accepted = [d for _, d, r in days if r.get("validate_data", {}).get("status") == "accepted"]
+    if not accepted:
+        return None
+    date = accepted[-1]
+    log_file = logs / f"scoring-{date}.log"
+    log_file.unlink(missing_ok=True)
+    began = time.perf_counter()
+    print(f"batch scoring: airflow dags test {SCORING_DAG_ID} {date} ...", end=" ", flush=True)
+    code = run_group(
+        [
+            airflow,
+            "dags",
+            "test",
+            "--use-executor",
+            SCORING_DAG_ID,
+            f"{date}T00:00:00+00:00",
+            "-c",
+            json.dumps({"date": date}),
+        ],
+        env,
+        log_file,
+        DAY_TIMEOUT_S,
+    )
+    published = run_reports(store, date, SCORING_DAG_ID).get("publish")
+    print(
+        f"{'ok' if published else 'FAILED'} in {time.perf_counter() - began:.0f} s "
+        f"(exit {code}, log {log_file})",
+        flush=True,
+    )
+    return published
+
+
 def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool = False) -> int:
     import signal
 
@@ -368,10 +410,20 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 days.append((title, date, reports))
                 if not good:
                     break
+            scoring = None
+            if ok:
+                scoring = _score_last_accepted_day(store, days, airflow, env, logs)
+                ok = scoring is not None
             print()
             print(
                 summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings))
             )
+            if scoring is not None:
+                print(
+                    f"Batch scoring of {scoring['date']}: {scoring['rows']} rows by version "
+                    f"{scoring['version']} on {scoring['runtime']} {scoring['variant']} "
+                    f"({scoring['parts']} parts) -> {scoring['manifest_uri']}"
+                )
             print(
                 f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
                 f"--backend-store-uri {settings.mlflow.tracking_uri}\n"

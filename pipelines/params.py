@@ -30,11 +30,19 @@ TUNING_PARAMS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
 }
 
 
+# The batch-scoring DAG's form and `mlops score` (date and version are passed as they are).
+SCORING_PARAMS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "runtime": ("batch", "runtime", str),
+    "chunk_rows": ("batch", "chunk_rows", int),
+}
+
+
 def run_overrides(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"epochs": 3, "skip_shadow": True}`` -> ``{"train": {"epochs": 3}, "shadow":
     {"enabled": False}}``; params this module does not map (``date``, ``force``) are ignored."""
     out: dict[str, dict[str, Any]] = {}
-    for name, (section, field, convert) in {**RUN_PARAMS, **TUNING_PARAMS}.items():
+    mapped = {**RUN_PARAMS, **TUNING_PARAMS, **SCORING_PARAMS}
+    for name, (section, field, convert) in mapped.items():
         value = params.get(name)
         if value is None or value == "" or value == [] or value is False:
             continue

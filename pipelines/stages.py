@@ -331,6 +331,26 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
     return rollout.export_and_infra_validate(settings, version)
 
 
+def optimize_runtime(settings: Settings, version: str) -> dict[str, Any]:
+    """The exported version's batch-scoring runtime: ONNX Runtime fp32 or int8 only where the
+    gate measured it faster (batch 1 and 1024) and within the accuracy limits; the online
+    servers keep the SavedModel. Published once per version (a rerun reads it back)."""
+    from pipelines.optimize.run import optimize_version
+
+    doc = optimize_version(settings, version)  # logs each candidate's reasons
+    return {
+        "model_version": str(version),
+        "chosen": doc["chosen"],
+        "batch_runtime": doc["chosen_runtime"],
+        "batch_variant": doc["chosen_variant"],
+        "report_uri": doc["report_uri"],
+        "table": [
+            {k: r.get(k) for k in ("name", "p50_ms_b1", "rows_per_s_b1024", "roc_auc", "kept")}
+            for r in doc["table"]
+        ],
+    }
+
+
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
@@ -454,3 +474,68 @@ def rollout_decision(
     for line in decision.reasons:
         log.info("roll-out: %s", line)
     return decision.to_dict()
+
+
+# -- batch scoring -----------------------------------------------------------------------------
+def plan_scoring(
+    settings: Settings, date: str, version: str | None = None, dataset: str | None = None
+) -> dict[str, Any]:
+    """The day's chunk jobs for the champion (or a pinned version), or the manifest already
+    published for that day and version (then nothing is planned)."""
+    from pipelines.batch.score import plan_scoring as plan
+
+    return plan(settings, date, version, dataset)
+
+
+def latest_landing_date(settings: Settings, dataset: str | None = None) -> str:
+    from pipelines.batch.score import latest_landing_date as latest
+
+    return latest(settings, dataset)
+
+
+def score_chunk(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.batch.plan import ScoringJob
+    from pipelines.batch.score import score_chunk as score_one
+
+    return score_one(settings, ScoringJob.from_dict(job), settings.batch.threads)
+
+
+def publish_predictions(
+    settings: Settings, plan: dict[str, Any], parts: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The day's manifest, last and once; ``parts`` (the chunk tasks' results) are checked
+    against what is in the store when given (pods report through the store alone)."""
+    from pipelines.batch.score import publish
+
+    out = publish(settings, plan, parts)
+    if out["published_now"]:
+        _predictions_audit(settings, out)
+    return out
+
+
+def score(
+    settings: Settings,
+    date: str,
+    version: str | None = None,
+    workers: int | None = None,
+    dataset: str | None = None,
+) -> dict[str, Any]:
+    """``mlops score``: plan, score in local worker processes, publish."""
+    from pipelines.batch.run import score as run
+
+    out = run(settings, date, version, workers, dataset)
+    if out["published_now"]:
+        _predictions_audit(settings, out)
+    return out
+
+
+def _predictions_audit(settings: Settings, out: dict[str, Any]) -> None:
+    _audit(
+        settings,
+        "predictions.published",
+        f"{out['dataset']}/{out['date']}",
+        model=f"{settings.mlflow.model_name}/{out['version']}",
+        runtime=f"{out['runtime']}-{out['variant']}",
+        rows=out["rows"],
+        manifest_uri=out["manifest_uri"],
+    )

@@ -54,3 +54,8 @@ def rollout(model_name: str, version: str | int) -> str:
 
 def run_report(dag_id: str, run_id: str) -> str:
     return f"reports/{dag_id}/{run_id}"
+
+
+def predictions(dataset: str, model_name: str, version: str | int, date: str | dt.date) -> str:
+    """Batch scores of one day by one model version: ``part-*.parquet`` and a manifest."""
+    return f"predictions/{dataset}/{model_name}/{version}/{partition(date)}"

@@ -1,8 +1,8 @@
 """Torch -> TensorFlow SavedModel whose ``serving_default`` signature takes raw named features.
 
-The tf.Module re-implements :class:`TabularMLP` (log1p, normalisation, vocabulary lookup,
-embeddings, dense layers) with the torch weights copied in, so serving needs no Python
-preprocessing. Parity with torch is checked on held-out rows.
+The tf.Module re-implements :class:`TabularMLP` and ``encode_frame`` (NaN -> training mean,
+log1p, normalisation, vocabulary lookup, embeddings, dense layers) with the torch weights copied
+in, so serving needs no Python preprocessing. Parity with torch is checked on held-out rows.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def build_module(model: TabularMLP) -> Any:
             self.numeric = cfg["numeric"]
             self.categorical = list(cfg["categorical"])
             self.log_mask = tf.constant(sd["log_mask"].astype(bool))
+            # Raw training means (``encode_frame``'s fill value): a caller that sends NaN gets
+            # the torch answer without imputing client-side.
+            self.fill = tf.constant([cfg["stats"][n]["mean"] for n in cfg["numeric"]], tf.float32)
             self.mean = tf.constant(sd["mean"], tf.float32)
             self.std = tf.constant(sd["std"], tf.float32)
             self.tables = []
@@ -59,6 +62,7 @@ def build_module(model: TabularMLP) -> Any:
 
         def __call__(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             num = tf.stack([tf.cast(features[n], tf.float32) for n in self.numeric], axis=1)
+            num = tf.where(tf.math.is_nan(num), self.fill[tf.newaxis, :], num)
             num = tf.where(self.log_mask, tf.math.log1p(tf.maximum(num, 0.0)), num)
             parts = [(num - self.mean) / self.std]
             for name, table, emb in zip(

@@ -166,7 +166,7 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
 
 
 # -- staging ---------------------------------------------------------------------------------
-def _fetch_verified(store: ObjectStore, name: str, version: str, dest: Path) -> None:
+def fetch_verified_export(store: ObjectStore, name: str, version: str, dest: Path) -> None:
     """Download the export and check every file against its recorded sha256."""
     meta = json.loads(store.read_text(f"{layout.export(name, version)}/export.json"))
     store.get_dir(f"{layout.export(name, version)}/saved_model", dest)
@@ -213,7 +213,7 @@ def stage_canary(settings: Settings, control: ServingControl, version: str) -> d
     if not target.exists():
         tmp = control.model_dir / f"{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        _fetch_verified(store, name, version, tmp)
+        fetch_verified_export(store, name, version, tmp)
         tmp.rename(target)  # a version directory is complete or absent
     control.ensure_running()
     pools = {label: control.pool(label) for label in POOLS}

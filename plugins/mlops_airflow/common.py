@@ -80,15 +80,19 @@ def training_key(context: dict[str, Any], settings: Settings, data_version: str)
 
 
 def record(
-    context: dict[str, Any], payload: dict[str, Any], name: str | None = None
+    context: dict[str, Any],
+    payload: dict[str, Any],
+    name: str | None = None,
+    date: str | None = None,
 ) -> dict[str, Any]:
-    """Store the task's result under ``reports/<dag>/<date>/<run>/<task>.json`` and log it."""
+    """Store the task's result under ``reports/<dag>/<date>/<run>/<task>.json`` and log it;
+    ``date`` for a run whose day is not its interval's (an Asset-triggered scoring run)."""
     from pipelines.data import layout
     from pipelines.store import open_store
 
     settings = run_settings(context.get("params") or {})
     key = (
-        f"{layout.run_report(context['dag'].dag_id, interval_date(context))}/"
+        f"{layout.run_report(context['dag'].dag_id, date or interval_date(context))}/"
         f"{context['run_id']}/{name or context['task'].task_id}.json"
     )
     open_store(settings.store).write_text(key, json.dumps(payload, indent=2, default=str))
@@ -112,7 +116,8 @@ def on_failure(context: dict[str, Any]) -> None:
     ti = context.get("task_instance")
     err = context.get("exception")
     summary = {"failed_task": getattr(ti, "task_id", "?"), "error": str(err)[:2000]}
-    log.error("mlops_training_pipeline failed in %s: %s", summary["failed_task"], summary["error"])
+    dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(ti, "dag_id", "the DAG")
+    log.error("%s failed in %s: %s", dag_id, summary["failed_task"], summary["error"])
     try:
         record(context, summary, name=f"{summary['failed_task']}.failed")
     except Exception:

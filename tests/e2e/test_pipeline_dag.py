@@ -17,6 +17,7 @@ from pipelines.store import open_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DAG_ID = "mlops_training_pipeline"
+SCORING_DAG_ID = "mlops_batch_scoring"
 
 
 def run_day(date: str, **conf: object):  # type: ignore[no-untyped-def]
@@ -26,6 +27,15 @@ def run_day(date: str, **conf: object):  # type: ignore[no-untyped-def]
     return dag.test(
         logical_date=pendulum.parse(f"{date}T00:00:00+00:00"),
         run_conf={"date": date, "epochs": 4, **conf},
+    )
+
+
+def run_scoring(date: str):  # type: ignore[no-untyped-def]
+    from airflow.models import DagBag
+
+    dags = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).dags
+    return dags[SCORING_DAG_ID].test(
+        logical_date=pendulum.parse(f"{date}T00:00:00+00:00"), run_conf={"date": date}
     )
 
 
@@ -47,9 +57,9 @@ def asset_events() -> dict[str, list[dict]]:
     return out
 
 
-def reports(settings: Settings, date: str, run_id: str) -> dict:
+def reports(settings: Settings, date: str, run_id: str, dag_id: str = DAG_ID) -> dict:
     store = open_store(settings.store)
-    prefix = f"{layout.run_report(DAG_ID, date)}/{run_id}"
+    prefix = f"{layout.run_report(dag_id, date)}/{run_id}"
     return {
         k.rsplit("/", 1)[-1].removesuffix(".json"): json.loads(store.read_text(k))
         for k in store.list(prefix)
@@ -101,6 +111,29 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert reg.alias_version("champion") == "2"
     assert stages.serving_state(s)["labels"] == {"stable": 2, "canary": 2}
     assert stages.serving_state(s)["canary_weight"] == 0
+
+    # Each exported version got its batch runtime from the optimisation gate.
+    assert r2["optimize_runtime"]["batch_runtime"] in ("savedmodel", "onnxruntime")
+    assert reg.version("2").tags["mlops.batch_runtime"] == r2["optimize_runtime"]["batch_runtime"]
+
+    # Batch scoring, after the training run: the champion scores day 2's landing partition.
+    scoring = run_scoring("2026-11-02")
+    assert scoring.state == DagRunState.SUCCESS
+    published = reports(s, "2026-11-02", scoring.run_id, SCORING_DAG_ID)["publish"]
+    assert published["published_now"] and published["rows"] == 20000
+    assert published["version"] == "2"
+    # The gate's choice: its tag says "onnxruntime", the runtime kind of scoring is "onnx".
+    gate = r2["optimize_runtime"]
+    kind = "onnx" if gate["batch_runtime"] == "onnxruntime" else "savedmodel"
+    assert (published["runtime"], published["variant"]) == (kind, gate["batch_variant"])
+    pred_prefix = layout.predictions("transactions", s.mlflow.model_name, "2", "2026-11-02")
+    assert store.exists(f"{pred_prefix}/manifest.json")
+    # The same run again publishes nothing new.
+    again = run_scoring("2026-11-02")
+    assert again.state == DagRunState.SUCCESS
+    assert (
+        reports(s, "2026-11-02", again.run_id, SCORING_DAG_ID)["publish"]["published_now"] is False
+    )
 
     # A rerun of day 2 (same data, code and config) reuses the training run: no new version,
     # no rollout, the champion stays.

@@ -216,12 +216,12 @@ def test_an_export_is_served_only_if_every_file_matches_its_sha256(
     store.put_dir(src, f"{prefix}/saved_model")
     meta = {"version": "7", "files": rollout._tree_sha256(src)}
     store.write_text(f"{prefix}/export.json", json.dumps(meta))
-    rollout._fetch_verified(store, NAME, "7", tmp_path / "ok")
+    rollout.fetch_verified_export(store, NAME, "7", tmp_path / "ok")
     assert (tmp_path / "ok" / "saved_model.pb").read_bytes() == b"graph"
     store.write_bytes(f"{prefix}/saved_model/saved_model.pb", b"tampered graph")
     with pytest.raises(rollout.RolloutError, match=r"sha256 check: \['saved_model.pb'\]"):
-        rollout._fetch_verified(store, NAME, "7", tmp_path / "bad")
+        rollout.fetch_verified_export(store, NAME, "7", tmp_path / "bad")
     store.write_bytes(f"{prefix}/saved_model/saved_model.pb", b"graph")
     store.write_bytes(f"{prefix}/saved_model/extra.pb", b"smuggled")
     with pytest.raises(rollout.RolloutError, match=r"extra\.pb"):
-        rollout._fetch_verified(store, NAME, "7", tmp_path / "extra")
+        rollout.fetch_verified_export(store, NAME, "7", tmp_path / "extra")

@@ -1,0 +1,1 @@
+"""Batch scoring of landing partitions with a model version's exported artifact."""
