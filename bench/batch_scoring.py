@@ -155,6 +155,8 @@ def main() -> None:
         chosen = {"savedmodel": "savedmodel", "onnxruntime": "ort"}[gate["batch_runtime"]]
         chosen = chosen if chosen == "savedmodel" else f"ort_{gate['batch_variant']}"
         print(f"gate chose {gate['chosen']}", flush=True)
+        for row in gate["table"]:
+            print(f"  gate: {row}", flush=True)
         inproc = in_process(s, version, a.reps)
         one, two = [], []
         for r in range(a.rounds):
@@ -166,6 +168,7 @@ def main() -> None:
     result = {
         "rows": rows,
         "runtime": gate["chosen"],
+        "gate": gate["table"],
         "inprocess_rows_per_s": round(inproc[f"{chosen}_rows_per_s"]),
         "cli_rows_per_s_1w": round(cli_1w),
         "cli_rows_per_s_2w": round(rows / statistics.median(two)),

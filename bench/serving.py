@@ -7,7 +7,13 @@ server is an ``mlops serve`` replica process; "plane" is the same replica behind
 Envoy (Lua request gate and score tap, access log, retries, health checks: as shipped). A
 concurrency-1 pass gives the added latency, a concurrency-N pass the throughput ratio.
 
+Request batching (TF Serving's --enable_batching, as the pods run it) is measured on the same
+server path at ``--batching-concurrency`` (16): the batching-off replica above against one of a
+second home whose replicas run with ``serving.enable_batching`` and ``--batching-file`` (default
+infra/tf-serving/batching.config, production's file), in the same interleaved rounds.
+
     .venv/bin/python bench/serving.py [--requests 2000] [--concurrency 4] [--rounds 3]
+        [--batching-concurrency 16] [--batching-file F]
 
 The last line printed is one JSON object with the figures.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,8 +108,37 @@ def _direct_load(path: Path, instances: list[dict[str, Any]], n: int) -> dict[st
     return _summary(lat, time.perf_counter() - t0)
 
 
+def _batching_counts(base_url: str) -> dict[str, int]:
+    """The batching replica's own counters (batches, tasks, rows, padding_rows), summed."""
+    text = requests.get(f"{base_url}/monitoring/prometheus/metrics", timeout=10).text
+    out = {"batches": 0, "tasks": 0, "rows": 0, "padding_rows": 0}
+    for line in text.splitlines():
+        for key in out:
+            if line.startswith(f"mlops_serving_batching_{key}_total{{"):
+                out[key] += int(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(float(np.median([r[k] for r in runs])), 3) for k in runs[0]}
+
+
+def _start(env: dict[str, str], model: TabularMLP | None, path: Path | None) -> LocalServing:
+    """A home's replicas and Envoy serving version 1 (exported from ``model``, or copied from
+    ``path``) in every pool, every request to the stable pool."""
+    control = LocalServing(load_settings(env))
+    if path is None:
+        assert model is not None
+        export_saved_model(model, control.model_dir / "1")
+    else:
+        shutil.copytree(path, control.model_dir / "1")
+    for pool in POOLS:
+        control.set_pool(pool, ModelEntry(MODEL, str(control.model_dir), [1], {}))
+    control.ensure_running()
+    for pool in POOLS:
+        control.wait_version(pool, 1, 120)
+    control.set_split(Split(0))
+    return control
 
 
 def main() -> None:
@@ -111,6 +147,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
     ap.add_argument("--replicas", type=int, default=1, help="replicas per pool behind Envoy")
+    ap.add_argument(
+        "--batching-concurrency", type=int, default=16, help="client threads, batching on vs off"
+    )
+    ap.add_argument(
+        "--batching-file",
+        help="BatchingParameters of the batching-on replica (default: the repository's "
+        "infra/tf-serving/batching.config)",
+    )
     args = ap.parse_args()
     model = _model()
     rows = transactions(dt.date(2026, 11, 2), 500)
@@ -125,19 +169,26 @@ def main() -> None:
             "MLOPS__DATAPLANE__SHADOW_PORT": "0",
             "MLOPS__DATAPLANE__REPLICAS": str(args.replicas),
         }
-        s = load_settings(env)
-        control = LocalServing(s)
-        path = export_saved_model(model, control.model_dir / "1")
+        batching_env = {
+            **env,
+            "MLOPS_HOME": str(Path(tmp) / "mlops-batching"),
+            "MLOPS__SERVING__ENABLE_BATCHING": "true",
+        }
+        if args.batching_file:
+            batching_env["MLOPS__SERVING__BATCHING_PARAMETERS_FILE"] = args.batching_file
+        started: list[LocalServing] = []
         try:
-            for pool in POOLS:
-                control.set_pool(pool, ModelEntry(MODEL, str(control.model_dir), [1], {}))
-            control.ensure_running()
-            for pool in POOLS:
-                control.wait_version(pool, 1, 120)
-            control.set_split(Split(0))  # every request through Envoy to the stable pool
+            control = _start(env, model, None)
+            started.append(control)
+            path = control.model_dir / "1"
+            batching = _start(batching_env, None, path)
+            started.append(batching)
             replica = control.clients("stable")[0].base_url
             server_url = f"{replica}/v1/models/{MODEL}:predict"
             plane_url = f"{control.endpoint()}/v1/models/{MODEL}:predict"
+            batching_replica = batching.clients("stable")[0].base_url
+            batching_url = f"{batching_replica}/v1/models/{MODEL}:predict"
+            bc = args.batching_concurrency
             passes: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.rounds):  # interleaved, so a noisy moment hits every mode
                 passes.setdefault("direct", []).append(_direct_load(path, instances, args.requests))
@@ -146,10 +197,17 @@ def main() -> None:
                         passes.setdefault(f"{name}_c{conc}", []).append(
                             _http_load(url, instances, args.requests, conc)
                         )
+                for name, url in (("batching_off", server_url), ("batching_on", batching_url)):
+                    passes.setdefault(f"{name}_c{bc}", []).append(
+                        _http_load(url, instances, args.requests, bc)
+                    )
+            counts = _batching_counts(batching_replica)
         finally:
-            control.plane.stop()
+            for home in started:
+                home.plane.stop()
     med = {k: _median(v) for k, v in passes.items()}
     c = args.concurrency
+    on, off = med[f"batching_on_c{bc}"], med[f"batching_off_c{bc}"]
     result = {
         "bench": "serving",
         "requests": args.requests,
@@ -163,6 +221,17 @@ def main() -> None:
         "plane_added_p99_ms": round(med["plane_c1"]["p99_ms"] - med["server_c1"]["p99_ms"], 3),
         "plane_over_server_rps": round(med[f"plane_c{c}"]["rps"] / med[f"server_c{c}"]["rps"], 3),
         "server_over_direct_p50": round(med["server_c1"]["p50_ms"] / med["direct"]["p50_ms"], 2),
+        "batching_concurrency": bc,
+        "batching_file": args.batching_file or "infra/tf-serving/batching.config",
+        "batching_off_rps": off["rps"],
+        "batching_on_rps": on["rps"],
+        "batching_off_p50_ms": off["p50_ms"],
+        "batching_on_p50_ms": on["p50_ms"],
+        "batching_off_p99_ms": off["p99_ms"],
+        "batching_on_p99_ms": on["p99_ms"],
+        "batching_on_over_off_rps": round(on["rps"] / off["rps"], 3),
+        # Warm-up requests included: how many requests each batch the replica ran held.
+        "batching_on_requests_per_batch": round(counts["tasks"] / max(counts["batches"], 1), 2),
     }
     print(json.dumps(result))
 

@@ -185,6 +185,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from pipelines.serving.server import serve
 
     config = a.model_config or str(Path(s.serving.base_dir) / "models.config")
+    batching = None
+    if s.serving.enable_batching if a.enable_batching is None else a.enable_batching:
+        from pipelines.serving.batching import BatchingConfigError, load_batching_parameters
+
+        try:
+            _, batching = load_batching_parameters(
+                a.batching_parameters_file or s.serving.batching_parameters_file
+            )
+        except BatchingConfigError as exc:  # TF Serving does not start on a bad file either
+            print(f"mlops serve: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         serve(
             config,
@@ -196,6 +207,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             a.poll_seconds or s.serving.poll_seconds,
             a.port_file,
             a.allow_unavailable_labels,
+            batching,
         )
     except ServingError as exc:  # the first config was refused: TF Serving does not start
         print(f"mlops serve: {exc.message}", file=sys.stderr)
@@ -378,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     ash.add_argument("--json", action="store_true", help="one JSON object per line")
     ash.set_defaults(fn=cmd_audit_show)
 
+    def _flag_bool(text: str) -> bool:
+        """A bool flag's value as TF Serving's flags take it (--enable_batching=false)."""
+        if text.lower() in ("true", "1"):
+            return True
+        if text.lower() in ("false", "0"):
+            return False
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
     s = sub.add_parser("serve", help="TF-Serving-compatible REST server (foreground)")
     s.add_argument("--host")
     s.add_argument("--rest-port", type=int, help="REST port (default 8501; 0 = a free port)")
@@ -392,6 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="as TF Serving's flag: labels may point at versions still loading (needed for a "
         "first config with labels)",
+    )
+    s.add_argument(
+        "--enable_batching",
+        "--enable-batching",
+        dest="enable_batching",
+        nargs="?",
+        const=True,
+        type=_flag_bool,
+        help="as TF Serving's flag: batch predict requests (default: serving.enable_batching; "
+        "--enable_batching=false turns it off)",
+    )
+    s.add_argument(
+        "--batching_parameters_file",
+        "--batching-parameters-file",
+        dest="batching_parameters_file",
+        help="as TF Serving's flag: BatchingParameters text proto (default: "
+        "serving.batching_parameters_file, else infra/tf-serving/batching.config)",
     )
     s.add_argument("--stop", action="store_true", help="stop every local serving process")
     s.add_argument("--status", action="store_true", help="print labels, split and topology")

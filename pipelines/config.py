@@ -224,6 +224,16 @@ class ServingSettings(_Section):
     )
     client_key: str | None = Field(None, description="PEM private key of client_cert")
     grpc_tls: bool = Field(False, description="gRPC clients use TLS (secure_channel) when true")
+    enable_batching: bool = Field(
+        False,
+        description="local server: batch predict requests, as TF Serving's --enable_batching "
+        "(production's pods run with it)",
+    )
+    batching_parameters_file: str | None = Field(
+        None,
+        description="TF Serving BatchingParameters text proto for enable_batching; None = the "
+        "repository's infra/tf-serving/batching.config, the file production mounts",
+    )
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> ServingSettings:

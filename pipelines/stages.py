@@ -128,12 +128,28 @@ def train(
     settings first (recorded as tags); the run then takes the same gates as any other."""
     from pipelines.train.run import train_model
 
-    if settings.train.params_from == "tuning":
-        settings, provenance = tuned_settings(settings, manifest_uri)
-        tags = {**(tags or {}), **provenance}
-        if run_key:  # a new best trial is a new training config: never reuse the old run
-            run_key = f"{run_key}/tuned-{provenance['tuning_study']}-{provenance['tuning_trial']}"
+    settings, run_key, tags = training_config(settings, manifest_uri, run_key, tags)
     return train_model(settings, manifest_uri, run_key, tags, sink)
+
+
+def training_config(
+    settings: Settings,
+    manifest_uri: str,
+    run_key: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> tuple[Settings, str | None, dict[str, Any]]:
+    """The settings, run key and tags a training run starts with, whichever launcher runs it
+    (local torchrun agents or pods): with ``train.params_from = tuning`` the study's best
+    params replace the tuned train settings (recorded as tags), and the run key names the
+    trial, so a new best trial is a new run and never reuses the old one."""
+    tags = dict(tags or {})
+    if settings.train.params_from != "tuning":
+        return settings, run_key, tags
+    settings, provenance = tuned_settings(settings, manifest_uri)
+    tags.update(provenance)
+    if run_key:
+        run_key = f"{run_key}/tuned-{provenance['tuning_study']}-{provenance['tuning_trial']}"
+    return settings, run_key, tags
 
 
 def tuned_settings(settings: Settings, manifest_uri: str) -> tuple[Settings, dict[str, Any]]:

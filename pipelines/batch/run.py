@@ -57,19 +57,25 @@ def score(
     sink = sink or (lambda line: log.info("%s", line))
     workers = workers or settings.batch.workers
     started = time.perf_counter()
-    plan = plan_scoring(settings, date, version, dataset)
-    jobs = plan["jobs"]
-    if not jobs:
-        out = publish(settings, plan, [])
-        sink(f"already published: {out['manifest_uri']}")
-        return out
-    workers = min(workers, len(jobs))
     threads = threads_per_worker(workers, settings.batch.threads)
-    sink(f"{len(jobs)} chunks, {workers} worker(s), {threads} runtime thread(s) each")
-    if workers == 1:
-        parts = [score_chunk(settings, ScoringJob.from_dict(j), threads) for j in jobs]
-    else:
-        parts = _in_processes(settings, jobs, workers, threads)
+    # Worker processes start (and import) while this one asks MLflow for the champion.
+    pool = _pool(settings, workers, threads) if workers > 1 else None
+    try:
+        plan = plan_scoring(settings, date, version, dataset)
+        jobs = plan["jobs"]
+        if not jobs:
+            out = publish(settings, plan, [])
+            sink(f"already published: {out['manifest_uri']}")
+            return out
+        sink(f"{len(jobs)} chunks, {workers} worker(s), {threads} runtime thread(s) each")
+        if pool is None:
+            parts = [score_chunk(settings, ScoringJob.from_dict(j), threads) for j in jobs]
+        else:
+            parts = pool.map(_score_in_worker, jobs, chunksize=1)
+    finally:  # success, failure or Ctrl-C: no worker outlives the call
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     out = publish(settings, plan, parts)
     out["workers"] = workers
     out["seconds"] = round(time.perf_counter() - started, 3)
@@ -77,19 +83,8 @@ def score(
     return out
 
 
-def _in_processes(
-    settings: Settings, jobs: list[dict[str, Any]], workers: int, threads: int
-) -> list[dict[str, Any]]:
-    """Chunks over a pool of spawned processes (not forked: TensorFlow and the store's clients
-    hold threads). The pool is terminated on any exit but a clean one."""
+def _pool(settings: Settings, workers: int, threads: int) -> Any:
+    """Spawned processes (not forked: TensorFlow and the store's clients hold threads); the
+    caller terminates them on any exit."""
     ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(settings, threads))
-    try:
-        parts = pool.map(_score_in_worker, jobs, chunksize=1)
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    pool.close()
-    pool.join()
-    return parts
+    return ctx.Pool(workers, initializer=_init_worker, initargs=(settings, threads))

@@ -21,7 +21,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +42,9 @@ from pipelines.data import layout
 from pipelines.data.batches import PartitionUnreadable, partition_files
 from pipelines.store import ObjectStore, StoreError, open_store
 
+if TYPE_CHECKING:
+    from pipelines.registry import Registry
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("savedmodel", "onnx")
@@ -56,11 +59,11 @@ class ScoringInputError(ScoringError, ValueError):
 
 
 # -- plan ------------------------------------------------------------------------------------
-def resolve_version(settings: Settings, version: str | None) -> str:
+def resolve_version(settings: Settings, version: str | None, reg: Registry | None = None) -> str:
     """The pinned version, or the ``champion`` alias's; a clear error when there is none."""
     from pipelines.registry import Registry
 
-    reg = Registry(settings.mlflow)
+    reg = reg or Registry(settings.mlflow)
     if version:
         try:
             reg.version(version)
@@ -78,15 +81,17 @@ def resolve_version(settings: Settings, version: str | None) -> str:
     return champion
 
 
-def choose_runtime(settings: Settings, version: str) -> tuple[str, str]:
-    """(runtime, variant): ``batch.runtime`` when set, else the version's ``batch_runtime``
-    and ``batch_variant`` tags (the optimisation gate's choice), else the SavedModel."""
+def choose_runtime(
+    settings: Settings, version: str, reg: Registry | None = None
+) -> tuple[str, str]:
+    """(runtime, variant): ``batch.runtime`` when set (fp32), else the version's
+    ``batch_runtime`` and ``batch_variant`` tags (the optimisation gate's choice), else the
+    SavedModel."""
     from pipelines.registry import TAG_PREFIX, Registry
 
     if settings.batch.runtime != "auto":
-        variant = "fp32"
-        return settings.batch.runtime, variant
-    tags = Registry(settings.mlflow).version(version).tags or {}
+        return settings.batch.runtime, "fp32"
+    tags = (reg or Registry(settings.mlflow)).version(version).tags or {}
     runtime = tags.get(f"{TAG_PREFIX}batch_runtime", "savedmodel")
     if runtime == "onnxruntime":
         runtime = "onnx"
@@ -114,9 +119,11 @@ def plan_scoring(
 ) -> dict[str, Any]:
     """The day's chunk jobs, or (``published``) the manifest already published for them."""
     from pipelines.data.spec import load_spec
+    from pipelines.registry import Registry
 
     spec = load_spec(dataset or settings.data.dataset, settings.data.spec_dir)
-    version = resolve_version(settings, version)
+    reg = Registry(settings.mlflow)  # one client: opening MLflow's store costs ~1 s
+    version = resolve_version(settings, version, reg)
     store = open_store(settings.store)
     model = settings.mlflow.model_name
     prefix = layout.predictions(spec.name, model, version, date)
@@ -131,7 +138,7 @@ def plan_scoring(
             f"No landing data for {spec.name} on {date} at {store.uri(landing)} (not generated, "
             "or quarantined by the data gate)."
         )
-    runtime, variant = choose_runtime(settings, version)
+    runtime, variant = choose_runtime(settings, version, reg)
     try:
         chunks = plan_chunks(files, settings.batch.chunk_rows)
     except PlanError as exc:
@@ -256,14 +263,14 @@ def part_bytes(keys: pa.Array | pa.ChunkedArray, scores: np.ndarray, job: Scorin
     """One part's parquet bytes: key, score, decision, model version. Built from arrays (no
     pandas metadata, no clock), so the same rows and model give the same bytes."""
     scores = np.asarray(scores, dtype=np.float64)
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
     table = pa.table(
         {
-            "key": pa.array(keys.to_pylist() if isinstance(keys, pa.ChunkedArray) else keys).cast(
-                pa.string()
-            ),
+            "key": keys.cast(pa.string()),
             "score": pa.array(scores, pa.float64()),
             "decision": pa.array(scores >= job.threshold, pa.bool_()),
-            "model_version": pa.array([job.version] * len(scores), pa.string()),
+            "model_version": pa.repeat(pa.scalar(job.version, pa.string()), len(scores)),
         }
     )
     buf = io.BytesIO()

@@ -155,8 +155,10 @@ class LocalServer:
         grpc_port: int = 8500,
         name: str = "server",
         config_file: str | Path | None = None,
+        extra_args: list[str] | None = None,
     ):
         self.dir = Path(base_dir)
+        self.extra_args = list(extra_args or [])  # more `mlops serve` flags (batching)
         self.host, self.port, self.poll_seconds = host, port, poll_seconds
         self.grpc_port = grpc_port
         self.config_file = Path(config_file) if config_file else self.dir / "models.config"
@@ -200,7 +202,7 @@ class LocalServer:
         cmd += ["--port-file", str(self.daemon.port_file)]
         # As the TF Serving pods run (infra/k8s/base/tf-serving.yaml): a restarted replica
         # comes back with its labelled config.
-        cmd += ["--allow_version_labels_for_unavailable_models"]
+        cmd += ["--allow_version_labels_for_unavailable_models", *self.extra_args]
         try:
             info = self.daemon.start(cmd, self._healthy, timeout)
         except DaemonUnavailable as exc:

@@ -2,6 +2,7 @@
 
 ``PredictionService``: Predict, Classify, Regress and GetModelMetadata. ``ModelService``:
 GetModelStatus and HandleReloadConfigRequest. Errors use the gRPC codes TF Serving returns.
+With batching on (``mlops serve --enable_batching``) Predict is batched like REST ``:predict``.
 """
 
 from __future__ import annotations
@@ -167,10 +168,12 @@ def make_grpc_server(
     host: str = "127.0.0.1",
     port: int = 8500,
     credentials: grpc.ServerCredentials | None = None,
+    max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
     """A started gRPC server on ``host:port`` (0 = a free port); returns it and its port.
-    With ``credentials`` (``grpc.ssl_server_credentials``) it serves TLS only."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    With ``credentials`` (``grpc.ssl_server_credentials``) it serves TLS only. ``max_workers``
+    bounds the RPCs in flight (a batched Predict holds its worker while its batch forms)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(manager), server
     )

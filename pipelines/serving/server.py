@@ -21,7 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.serving import inference, model_config
+from pipelines.serving.batching import Batcher, BatchingParameters, RunFn
 from pipelines.serving.errors import ServingError
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class Servable:
     signature: Any = None
     signature_defs: dict[str, Any] = field(default_factory=dict)
     warmup_requests: int = 0  # warmup records replayed before the version became AVAILABLE
+    batchers: dict[str, Batcher] = field(default_factory=dict)  # by signature, when batching
 
     def status(self) -> dict[str, Any]:
         return {
@@ -114,6 +118,7 @@ class ModelManager:
         config_file: str | Path | None = None,
         poll_seconds: float = 1.0,
         allow_labels_for_unavailable: bool = False,
+        batching: BatchingParameters | None = None,
     ):
         self.config_file = Path(config_file) if config_file else None
         self.poll_seconds = poll_seconds
@@ -127,6 +132,9 @@ class ModelManager:
         self._stop = threading.Event()
         self.counters: dict[tuple[str, str], int] = {}
         self.latency: dict[str, list[float]] = {}
+        # TF Serving's --enable_batching: predict calls go through one Batcher per servable
+        # signature; None runs each request on its own, as before.
+        self.batching = batching
 
     # -- config ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +149,22 @@ class ModelManager:
 
     def stop(self) -> None:
         self._stop.set()
+        with self.lock:
+            batchers = [
+                b
+                for m in self.models.values()
+                for s in m.servables.values()
+                for b in self._retire_batchers(s)
+            ]
+        for b in batchers:  # outside the lock: a batch still running may need it
+            b.stop()
+
+    @staticmethod
+    def _retire_batchers(servable: Servable) -> list[Batcher]:
+        """Detach a servable's batchers (caller holds the lock), to be stopped after it."""
+        batchers = list(servable.batchers.values())
+        servable.batchers.clear()
+        return batchers
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -187,6 +211,14 @@ class ModelManager:
     def apply(self, entries: list[model_config.ModelEntry]) -> None:
         import tensorflow  # noqa: F401  # see start(): never first-import TF in a loader thread
 
+        retired: list[Batcher] = []
+        try:
+            self._apply(entries, retired)
+        finally:
+            for b in retired:  # unloaded versions leave no batch thread behind
+                b.stop()
+
+    def _apply(self, entries: list[model_config.ModelEntry], retired: list[Batcher]) -> None:
         with self.lock:
             # Labels are checked before any version is added (server_core.cc order), so a
             # config that adds a version and labels it in one step is rejected whole.
@@ -208,6 +240,7 @@ class ModelManager:
                 if name not in wanted:
                     for s in self.models[name].servables.values():
                         s.state = "END"
+                        retired.extend(self._retire_batchers(s))
                     del self.models[name]
             for e in entries:
                 state = self.models.setdefault(e.name, ModelState(e.name, e.base_path))
@@ -215,7 +248,9 @@ class ModelManager:
                 versions = e.versions or self._latest_on_disk(e.base_path)
                 for v in list(state.servables):
                     if v not in versions:
-                        state.servables.pop(v).state = "END"
+                        gone = state.servables.pop(v)
+                        gone.state = "END"
+                        retired.extend(self._retire_batchers(gone))
                 for v in versions:
                     if v not in state.servables:
                         state.servables[v] = Servable(v, state="LOADING")
@@ -384,11 +419,36 @@ class ModelManager:
             tensors = {k: tf.constant(columns[k], dtype=specs[k].dtype) for k in specs}
         except (TypeError, ValueError) as exc:
             raise ServingError("INVALID_ARGUMENT", f"Could not parse input values: {exc}") from exc
+        if self.batching is not None:
+            batcher = self._batcher(name, s, sig_name)
+            return s, batcher.submit({k: np.asarray(v.numpy()) for k, v in tensors.items()})
         try:
             out = fn(**tensors)
         except tf.errors.InvalidArgumentError as exc:
             raise ServingError("INVALID_ARGUMENT", exc.message) from exc
         return s, {k: np.asarray(v.numpy()) for k, v in out.items()}
+
+    def _batcher(self, name: str, s: Servable, sig_name: str) -> Batcher:
+        """The servable signature's batcher, started on first use. Not for a version that
+        is unloading: its batchers were stopped, a new one would never be."""
+        assert self.batching is not None
+        with self.lock:
+            batcher = s.batchers.get(sig_name)
+            if batcher is None:
+                if self._stop.is_set():  # stop() has stopped the batchers: start no more
+                    raise ServingError("UNAVAILABLE", "The server is shutting down")
+                if s.state != "AVAILABLE":
+                    raise ServingError(
+                        "NOT_FOUND",
+                        f"Servable not found for request: Specific({name}, {s.version})",
+                    )
+                batcher = Batcher(
+                    _batch_runner(s.signature[sig_name]),
+                    self.batching,
+                    f"{name}_{s.version}_{sig_name}",
+                )
+                s.batchers[sig_name] = batcher
+            return batcher
 
     def predict(
         self, name: str, body: dict[str, Any], version: int | None = None, label: str | None = None
@@ -471,7 +531,40 @@ class ModelManager:
                 lines.append(
                     f":tensorflow:serving:request_latency_sum{{{labels}}} {sum(values):.0f}"
                 )
+            if self.batching is not None:
+                lines += self._batching_lines()
         return "\n".join(lines) + "\n"
+
+    def _batching_lines(self) -> list[str]:
+        """Per servable signature: batches run, the requests and rows in them, padding rows
+        (the project's own series: how much batching actually coalesced)."""
+        series: dict[str, list[str]] = {k: [] for k in ("batches", "tasks", "rows", "padding_rows")}
+        for m in self.models.values():
+            for s in m.servables.values():
+                for sig, b in sorted(s.batchers.items()):
+                    labels = f'model_name="{m.name}",version="{s.version}",signature="{sig}"'
+                    for key, n in b.stats.items():
+                        series[key].append(f"mlops_serving_batching_{key}_total{{{labels}}} {n}")
+        out = []
+        for key, rows in series.items():
+            out += [f"# TYPE mlops_serving_batching_{key}_total counter", *rows]
+        return out
+
+
+def _batch_runner(fn: Any) -> RunFn:
+    """Run a signature on one merged batch of numpy inputs, in a batch thread."""
+    specs = fn.structured_input_signature[1]
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+
+        try:
+            out = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in inputs.items()})
+        except tf.errors.InvalidArgumentError as exc:
+            raise ServingError("INVALID_ARGUMENT", exc.message) from exc
+        return {k: np.asarray(v.numpy()) for k, v in out.items()}
+
+    return run
 
 
 def _columns(payload: Any, specs: dict[str, Any], row_format: bool) -> dict[str, list[Any]]:
@@ -611,13 +704,15 @@ def serve(
     poll_seconds: float = 1.0,
     port_file: str | Path | None = None,
     allow_labels_for_unavailable: bool = False,
+    batching: BatchingParameters | None = None,
 ) -> None:
     """Run REST (and gRPC unless ``grpc_port`` is None) until SIGTERM/SIGINT.
 
-    Port 0 picks a free port; the bound ports are written to ``port_file`` when given."""
+    Port 0 picks a free port; the bound ports are written to ``port_file`` when given.
+    ``batching`` (TF Serving's --enable_batching) batches predict calls."""
     import signal
 
-    manager = ModelManager(config_file, poll_seconds, allow_labels_for_unavailable)
+    manager = ModelManager(config_file, poll_seconds, allow_labels_for_unavailable, batching)
     manager.start()
     server = make_server(manager, host, rest_port)
     grpc_server = None
@@ -625,7 +720,10 @@ def serve(
     if grpc_port is not None:
         from pipelines.serving.grpc_api import make_grpc_server
 
-        grpc_server, bound_grpc = make_grpc_server(manager, host, grpc_port)
+        # Batching wants more requests in flight than batch threads: TF Serving's advice is
+        # about twice max_batch_size client threads (session_bundle_config.proto).
+        workers = 8 if batching is None else max(8, min(2 * batching.max_batch_size, 128))
+        grpc_server, bound_grpc = make_grpc_server(manager, host, grpc_port, max_workers=workers)
     port = server.server_address[1]
     if port_file:
         from pipelines.serving.daemon import write_port_file
@@ -634,6 +732,8 @@ def serve(
     # SIGTERM (what `mlops serve --stop` and Kubernetes send) shuts down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     log.info("serving REST on %s:%d, gRPC on %s (config %s)", host, port, bound_grpc, config_file)
+    if batching is not None:
+        log.info("request batching on: %s", batching)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -208,11 +208,14 @@ def kubernetes_training_group(
 def prepare(
     settings: Settings, manifest_uri: str, run_key: str, tags: dict[str, Any]
 ) -> dict[str, Any]:
-    """Open (or reuse) the MLflow run and render the Service and every rank's pod arguments."""
+    """Open (or reuse) the MLflow run and render the Service and every rank's pod arguments
+    (with ``train.params_from = tuning``, the best trial's params, as a local run gets)."""
+    from pipelines import stages
     from pipelines.train.job import TrainJob
     from pipelines.train.run import start_training_run
 
-    run_id, done = start_training_run(settings, manifest_uri, run_key, tags)
+    settings, key, tags = stages.training_config(settings, manifest_uri, run_key, tags)
+    run_id, done = start_training_run(settings, manifest_uri, key or run_key, tags)
     job = job_name(run_id)
     args = TrainJob.for_run(settings, manifest_uri, run_id).argv()
     service = rendezvous_service(job, settings.train.namespace, settings.train.pod_rdzv_port)

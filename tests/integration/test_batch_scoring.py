@@ -212,3 +212,33 @@ def test_an_unknown_version_or_a_missing_day_says_so(champion: tuple[Settings, s
         stages.plan_scoring(s, DAY, "99")
     with pytest.raises(ScoringError, match="No landing data for transactions on 2026-12-24"):
         stages.plan_scoring(s, "2026-12-24")
+
+
+def test_a_worker_s_failure_fails_the_run_and_leaves_no_worker(
+    champion: tuple[Settings, str],
+) -> None:
+    import multiprocessing
+
+    import psutil
+
+    s, version = champion
+    store = open_store(s.store)
+    prefix = layout.predictions("transactions", s.mlflow.model_name, version, DAY)
+    store.delete(prefix, True)
+    blocker = Path(store.root_path) / prefix / "part-00001.parquet"
+    blocker.mkdir(parents=True)
+    try:
+        with pytest.raises(OSError):
+            stages.score(s, DAY, workers=2)
+    finally:
+        blocker.rmdir()
+    assert not store.exists(f"{prefix}/manifest.json")
+    assert multiprocessing.active_children() == []
+    # Only multiprocessing's resource tracker may remain: it lives as long as this process
+    # (it exits with it, as with `mlops score`), and is no worker.
+    left = [
+        p.cmdline()
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert [c for c in left if "resource_tracker" not in " ".join(c)] == [], left

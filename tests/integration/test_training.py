@@ -237,3 +237,31 @@ def test_local_sgd_converges(local_settings: Settings) -> None:
     out = stages.train(s, _manifest(s, rows=12000))
     assert out["metrics"]["val_auc"] > 0.85, out["metrics"]
     assert Registry(s.mlflow).get_run(out["run_id"]).data.params["sync"] == "local_sgd"
+
+
+def test_kubernetes_pods_train_with_the_best_trial_when_params_from_is_tuning(
+    local_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pod path applies ``params_from = tuning`` exactly as a local run does: the ranks'
+    job carries the best trial's params, the run is tagged with the trial and keyed by it.
+    (The study lookup is replaced by a fake of the project's own function; the real lookup on
+    PostgreSQL is tests/integration/test_tuning_study.py.)"""
+    from mlops_airflow.training import prepare
+
+    from pipelines.train.job import parse_job
+
+    def best_trial(s: Settings, manifest_uri: str) -> tuple[Settings, dict[str, str]]:
+        return with_overrides(s, train={"lr": 0.0123, "hidden": [24]}), {
+            "tuning_study": "transactions-abc",
+            "tuning_trial": "7",
+        }
+
+    monkeypatch.setattr(stages, "tuned_settings", best_trial)
+    s = with_overrides(local_settings, train={"params_from": "tuning", "nodes": 2})
+    out = prepare(s, _manifest(s), "dag/run-9/train", {"dag_id": "d"})
+    for pod in out["pods"]:
+        job = parse_job(pod["arguments"][pod["arguments"].index("--job") :])
+        assert job.train.lr == 0.0123 and list(job.train.hidden) == [24]
+    run = Registry(s.mlflow).get_run(out["run_id"])
+    assert run.data.tags["mlops.tuning_trial"] == "7"
+    assert run.data.tags["mlops.run_key"] == "dag/run-9/train/tuned-transactions-abc-7"

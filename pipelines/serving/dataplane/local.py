@@ -140,7 +140,20 @@ class LocalPlane:
             grpc_port=0,
             name=name,
             config_file=self.config_file(label),
+            extra_args=self.replica_flags(),
         )
+
+    def replica_flags(self) -> list[str]:
+        """What each replica's ``mlops serve`` gets beyond LocalServer's own command line: the
+        batching flags the TF Serving pods run with, when ``serving.enable_batching`` is set (a
+        relative parameters file is resolved here, where the settings were read)."""
+        if not self.serving.enable_batching:
+            return []
+        flags = ["--enable_batching"]
+        if self.serving.batching_parameters_file:
+            path = Path(self.serving.batching_parameters_file).resolve()
+            flags += ["--batching_parameters_file", str(path)]
+        return flags
 
     def ensure_envoy(self) -> str:
         topo = self.topology()
