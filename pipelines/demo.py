@@ -270,7 +270,10 @@ def _score_last_accepted_day(
 ) -> dict[str, Any] | None:
     """The batch-scoring DAG on the last day the gate accepted, with the champion; its
     published summary, or None (printed) when the run did not publish."""
-    accepted = [d for _, d, r in days if r.get("validate_data", {}).get("status") == "accepted"]
+    # The gate let these through (accepted, or accepted with warnings): their data landed.
+    accepted = [
+        d for _, d, r in days if r.get("validate_data", {}).get("status") in ("accepted", "warned")
+    ]
     if not accepted:
         return None
     date = accepted[-1]
@@ -422,7 +425,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 print(
                     f"Batch scoring of {scoring['date']}: {scoring['rows']} rows by version "
                     f"{scoring['version']} on {scoring['runtime']} {scoring['variant']} "
-                    f"({scoring['parts']} parts) -> {scoring['manifest_uri']}"
+                    f"({scoring['parts']} part(s)) -> {scoring['manifest_uri']}"
                 )
             print(
                 f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "

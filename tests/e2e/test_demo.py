@@ -102,6 +102,8 @@ def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> Non
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "shadow verdict" in run.stdout and "Topology: client -> Envoy" in run.stdout
+        # It ends with a scoring run of the champion on the last day the gate let through.
+        assert "Batch scoring of 2026-11-02: 20000 rows by version" in run.stdout, run.stdout
         _clean(home)
     _the_blocked_day_shows_its_report_in_the_ui(home)
 
