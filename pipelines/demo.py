@@ -261,6 +261,26 @@ def summarize(
     return "\n".join(out)
 
 
+def dags_test(airflow: str, dag_id: str, date: str, env: dict[str, str], log_file: Path) -> int:
+    """One ``airflow dags test --use-executor`` run for ``date`` (its whole process group
+    stopped after, within the day's timeout); its exit code."""
+    return run_group(
+        [
+            airflow,
+            "dags",
+            "test",
+            "--use-executor",
+            dag_id,
+            f"{date}T00:00:00+00:00",
+            "-c",
+            json.dumps({"date": date}),
+        ],
+        env,
+        log_file,
+        DAY_TIMEOUT_S,
+    )
+
+
 def _score_last_accepted_day(
     store: Any,
     days: list[tuple[str, str, dict[str, Any]]],
@@ -281,21 +301,7 @@ def _score_last_accepted_day(
     log_file.unlink(missing_ok=True)
     began = time.perf_counter()
     print(f"batch scoring: airflow dags test {SCORING_DAG_ID} {date} ...", end=" ", flush=True)
-    code = run_group(
-        [
-            airflow,
-            "dags",
-            "test",
-            "--use-executor",
-            SCORING_DAG_ID,
-            f"{date}T00:00:00+00:00",
-            "-c",
-            json.dumps({"date": date}),
-        ],
-        env,
-        log_file,
-        DAY_TIMEOUT_S,
-    )
+    code = dags_test(airflow, SCORING_DAG_ID, date, env, log_file)
     published = run_reports(store, date, SCORING_DAG_ID).get("publish")
     print(
         f"{'ok' if published else 'FAILED'} in {time.perf_counter() - began:.0f} s "
@@ -384,21 +390,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 log_file.unlink(missing_ok=True)
                 began = time.perf_counter()
                 print(f"{title}: airflow dags test {DAG_ID} {date} ...", end=" ", flush=True)
-                code = run_group(
-                    [
-                        airflow,
-                        "dags",
-                        "test",
-                        "--use-executor",
-                        DAG_ID,
-                        f"{date}T00:00:00+00:00",
-                        "-c",
-                        json.dumps({"date": date}),
-                    ],
-                    env,
-                    log_file,
-                    DAY_TIMEOUT_S,
-                )
+                code = dags_test(airflow, DAG_ID, date, env, log_file)
                 reports = run_reports(store, date)
                 expected_block = defect is not None
                 blocked = reports.get("validate_data", {}).get("status") == "blocked"

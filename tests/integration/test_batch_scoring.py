@@ -17,11 +17,11 @@ import requests
 
 from pipelines import stages
 from pipelines.batch.score import ScoringError, ScoringInputError, plan_scoring, publish
-from pipelines.config import Settings, settings, with_overrides
+from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.registry import Registry
 from pipelines.store import open_store
-from tests.ports import FREE_PORTS
+from tests.model_helpers import exported_version
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DAY = "2026-11-01"
@@ -31,27 +31,9 @@ GROUP_ROWS = 1500  # the landing file is rewritten with 4 row groups: 4 chunks a
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str]]:
     """A small model trained (one node, 2 epochs), registered, exported and made champion."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLOPS_HOME", str(tmp_path_factory.mktemp("scoring") / "mlops"))
-        for name, value in FREE_PORTS.items():
-            mp.setenv(name, value)
-        for name in ("MLOPS_PROFILE", "MLOPS_CONFIG"):
-            mp.delenv(name, raising=False)
-        mp.setenv("MLOPS__TRAIN__NODES", "1")
-        mp.setenv("MLOPS__TRAIN__EPOCHS", "2")
-        settings.cache_clear()
-        s = with_overrides(
-            settings(),
-            evaluate={"behaviour": False, "plots": False, "bootstrap_samples": 10},
-            batch={"chunk_rows": GROUP_ROWS, "runtime": "savedmodel"},
-        )
-        stages.generate_data(s, DAY, rows=6000)
-        stages.validate_data(s, DAY)
-        run_id = stages.train(s, stages.shard_data(s, DAY)["manifest_uri"])["run_id"]
-        stages.evaluate(s, run_id, force="bless", reason="test: any model will do")
-        version = stages.register(s, run_id)["model_version"]
-        assert version is not None
-        stages.export_and_infra_validate(s, version)
+    home = tmp_path_factory.mktemp("scoring") / "mlops"
+    batch = {"chunk_rows": GROUP_ROWS, "runtime": "savedmodel"}
+    with exported_version(home, DAY, batch=batch) as (s, version):
         Registry(s.mlflow).set_alias("champion", version)
         # Several row groups, so the day is several chunks (the generator writes one per 128Ki).
         store = open_store(s.store)
@@ -61,7 +43,6 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Setting
         pq.write_table(table, buf, compression="zstd", row_group_size=GROUP_ROWS)
         store.write_bytes(key, buf.getvalue())
         yield s, version
-        settings.cache_clear()
 
 
 def _parts(s: Settings, version: str) -> dict[str, bytes]:

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import stages
-from pipelines.config import Settings, settings, with_overrides
+from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.data.generate import transactions
 from pipelines.data.shard import feature_stats
@@ -28,7 +27,7 @@ from pipelines.registry import TAG_PREFIX, Registry
 from pipelines.serving.export import export_saved_model, saved_model_predict
 from pipelines.store import open_store
 from pipelines.train.model import TabularMLP, predict_proba
-from tests.ports import FREE_PORTS
+from tests.model_helpers import exported_version
 
 pytestmark = pytest.mark.integration
 
@@ -136,27 +135,8 @@ def test_a_missing_feature_column_is_named(
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str]]:
     """A small model trained (one node, 2 epochs), evaluated, registered and exported."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLOPS_HOME", str(tmp_path_factory.mktemp("optimize") / "mlops"))
-        for name, value in FREE_PORTS.items():
-            mp.setenv(name, value)
-        for name in ("MLOPS_PROFILE", "MLOPS_CONFIG"):
-            mp.delenv(name, raising=False)
-        mp.setenv("MLOPS__TRAIN__NODES", "1")
-        mp.setenv("MLOPS__TRAIN__EPOCHS", "2")
-        settings.cache_clear()
-        s = with_overrides(
-            settings(), evaluate={"behaviour": False, "plots": False, "bootstrap_samples": 10}
-        )
-        stages.generate_data(s, "2026-11-01", rows=6000)
-        stages.validate_data(s, "2026-11-01")
-        run_id = stages.train(s, stages.shard_data(s, "2026-11-01")["manifest_uri"])["run_id"]
-        stages.evaluate(s, run_id, force="bless", reason="test: any model will do")
-        version = stages.register(s, run_id)["model_version"]
-        assert version is not None
-        stages.export_and_infra_validate(s, version)
-        yield s, version
-        settings.cache_clear()
+    with exported_version(tmp_path_factory.mktemp("optimize") / "mlops") as out:
+        yield out
 
 
 def test_optimize_version_measures_chooses_and_publishes_once(
