@@ -127,12 +127,20 @@ def plan_scoring(
     store = open_store(settings.store)
     model = settings.mlflow.model_name
     prefix = layout.predictions(spec.name, model, version, date)
-    published = _published(store, prefix)
-    if published is not None:
-        log.info("scores of %s on %s by version %s already published", spec.name, date, version)
-        return {"published": published, "jobs": [], "prefix": prefix, "inputs": []}
     landing = layout.landing(spec.name, date)
     files = input_files(store, landing)
+    published = _published(store, prefix)
+    if published is not None:
+        if [(f.key, f.sha256) for f in files] != [
+            (i["key"], i["sha256"]) for i in published["inputs"]
+        ]:
+            raise ScoringError(
+                f"{store.uri(landing)} changed after version {version}'s scores of it were "
+                f"published ({published['manifest_uri']}); published scores never change. "
+                "Score it with another version, or delete that prefix on purpose."
+            )
+        log.info("scores of %s on %s by version %s already published", spec.name, date, version)
+        return {"published": published, "jobs": [], "prefix": prefix, "inputs": []}
     if not files:
         raise ScoringError(
             f"No landing data for {spec.name} on {date} at {store.uri(landing)} (not generated, "

@@ -185,6 +185,20 @@ def test_changed_input_or_conflicting_content_is_never_published(
         publish(s, plan, parts)
     assert store.read_text(f"{prefix}/manifest.json") == "{}"
     store.delete(prefix, True)
+    # A landing day rewritten after its scores were published: refused, not silently stale.
+    stages.score(s, DAY, version)
+    key = f"{layout.landing('transactions', DAY)}/part-00000.parquet"
+    original = store.read_bytes(key)
+    table = pq.read_table(io.BytesIO(original))
+    buf = io.BytesIO()
+    pq.write_table(table.slice(0, 5999), buf, compression="zstd", row_group_size=GROUP_ROWS)
+    store.write_bytes(key, buf.getvalue())
+    try:
+        with pytest.raises(ScoringError, match=r"changed after version .* were published"):
+            stages.plan_scoring(s, DAY, version)
+    finally:
+        store.write_bytes(key, original)
+    assert stages.plan_scoring(s, DAY, version)["published"] is not None
 
 
 def test_an_unknown_version_or_a_missing_day_says_so(champion: tuple[Settings, str]) -> None:
