@@ -7,6 +7,7 @@ categories become "" (mapped to index 0 like an unseen value).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +50,7 @@ def _slice(feeds: Feeds, start: int, stop: int) -> Feeds:
     return {k: v[start:stop] for k, v in feeds.items()}
 
 
-class _Batched:
+class _Batched(ABC):
     """``predict`` in batches of ``BATCH`` rows on top of a subclass's ``prepare``/``run``."""
 
     inputs: dict[str, bool]  # input name -> takes strings
@@ -57,8 +58,9 @@ class _Batched:
     def prepare(self, frame: pd.DataFrame) -> Feeds:
         return {n: _column(frame, n, s) for n, s in self.inputs.items()}
 
+    @abstractmethod
     def run(self, feeds: Feeds) -> np.ndarray:
-        raise NotImplementedError
+        """The model on prepared inputs: one probability per row."""
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         feeds, n = self.prepare(frame), len(frame)
