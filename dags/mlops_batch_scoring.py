@@ -22,7 +22,6 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import (
-    Asset,
     CronDataIntervalTimetable,
     Param,
     TriggerRule,
@@ -31,17 +30,10 @@ from airflow.sdk import (
     task,
 )
 from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
+from mlops_airflow.assets import MODEL_ASSET, PREDICTIONS_ASSET
 from mlops_airflow.common import OWNER, deployment, on_failure
 
 TRAIN = deployment().train
-DATASET = deployment().data.dataset
-MODEL = deployment().mlflow.model_name
-# The training DAG's outlet (same name and URI: the same Asset).
-MODEL_ASSET = Asset(name=f"{MODEL}_registered", uri=f"mlflow://models/{MODEL}")
-PREDICTIONS_ASSET = Asset(
-    name=f"{DATASET}_predictions", uri=f"mlops://predictions/{DATASET}/{MODEL}"
-)
-
 DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,

@@ -22,7 +22,6 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import (
-    Asset,
     CronDataIntervalTimetable,
     Param,
     PokeReturnValue,
@@ -31,22 +30,12 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
+from mlops_airflow.assets import DATASET_ASSET, MODEL_ASSET
 from mlops_airflow.common import OWNER, TRAINING_POOL, deployment, on_failure
 
 # The profile decides the training launcher: local torchrun agents or one pod per node.
 TRAIN = deployment().train
 CANARY = deployment().canary
-# Assets other DAGs can schedule on (for example batch scoring). URIs are logical and stable
-# across deployments; each event's extra carries the concrete manifest URI / model version.
-DATASET_ASSET = Asset(
-    name=f"{deployment().data.dataset}_shards",
-    uri=f"mlops://datasets/{deployment().data.dataset}/shards",
-)
-MODEL_ASSET = Asset(
-    name=f"{deployment().mlflow.model_name}_registered",
-    uri=f"mlflow://models/{deployment().mlflow.model_name}",
-)
-
 DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,

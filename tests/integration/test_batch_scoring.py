@@ -51,6 +51,14 @@ def _parts(s: Settings, version: str) -> dict[str, bytes]:
     return {k.rsplit("/", 1)[-1]: store.read_bytes(k) for k in store.list(prefix)}
 
 
+def _unpublished(s: Settings, version: str) -> tuple[Any, str]:
+    """The store and the day's predictions prefix, emptied (each test scores from nothing)."""
+    store = open_store(s.store)
+    prefix = layout.predictions("transactions", s.mlflow.model_name, version, DAY)
+    store.delete(prefix, True)
+    return store, prefix
+
+
 def _served(s: Settings, version: str, rows: list[dict[str, Any]]) -> np.ndarray:
     """The same rows through the project's TF-Serving REST server on the exported version."""
     import tempfile
@@ -138,9 +146,7 @@ def test_a_failed_chunk_is_retried_alone_and_nothing_is_published_before(
     champion: tuple[Settings, str],
 ) -> None:
     s, version = champion
-    store = open_store(s.store)
-    prefix = layout.predictions("transactions", s.mlflow.model_name, version, DAY)
-    store.delete(prefix, True)
+    store, prefix = _unpublished(s, version)
     plan = stages.plan_scoring(s, DAY, version)
     assert [j["chunk"]["index"] for j in plan["jobs"]] == [0, 1, 2, 3]
     # Chunk 2's part cannot be written (a directory holds its name): that task fails.
@@ -171,9 +177,7 @@ def test_changed_input_or_conflicting_content_is_never_published(
     champion: tuple[Settings, str],
 ) -> None:
     s, version = champion
-    store = open_store(s.store)
-    prefix = layout.predictions("transactions", s.mlflow.model_name, version, DAY)
-    store.delete(prefix, True)
+    store, prefix = _unpublished(s, version)
     plan = stages.plan_scoring(s, DAY, version)
     parts = [stages.score_chunk(s, j) for j in plan["jobs"]]
     doctored = dict(plan, inputs=[dict(f, sha256="0" * 64) for f in plan["inputs"]])
@@ -217,9 +221,7 @@ def test_a_worker_s_failure_fails_the_run_and_leaves_no_worker(
     import psutil
 
     s, version = champion
-    store = open_store(s.store)
-    prefix = layout.predictions("transactions", s.mlflow.model_name, version, DAY)
-    store.delete(prefix, True)
+    store, prefix = _unpublished(s, version)
     blocker = Path(store.root_path) / prefix / "part-00001.parquet"
     blocker.mkdir(parents=True)
     try:
