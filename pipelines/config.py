@@ -301,6 +301,11 @@ class ShadowSettings(_Section):
         2.0, gt=0, description="shadow p50 over stable p50 that fails (the mirror adds a hop)"
     )
     noise_requests: int = Field(100, ge=1, description="requests sent to two stable replicas")
+    latency_windows: int = Field(
+        2,
+        ge=1,
+        description="windows in a row the latency check must fail, all else passing, to fail",
+    )
 
 
 class CanarySettings(_Section):

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,8 +158,9 @@ def judge_shadow(
         ShadowCheck(
             "latency",
             ratio <= cfg.latency_ratio * max(noise.latency_ratio, 1.0),
-            f"shadow/stable p50 {ratio:.2f} (limit {cfg.latency_ratio} x noise "
-            f"{noise.latency_ratio:.2f})",
+            f"shadow/stable p50 {ratio:.2f} ({np.median(c_lat) if len(ok) else math.nan:.2f} "
+            f"vs {np.median(s_lat) if len(ok) else math.nan:.2f} ms; limit {cfg.latency_ratio} "
+            f"x noise {noise.latency_ratio:.2f})",
         )
     )
     stats.update(
@@ -249,13 +251,64 @@ def shadow_candidate(settings: Settings, control: ServingControl, version: str) 
     return report
 
 
+def latency_only(verdict: ShadowVerdict) -> bool:
+    """True when the latency check is the only one that failed."""
+    failed = [c.name for c in verdict.checks if not c.passed]
+    return failed == ["latency"]
+
+
+def confirm_latency(measure: Callable[[], ShadowVerdict], windows: int) -> ShadowVerdict:
+    """``measure()`` again while its verdict fails on latency alone, up to ``windows`` windows:
+    the verdict fails on latency only if every window is slow (a slow model is slow in every
+    window, a noisy neighbour on a shared host rarely twice in a row). Any other failed check
+    decides at once."""
+    slow: list[str] = []
+    while True:
+        verdict = measure()
+        if not latency_only(verdict) or len(slow) + 1 >= windows:
+            break
+        slow.append(verdict.reasons[0])
+        log.warning(
+            "shadow window %d failed on latency alone (%s); measuring again", len(slow), slow[-1]
+        )
+    verdict.stats["slow_windows"] = slow
+    if slow and verdict.passed:
+        verdict.reasons = [
+            f"every check passed (after {len(slow)} window(s) slow on latency alone: "
+            + "; ".join(slow)
+            + ")"
+        ]
+    elif slow and latency_only(verdict):
+        verdict.reasons = [f"{verdict.reasons[0]}, in {len(slow) + 1} windows in a row"]
+    return verdict
+
+
 def _measure(settings: Settings, control: ServingControl, version: str) -> ShadowVerdict:
+    rows, expected = _rows_and_expected(settings, control, version)
+    return confirm_latency(
+        lambda: _window(settings, control, rows, expected), settings.shadow.latency_windows
+    )
+
+
+def _rows_and_expected(
+    settings: Settings, control: ServingControl, version: str
+) -> tuple[list[tuple[str, dict[str, Any]]], Expected]:
+    from pipelines.serving import monitor
+
+    control.ensure_running()
+    rows = monitor.replay_rows(settings, version)
+    return rows, _expected(settings, version, str(labels_of(control)["stable"]))
+
+
+def _window(
+    settings: Settings,
+    control: ServingControl,
+    rows: list[tuple[str, dict[str, Any]]],
+    expected: Expected,
+) -> ShadowVerdict:
     from pipelines.serving import monitor
 
     cfg, name = settings.shadow, settings.mlflow.model_name
-    control.ensure_running()
-    rows = monitor.replay_rows(settings, version)
-    expected = _expected(settings, version, str(labels_of(control)["stable"]))
     noise = noise_floor(control, name, [inst for _, inst in rows], cfg.noise_requests)
     start = time.time()
     control.set_split(Split(0, shadow=cfg.percent))

@@ -105,7 +105,7 @@ def test_two_days_then_a_bad_batch(airflow_db: None, local_settings: Settings) -
     assert r2["shard_dataset"]["data_version"] != r1["shard_dataset"]["data_version"]
     assert r2["evaluate_model"]["champion_version"] == "1"
     assert r2["register_model"]["model_version"] == "2"
-    assert r2["shadow_candidate"]["verdict"] == "pass", r2["shadow_candidate"]["reasons"]
+    assert r2["shadow_candidate"]["verdict"] == "pass", r2["shadow_candidate"]
     assert r2["monitor_canary"]["windows"] >= 4
     assert r2["promote"]["decision"] == "promoted", r2["monitor_canary"]
     assert reg.alias_version("champion") == "2"

@@ -7,7 +7,13 @@ import numpy as np
 
 from pipelines.config import ShadowSettings
 from pipelines.serving.dataplane.evidence import Sample
-from pipelines.serving.shadow import Expected, NoiseFloor, judge_shadow
+from pipelines.serving.shadow import (
+    Expected,
+    NoiseFloor,
+    ShadowVerdict,
+    confirm_latency,
+    judge_shadow,
+)
 
 CFG = ShadowSettings()
 QUIET = NoiseFloor(tuple([0.0] * 50), 1.0)
@@ -86,3 +92,48 @@ def test_a_slow_candidate_fails_latency_against_the_noise_floor() -> None:
     noisy = NoiseFloor(QUIET.score_diffs, 3.0)  # replicas of one model differ 3x here
     v = judge_shadow(_answers(s, "primary", ms=1.0), slow, noisy, exp, CFG, 0.5)
     assert v.verdict == "pass", v.reasons
+
+
+def _judged(shadow_ms: float, code: int = 200) -> ShadowVerdict:
+    s = _scores()
+    return judge_shadow(
+        _answers(s, "primary", ms=1.0),
+        _answers(s, "shadow", code=code, ms=shadow_ms),
+        QUIET,
+        Expected.of(s, s, 0.5),
+        CFG,
+        0.5,
+    )
+
+
+def test_a_window_slow_on_latency_alone_is_measured_again_and_passes_if_the_next_is_not() -> None:
+    windows = iter([_judged(5.0), _judged(1.0)])
+    calls = []
+
+    def measure() -> ShadowVerdict:
+        calls.append(1)
+        return next(windows)
+
+    v = confirm_latency(measure, 2)
+    assert v.verdict == "pass" and len(calls) == 2
+    assert "1 window(s) slow on latency alone" in v.reasons[0]
+    assert v.stats["slow_windows"][0].startswith("latency: shadow/stable p50 5.00")
+
+
+def test_latency_fails_only_when_every_window_is_slow() -> None:
+    v = confirm_latency(lambda: _judged(5.0), 3)
+    assert v.verdict == "fail" and v.reasons[0].endswith("in 3 windows in a row")
+    assert len(v.stats["slow_windows"]) == 2
+    assert confirm_latency(lambda: _judged(5.0), 1).stats["slow_windows"] == []
+
+
+def test_any_other_failed_check_decides_at_once() -> None:
+    calls = []
+
+    def measure() -> ShadowVerdict:
+        calls.append(1)
+        return _judged(5.0, code=503)  # slow and failing
+
+    v = confirm_latency(measure, 3)
+    assert v.verdict == "fail" and len(calls) == 1
+    assert any(r.startswith("shadow_errors") for r in v.reasons)
