@@ -74,6 +74,13 @@ PARAMS = {
     "skip_shadow": Param(
         False, type="boolean", title="Skip the shadow stage (straight to the canary)"
     ),
+    "reason": Param(
+        "",
+        type="string",
+        title="Why this run",
+        description="Recorded as the training run's trigger_reason tag (the monitoring DAG "
+        "says why it retrains).",
+    ),
     "canary_steps": Param(
         None,
         type=["null", "array"],
@@ -125,7 +132,7 @@ def mlops_training_pipeline() -> None:
 
     @task(pool=TRAINING_POOL, retries=1)
     def train_model(shards: dict) -> dict:
-        from mlops_airflow.common import record, run_settings, training_key
+        from mlops_airflow.common import record, run_settings, run_tags, training_key
 
         from pipelines import stages
 
@@ -135,7 +142,7 @@ def mlops_training_pipeline() -> None:
             cfg,
             shards["manifest_uri"],
             run_key=training_key(ctx, cfg, shards["data_version"]),
-            tags={"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+            tags=run_tags(ctx),
             sink=print,
         )
         return record(ctx, out)
@@ -143,7 +150,7 @@ def mlops_training_pipeline() -> None:
     @task
     def prepare_training(shards: dict) -> dict:
         """Kubernetes: open the MLflow run, render the rendezvous Service and each rank's pod."""
-        from mlops_airflow.common import run_settings, training_key
+        from mlops_airflow.common import run_settings, run_tags, training_key
         from mlops_airflow.training import prepare
 
         ctx = get_current_context()
@@ -152,7 +159,7 @@ def mlops_training_pipeline() -> None:
             cfg,
             shards["manifest_uri"],
             training_key(ctx, cfg, shards["data_version"]),
-            {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+            run_tags(ctx),
         )
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
@@ -183,7 +190,7 @@ def mlops_training_pipeline() -> None:
 
     @task(outlets=[MODEL_ASSET])
     def register_model(evaluation: dict) -> dict:
-        from mlops_airflow.common import is_backfill, record, run_settings
+        from mlops_airflow.common import is_backfill, record, run_settings, run_tags
 
         from pipelines import stages
 
@@ -191,7 +198,7 @@ def mlops_training_pipeline() -> None:
         out = stages.register(
             run_settings(ctx["params"]),
             evaluation["run_id"],
-            {"dag_id": ctx["dag"].dag_id, "dag_run_id": ctx["run_id"]},
+            run_tags(ctx),
         )
         out["rollout"] = stages.rollout_decision(
             out, backfill=is_backfill(ctx), skip_rollout=ctx["params"]["skip_rollout"]

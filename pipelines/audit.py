@@ -68,6 +68,8 @@ SHADOWED = "rollout.shadowed"
 PROMOTED = "rollout.promoted"
 ROLLED_BACK = "rollout.rolled_back"
 PREDICTIONS_PUBLISHED = "predictions.published"
+CHAMPION_RESTORED = "rollout.champion_restored"
+MONITORING_DECIDED = "monitoring.decided"
 # A closed vocabulary: a typo in a stage fails its test instead of writing an unsearchable event.
 EVENTS = frozenset(
     {
@@ -80,6 +82,8 @@ EVENTS = frozenset(
         PROMOTED,
         ROLLED_BACK,
         PREDICTIONS_PUBLISHED,
+        CHAMPION_RESTORED,
+        MONITORING_DECIDED,
     }
 )
 FIELDS = ("seq", "time", "event", "actor", "subject", "details", "prev_hash", "hash")

@@ -125,6 +125,20 @@ def cmd_score(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_traffic(a: argparse.Namespace) -> int:
+    from pipelines.monitoring.traffic import TrafficError, send
+
+    try:
+        out = send(
+            _settings(), a.date, a.rate, a.requests, a.drift, a.concurrency, dataset=a.dataset
+        )
+    except TrafficError as exc:
+        print(f"mlops traffic: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _print(out)
+    return EXIT_OK
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from pipelines import stages
 
@@ -331,6 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("--chunk-rows", type=_positive_int, help="target rows per chunk")
     sc.set_defaults(fn=cmd_score)
+
+    tr = sub.add_parser(
+        "traffic",
+        help="replay a day's rows through the data plane as live requests (demo, monitoring)",
+    )
+    tr.add_argument("--date", required=True, help="the day whose rows are sent")
+    tr.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    tr.add_argument("--requests", type=_positive_int, help="how many (default: every row once)")
+    tr.add_argument(
+        "--drift", type=float, default=0.0, help="send the generator's rows drawn with this drift"
+    )
+    tr.add_argument("--concurrency", type=_positive_int, default=4, help="concurrent clients")
+    tr.add_argument("--dataset")
+    tr.set_defaults(fn=cmd_traffic)
 
     t = sub.add_parser("train", help="train on a manifest; prints the MLflow run id")
     t.add_argument("--manifest", required=True)

@@ -532,6 +532,63 @@ class BatchSettings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    """Production monitoring (pipelines/monitoring, DAG mlops_model_monitoring): each hour's
+    serving log against SLOs, the champion's training reference and matured labels, and the
+    action each finding takes."""
+
+    min_requests: int = Field(
+        200, ge=1, description="logged instances an hour needs before drift or SLOs are judged"
+    )
+    slo_error_rate: float = Field(
+        0.01, ge=0, le=1, description="SLO: share of non-2xx answers per version and hour"
+    )
+    slo_p50_ms: float = Field(100.0, gt=0, description="SLO: median latency per version and hour")
+    slo_p99_ms: float = Field(500.0, gt=0, description="SLO: p99 latency per version and hour")
+    feature_psi: float = Field(
+        0.1,
+        gt=0,
+        description="feature PSI vs the champion's training reference that is drift (numbers: "
+        "with KS agreeing); the data gate blocks a batch only at the spec's psi_block",
+    )
+    prediction_psi: float = Field(
+        0.2, gt=0, description="score PSI vs the champion's evaluation-time scores that is drift"
+    )
+    drift_hours: int = Field(
+        2, ge=1, description="monitored hours in a row with drift before it counts as sustained"
+    )
+    label_window_days: int = Field(
+        14, ge=1, description="trailing days of matured labels judged for realised performance"
+    )
+    label_delay_days: int = Field(
+        30,
+        ge=0,
+        description="most days between a request and its label landing (served days searched)",
+    )
+    min_labels: int = Field(200, ge=1, description="matured labels needed to judge performance")
+    max_auc_drop: float = Field(
+        0.05, ge=0, description="realised ROC-AUC this far below evaluation's is decayed"
+    )
+    max_precision_drop: float = Field(
+        0.15, ge=0, description="realised precision this far below evaluation's is decayed"
+    )
+    rollback_within_hours: float = Field(
+        24.0, ge=0, description="an SLO breach this soon after a promotion rolls back"
+    )
+    retrain_cooldown_hours: float = Field(
+        24.0, ge=0, description="no second retraining trigger within this time of the last"
+    )
+    on_drift: Literal["none", "alert", "retrain"] = Field(
+        "retrain", description="action on sustained feature or prediction drift"
+    )
+    on_decay: Literal["none", "alert", "retrain"] = Field(
+        "retrain", description="action on decayed realised performance"
+    )
+    on_slo_breach: Literal["none", "alert", "rollback"] = Field(
+        "rollback", description="action on an SLO breach (rollback only soon after a promotion)"
+    )
+
+
 class Settings(_Section):
     profile: str = Field("local", description="profile name the settings were built from")
     home: str = Field(description="MLOPS_HOME: all local state lives here")
@@ -547,6 +604,7 @@ class Settings(_Section):
     postgres: PostgresSettings = PostgresSettings()
     tuning: TuningSettings = TuningSettings()
     batch: BatchSettings = BatchSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
 
 def _secrets(s: Settings) -> dict[str, SecretStr | None]:

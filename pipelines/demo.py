@@ -2,7 +2,10 @@
 
 Day 1 trains and deploys the first model; day 2 (drifted data) trains a challenger and takes it
 through evaluation, registration and the canary; day 3 lands a defective batch that the gate
-blocks and quarantines, leaving the champion and serving untouched. Each day is one
+blocks and quarantines, leaving the champion and serving untouched. Then the champion scores
+the last accepted day (``mlops_batch_scoring``), and live traffic unlike its training data goes
+through the data plane for ``mlops_model_monitoring`` to judge this hour: it finds the drift
+and queues a retraining run. Each day is one
 ``airflow dags test --use-executor`` run of ``mlops_training_pipeline`` (SQLite metadata DB under
 MLOPS_HOME): each task runs as Airflow runs it, in a LocalExecutor worker that writes its task log
 where ``make airflow``'s UI reads it.
@@ -26,6 +29,8 @@ from pipelines.processes import run_group
 
 DAG_ID = "mlops_training_pipeline"
 SCORING_DAG_ID = "mlops_batch_scoring"
+MONITORING_DAG_ID = "mlops_model_monitoring"
+LIVE_REQUESTS = 600
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -261,7 +266,15 @@ def summarize(
     return "\n".join(out)
 
 
-def dags_test(airflow: str, dag_id: str, date: str, env: dict[str, str], log_file: Path) -> int:
+def dags_test(
+    airflow: str,
+    dag_id: str,
+    date: str,
+    env: dict[str, str],
+    log_file: Path,
+    conf: dict[str, Any] | None = None,
+    hour: int = 0,
+) -> int:
     """One ``airflow dags test --use-executor`` run for ``date`` (its whole process group
     stopped after, within the day's timeout); its exit code."""
     return run_group(
@@ -271,9 +284,9 @@ def dags_test(airflow: str, dag_id: str, date: str, env: dict[str, str], log_fil
             "test",
             "--use-executor",
             dag_id,
-            f"{date}T00:00:00+00:00",
+            f"{date}T{hour:02d}:00:00+00:00",
             "-c",
-            json.dumps({"date": date}),
+            json.dumps({"date": date, **(conf or {})}),
         ],
         env,
         log_file,
@@ -309,6 +322,87 @@ def _score_last_accepted_day(
         flush=True,
     )
     return published
+
+
+def _monitor_live_traffic(
+    settings: Any,
+    store: Any,
+    days: list[tuple[str, str, dict[str, Any]]],
+    drifts: dict[str, float],
+    airflow: str,
+    env: dict[str, str],
+    logs: Path,
+) -> dict[str, Any] | None:
+    """Live traffic unlike the champion's training data through the data plane, then the
+    monitoring DAG on this hour: its ``monitor`` result, or None (printed) when it failed."""
+    from pipelines.monitoring.traffic import send
+    from pipelines.registry import Registry
+
+    champion = Registry(settings.mlflow).alias_version("champion")
+    trained_on = next(
+        (d for _, d, r in days if r.get("register_model", {}).get("model_version") == champion),
+        None,
+    )
+    if trained_on is None:
+        return None
+    # The champion's day drawn with the drift it did not see (or without the drift it saw).
+    drift = 0.0 if drifts.get(trained_on) else 1.0
+    now = dt.datetime.now(dt.UTC)
+    if now.minute == 59 and now.second > 20:  # one hour's traffic, not two halves
+        time.sleep(61 - now.second)
+        now = dt.datetime.now(dt.UTC)
+    date, hour = now.date().isoformat(), now.hour
+    print(
+        f"live traffic: {LIVE_REQUESTS} requests of {trained_on} with drift {drift:g}, then "
+        f"airflow dags test {MONITORING_DAG_ID} {date}T{hour:02d} ...",
+        end=" ",
+        flush=True,
+    )
+    began = time.perf_counter()
+    send(settings, trained_on, rate=200, requests=LIVE_REQUESTS, drift=drift)
+    log_file = logs / f"monitoring-{date}T{hour:02d}.log"
+    log_file.unlink(missing_ok=True)
+    conf = {"hour": hour, "ship_open_hour": True}  # the demo's hour is not over yet
+    # The demo has one hour of live traffic to show: drift in one judged hour is sustained.
+    one_hour = {**env, "MLOPS__MONITORING__DRIFT_HOURS": "1"}
+    code = dags_test(airflow, MONITORING_DAG_ID, date, one_hour, log_file, conf, hour)
+    monitored = run_reports(store, date, MONITORING_DAG_ID).get("monitor")
+    print(
+        f"{'ok' if monitored else 'FAILED'} in {time.perf_counter() - began:.0f} s "
+        f"(exit {code}, log {log_file})",
+        flush=True,
+    )
+    return monitored
+
+
+def monitoring_line(monitored: dict[str, Any], report: dict[str, Any]) -> str:
+    """The monitoring verdicts for the summary: the hour's SLOs, drift and labels, and what
+    the decision did."""
+    d, m, f = monitored["decision"], report["metrics"], report["findings"]
+    champ = m["versions"].get(str(d.get("champion"))) or {}
+    lat = champ.get("latency_ms") or {}
+    slo = f["slo"]
+    pred = m["prediction"]
+    perf = f.get("performance")
+    lines = [
+        f"Monitoring {d['hour']} (champion v{d.get('champion')}, "
+        f"{m['labels'].get('stable', {}).get('instances', 0)} stable requests):",
+        f"  SLO {slo['status']} (p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
+        f"errors {champ.get('error_rate')}); features drifted: "
+        f"{', '.join(m['features']['drifted']) or 'none'} ({m['features']['status']}); "
+        f"scores: {pred.get('detail') or pred.get('status')}; labels: "
+        + ("none landed" if perf is None else f"{perf['labelled']} matured"),
+    ]
+    if not d["actions"]:
+        lines.append("  -> no action")
+    lines += [f"  -> {a['kind']}: {a['reason']}" for a in d["actions"]]
+    if monitored.get("retrain"):
+        lines.append(
+            f"  -> {DAG_ID} run {monitored['retrain_run_id']} queued with conf date="
+            f"{monitored['retrain_conf']['date']} (a scheduler runs it: make airflow)"
+        )
+    lines += [f"  -> {n}" for n in d.get("notes", [])]
+    return "\n".join(lines)
 
 
 def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool = False) -> int:
@@ -405,10 +499,14 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 days.append((title, date, reports))
                 if not good:
                     break
-            scoring = None
+            scoring = monitored = None
             if ok:
                 scoring = _score_last_accepted_day(store, days, airflow, env, logs)
                 ok = scoring is not None
+            if ok:
+                drifts = {d.isoformat(): drift for _, d, drift, _ in plan}
+                monitored = _monitor_live_traffic(settings, store, days, drifts, airflow, env, logs)
+                ok = monitored is not None
             print()
             print(
                 summarize(days, Registry(settings.mlflow).aliases(), stages.serving_state(settings))
@@ -419,6 +517,9 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                     f"{scoring['version']} on {scoring['runtime']} {scoring['variant']} "
                     f"({scoring['parts']} part(s)) -> {scoring['manifest_uri']}"
                 )
+            if monitored is not None:
+                report = json.loads(store.read_text(store.key_of(monitored["report_uri"])))
+                print(monitoring_line(monitored, report))
             print(
                 f"\nTotal {time.perf_counter() - t0:.0f} s. MLflow UI: mlflow ui "
                 f"--backend-store-uri {settings.mlflow.tracking_uri}\n"

@@ -555,3 +555,84 @@ def _predictions_audit(settings: Settings, out: dict[str, Any]) -> None:
         rows=out["rows"],
         manifest_uri=out["manifest_uri"],
     )
+
+
+# -- production monitoring -------------------------------------------------------------------
+def ship_serving_log(
+    settings: Settings, date: str, hour: int, open_hour: bool = False
+) -> dict[str, Any]:
+    """Publish one hour of the data plane's access log as the serving log (once); an open
+    hour only with ``open_hour`` (see :func:`pipelines.monitoring.logs.ship_hour`)."""
+    from pipelines.monitoring import logs
+    from pipelines.serving.dataplane.envoy import POOLS
+
+    store, spec = _data(settings, None)
+    control = serving_control(settings)
+    versions = {}
+    for label in POOLS:
+        entry = control.pool(label)
+        if entry is not None and label in entry.labels:
+            versions[label] = int(entry.labels[label])
+    start, _ = logs.hour_bounds(date, hour)
+    out = logs.ship_hour(
+        store,
+        spec,
+        settings.mlflow.model_name,
+        date,
+        hour,
+        control.access_log_lines(start - 3600),
+        versions,
+        grace_s=settings.dataplane.log_flush_ms / 1000 + 1.0,
+        open_hour=open_hour,
+    )
+    return {**out, "date": date, "hour": int(hour)}
+
+
+def monitor_hour(settings: Settings, date: str, hour: int) -> dict[str, Any]:
+    """Judge one published hour and decide its actions (once); audited when it acts."""
+    from pipelines.batch.score import ScoringError
+    from pipelines.monitoring.run import monitor_hour as judge
+
+    try:
+        latest: str | None = latest_landing_date(settings)
+    except ScoringError:  # nothing landed: a retraining decision says so when it is taken
+        latest = None
+    out = judge(settings, serving_control(settings), date, hour, latest)
+    decision = out["decision"]
+    # Also when a retry finds the hour decided: its first attempt may have failed before
+    # this entry was written (a duplicate entry rather than a missing one, as every stage).
+    if decision["actions"]:
+        _audit(
+            settings,
+            "monitoring.decided",
+            f"{settings.mlflow.model_name}/{decision['hour']}",
+            champion=decision.get("champion"),
+            actions=[{"kind": a["kind"], "reason": a["reason"]} for a in decision["actions"]],
+            report_uri=out["report_uri"],
+        )
+    return out
+
+
+def log_alerts(decision: dict[str, Any]) -> list[str]:
+    """One ERROR line per alert of a monitoring decision; the lines."""
+    from pipelines.monitoring.run import log_alerts as log_them
+
+    return log_them(decision)
+
+
+def restore_champion(settings: Settings, to_version: str, reason: str) -> dict[str, Any]:
+    """Roll a promotion back: serving and the champion alias to ``to_version`` together."""
+    from pipelines.serving import rollout
+
+    out = rollout.restore_champion(settings, serving_control(settings), to_version, reason)
+    # "already_serving": a retry after the restore itself succeeded; recorded again.
+    _audit(
+        settings,
+        "rollout.champion_restored",
+        f"{settings.mlflow.model_name}/{to_version}",
+        outcome=out["decision"],
+        demoted=out.get("demoted"),
+        reason=reason,
+        aliases=out["aliases"],
+    )
+    return out

@@ -1,4 +1,5 @@
-"""Shared by the serving contract suites: load versions through a real ModelManager and wait."""
+"""Shared by the serving suites: load versions through a real ModelManager and wait; a real
+model's SavedModel with a fault built in."""
 
 from __future__ import annotations
 
@@ -21,3 +22,39 @@ def load_versions(tmp_path: Path, name: str, base: Path, versions: list[int]) ->
     while any(s.state == "LOADING" for s in servables) and time.monotonic() < deadline:
         time.sleep(0.1)
     return servables
+
+
+def doctored_saved_model(model: Any, out: Path, kind: str) -> None:
+    """The real model's graph with a fault built in: ``nan`` (NaN for large amounts), ``slow``
+    (a matmul loop that depends on the input, so it cannot be folded away), ``drift``
+    (scores pushed up by 0.25)."""
+    import tensorflow as tf
+
+    from pipelines.serving.export import OUTPUT, SIGNATURE, build_module, input_specs
+
+    inner = build_module(model)
+
+    class Doctored(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            p = self.inner(features)[OUTPUT]
+            if kind == "nan":
+                p = tf.where(features["amount"] > 30.0, tf.fill(tf.shape(p), float("nan")), p)
+            elif kind == "drift":
+                p = tf.minimum(p + 0.25, 1.0)
+            elif kind == "slow":
+                x = tf.ones([160, 160]) * (1.0 + tf.reduce_mean(features["amount"]) * 1e-9)
+
+                def body(i: tf.Tensor, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                    return i + 1, tf.tanh(tf.matmul(x, x) * 0.01)
+
+                _, x = tf.while_loop(lambda i, _: i < 300, body, [tf.constant(0), x])
+                p = p + 0.0 * tf.reduce_sum(x)
+            return {OUTPUT: p}
+
+    module = Doctored()
+    concrete = tf.function(module.__call__).get_concrete_function(input_specs(model))
+    tf.saved_model.save(module, str(out), signatures={SIGNATURE: concrete})

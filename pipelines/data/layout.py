@@ -59,3 +59,31 @@ def run_report(dag_id: str, run_id: str) -> str:
 def predictions(dataset: str, model_name: str, version: str | int, date: str | dt.date) -> str:
     """Batch scores of one day by one model version: ``part-*.parquet`` and a manifest."""
     return f"predictions/{dataset}/{model_name}/{version}/{partition(date)}"
+
+
+def hour_partition(hour: int) -> str:
+    if not 0 <= int(hour) <= 23:
+        raise ValueError(f"Hour {hour!r} is not in 0..23.")
+    return f"hour={int(hour):02d}"
+
+
+def serving_logs(
+    model_name: str, date: str | dt.date | None = None, hour: int | None = None
+) -> str:
+    """The serving log of one hour: ``part-*.parquet`` and a ``_manifest.json`` written last."""
+    out = f"serving_logs/{model_name}"
+    if date is not None:
+        out += f"/{partition(date)}"
+        if hour is not None:
+            out += f"/{hour_partition(hour)}"
+    return out
+
+
+def outcomes(dataset: str, date: str | dt.date | None = None) -> str:
+    """Late labels (outcomes) landing per day, keyed like the requests: key, label."""
+    return f"outcomes/{dataset}" + (f"/{partition(date)}" if date is not None else "")
+
+
+def monitoring(model_name: str, date: str | dt.date, hour: int) -> str:
+    """One monitoring run's report (JSON, markdown, plots)."""
+    return f"monitoring/{model_name}/{partition(date)}/{hour_partition(hour)}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +65,10 @@ class ServingControl(Protocol):
         self, since: float, until: float | None = None, request_ids: set[str] | None = None
     ) -> list[Sample]:
         """The data plane's records of requests from ``since`` (waiting for ``request_ids``)."""
+
+    def access_log_lines(self, since: float) -> Iterator[str]:
+        """The data plane's raw access-log lines that may hold requests from ``since`` on
+        (the serving log's source; callers filter by time)."""
 
     def topology(self) -> dict[str, Any]:
         """Replicas per label and the data plane's addresses, for people and reports."""
@@ -181,6 +186,15 @@ class LocalServing(_Pools):
             return [s for s in got if until is None or s.t < until]
         return log_.samples(since, until)
 
+    def access_log_lines(self, since: float) -> Iterator[str]:
+        path = self.plane.access_log.path
+        if not path.exists():
+            return
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if raw.endswith(b"\n"):  # a line still being written is not a record yet
+                    yield raw.decode("utf-8", errors="replace")
+
     def topology(self) -> dict[str, Any]:
         topo = self.plane.topology()
         return {
@@ -291,20 +305,21 @@ class RemoteServing(_Pools):
     def window(
         self, since: float, until: float | None = None, request_ids: set[str] | None = None
     ) -> list[Sample]:
+        return [
+            s
+            for s in parse_lines(self.access_log_lines(since))
+            if s.t >= since and (until is None or s.t < until)
+        ]
+
+    def access_log_lines(self, since: float) -> Iterator[str]:
         uri = self.settings.dataplane.evidence_uri
         if not uri:
             raise ServingUnavailable("dataplane.evidence_uri is not set: no evidence to judge.")
         store = open_store(self.settings.store.model_copy(update={"root": uri}))
-        out: list[Sample] = []
         for key in store.list("", recursive=True):
             if store.modified(key) < since:
                 continue  # a shipped file older than the window holds none of its lines
-            out.extend(
-                s
-                for s in parse_lines(store.read_text(key).splitlines())
-                if s.t >= since and (until is None or s.t < until)
-            )
-        return out
+            yield from store.read_text(key).splitlines()
 
     def topology(self) -> dict[str, Any]:
         return {

@@ -68,14 +68,17 @@ def replay(
     rate: float,
     concurrency: int,
     start: int,
+    fresh_keys: bool = True,
 ) -> tuple[int, set[str]]:
     """Send ``n`` held-out rows through the data plane at ``rate`` req/s, each with its own
     ``X-Request-Id``; returns the next offset and the ids sent.
 
-    Each replayed request is routed as a new user (its routing key is the row's key and its
-    offset in the replay): sticky routing over a few thousand rows would give the canary a fixed
-    ~5 % of them for the whole analysis, and rows differ in cost (payload size), so an A/A canary
-    measured 10 % slower than its baseline on its own rows and was rolled back on latency."""
+    With ``fresh_keys`` each replayed request is routed as a new user (its routing key is the
+    row's key and its offset in the replay): sticky routing over a few thousand rows would give
+    the canary a fixed ~5 % of them for the whole analysis, and rows differ in cost (payload
+    size), so an A/A canary measured 10 % slower than its baseline on its own rows and was
+    rolled back on latency. Without, the key is the row's own (traffic whose late labels are
+    joined back by key)."""
     session_local = threading.local()
     ids = [uuid.uuid4().hex for _ in range(n)]
 
@@ -87,7 +90,10 @@ def replay(
             session_local.s.post(
                 f"{url}/v1/models/{name}:predict",
                 json={"instances": [inst]},
-                headers={"X-Request-Key": f"{key}@{start + i}", "X-Request-Id": ids[i]},
+                headers={
+                    "X-Request-Key": f"{key}@{start + i}" if fresh_keys else key,
+                    "X-Request-Id": ids[i],
+                },
                 timeout=15,
             )
         except requests.RequestException:

@@ -309,6 +309,67 @@ def rollback(
     return result
 
 
+def previous_champion(settings: Settings, version: str) -> str | None:
+    """The stable version ``version``'s promotion replaced (its rollout record), if any."""
+    key = f"{layout.rollout(settings.mlflow.model_name, version)}/state.json"
+    store = open_store(settings.store)
+    if not store.exists(key):
+        return None
+    prev = json.loads(store.read_text(key)).get("previous_stable")
+    return None if prev in (None, "", int(version), str(version)) else str(prev)
+
+
+def restore_champion(
+    settings: Settings, control: ServingControl, to_version: str, reason: str
+) -> dict[str, Any]:
+    """Undo a promotion: every pool back to ``to_version`` (loaded beside, then labelled, as
+    any move), traffic at stable, and the ``champion`` alias back, together; the demoted
+    version is tagged with the reason. A failed move puts the pools back as they were, so the
+    champion and serving stay in agreement."""
+    store, v = open_store(settings.store), int(to_version)
+    labels = labels_of(control)
+    current = labels.get("stable")
+    if current == v:
+        return {
+            "decision": "already_serving",
+            "stable": v,
+            "aliases": Registry(settings.mlflow).aliases(),
+        }
+    target = control.model_dir / str(v)
+    if not target.exists():  # a version served before may have been cleaned from this host
+        tmp = control.model_dir / f"{v}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fetch_verified_export(store, settings.mlflow.model_name, str(v), tmp)
+        tmp.rename(target)
+    pools = {label: control.pool(label) for label in POOLS}
+    split_before = control.split()
+    timeout = settings.serving.load_timeout_s
+    try:
+        control.set_split(Split(0))
+        for label in ("stable", "baseline", "canary"):
+            _point(control, label, v, timeout)
+    except Exception as exc:
+        try:
+            _restore(control, pools, split_before)
+        except Exception:
+            log.exception("putting the pools back after a failed restore failed")
+        raise RolloutError(f"Restoring version {to_version} failed and was undone: {exc}") from exc
+    reg = Registry(settings.mlflow)
+    reg.set_alias(CHAMPION, str(v))
+    if current is not None:
+        reg.set_version_tags(str(current), {"rollout": "demoted", "demoted_reason": reason[:4000]})
+    result = {
+        "decision": "restored",
+        "stable": v,
+        "demoted": current,
+        "reason": reason,
+        "aliases": reg.aliases(),
+    }
+    if current is not None:
+        save_state(store, settings, str(current), phase="demoted", **result)
+    return result
+
+
 def serving_labels(control: ServingControl) -> dict[str, Any]:
     pools = {label: control.pool(label) for label in POOLS}
     return {

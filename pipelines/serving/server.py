@@ -621,12 +621,18 @@ class RestHandler(BaseHTTPRequestHandler):
         log.debug(fmt, *args)
 
     def _send(
-        self, status: int, body: dict[str, Any] | str, ctype: str = "application/json"
+        self,
+        status: int,
+        body: dict[str, Any] | str,
+        ctype: str = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -674,13 +680,19 @@ class RestHandler(BaseHTTPRequestHandler):
         version = int(m["version"]) if m["version"] else None
         method = m["tail"][1:]
         try:
+            # The label is resolved once, so the answer and its x-model-version header agree
+            # even when the label moves meanwhile (the data plane logs the header). When it
+            # does not resolve, the call below fails the same way, and is counted.
+            label = m["label"]
+            try:
+                version, label = self.manager.resolve(m["model"], version, label).version, None
+            except ServingError:
+                pass
             if method == "predict":
-                answer = self.manager.predict(m["model"], body, version, m["label"])
+                answer = self.manager.predict(m["model"], body, version, label)
             else:
-                answer = self.manager.classify_or_regress(
-                    method, m["model"], body, version, m["label"]
-                )
-            self._send(200, answer)
+                answer = self.manager.classify_or_regress(method, m["model"], body, version, label)
+            self._send(200, answer, headers={"x-model-version": str(version)})
         except ServingError as exc:
             self._error(exc)
         except RecursionError:

@@ -58,6 +58,31 @@ def interval_date(context: dict[str, Any]) -> str:
     return start.date().isoformat()
 
 
+def run_tags(context: dict[str, Any]) -> dict[str, str]:
+    """Lineage tags of a run's MLflow run and model version: the DAG run, and why it was
+    triggered when its ``reason`` param says (the monitoring DAG's retraining runs do)."""
+    tags = {"dag_id": context["dag"].dag_id, "dag_run_id": context["run_id"]}
+    reason = (context.get("params") or {}).get("reason")
+    if reason:
+        tags["trigger_reason"] = str(reason)[:4000]
+    return tags
+
+
+def interval_hour(context: dict[str, Any]) -> tuple[str, int]:
+    """The hour this run processes: the ``date``/``hour`` params, else the data interval's
+    start (an hourly DAG)."""
+    params = context.get("params") or {}
+    start = context.get("data_interval_start") or context.get("logical_date")
+    date = str(params["date"])[:10] if params.get("date") else None
+    hour = params.get("hour")
+    if date is None or hour is None:
+        if start is None:
+            raise ValueError("This run has no data interval; pass the 'date' and 'hour' params.")
+        date = date or start.date().isoformat()
+        hour = start.hour if hour is None else hour
+    return date, int(hour)
+
+
 def is_backfill(context: dict[str, Any]) -> bool:
     dag_run = context.get("dag_run")
     run_type = getattr(dag_run, "run_type", None)

@@ -6,7 +6,14 @@ from types import SimpleNamespace
 
 import pendulum
 import pytest
-from mlops_airflow.common import interval_date, is_backfill, run_settings, training_key
+from mlops_airflow.common import (
+    interval_date,
+    interval_hour,
+    is_backfill,
+    run_settings,
+    run_tags,
+    training_key,
+)
 
 from pipelines.config import load_settings, with_overrides
 
@@ -19,6 +26,27 @@ def test_interval_date_prefers_the_param_then_the_interval_start() -> None:
     assert interval_date({"params": {"date": None}, "data_interval_start": start}) == "2026-03-01"
     with pytest.raises(ValueError, match="no data interval"):
         interval_date({"params": {}})
+
+
+def test_interval_hour_prefers_the_params_then_the_interval_start() -> None:
+    start = pendulum.datetime(2026, 3, 1, 17, tz="UTC")
+    assert interval_hour({"params": {}, "data_interval_start": start}) == ("2026-03-01", 17)
+    got = interval_hour({"params": {"date": "2026-02-14", "hour": 0}, "data_interval_start": start})
+    assert got == ("2026-02-14", 0)
+    assert interval_hour({"params": {"date": "2026-02-14"}, "data_interval_start": start}) == (
+        "2026-02-14",
+        17,
+    )
+    assert interval_hour({"params": {"date": "2026-02-14", "hour": 3}}) == ("2026-02-14", 3)
+    with pytest.raises(ValueError, match="'date' and 'hour'"):
+        interval_hour({"params": {"date": "2026-02-14"}})
+
+
+def test_run_tags_carry_the_trigger_reason_only_when_given() -> None:
+    ctx = {"dag": SimpleNamespace(dag_id="d"), "run_id": "r", "params": {"reason": ""}}
+    assert run_tags(ctx) == {"dag_id": "d", "dag_run_id": "r"}
+    ctx["params"] = {"reason": "monitoring: drift"}
+    assert run_tags(ctx)["trigger_reason"] == "monitoring: drift"
 
 
 def test_backfill_runs_are_recognised() -> None:

@@ -33,6 +33,7 @@ from pipelines.serving.rollout import canary_state_key
 from pipelines.store import open_store
 from tests.envoy_helpers import kill_envoy
 from tests.ports import FREE_PORTS
+from tests.serving_helpers import doctored_saved_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = {
@@ -74,42 +75,6 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         settings.cache_clear()
 
 
-def _doctored_saved_model(model: Any, out: Path, kind: str) -> None:
-    """The real model's graph with a fault built in: ``nan`` (NaN for large amounts), ``slow``
-    (a matmul loop that depends on the input, so it cannot be folded away), ``drift``
-    (scores pushed up by 0.25)."""
-    import tensorflow as tf
-
-    from pipelines.serving.export import OUTPUT, SIGNATURE, build_module, input_specs
-
-    inner = build_module(model)
-
-    class Doctored(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def __call__(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            p = self.inner(features)[OUTPUT]
-            if kind == "nan":
-                p = tf.where(features["amount"] > 30.0, tf.fill(tf.shape(p), float("nan")), p)
-            elif kind == "drift":
-                p = tf.minimum(p + 0.25, 1.0)
-            elif kind == "slow":
-                x = tf.ones([160, 160]) * (1.0 + tf.reduce_mean(features["amount"]) * 1e-9)
-
-                def body(i: tf.Tensor, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-                    return i + 1, tf.tanh(tf.matmul(x, x) * 0.01)
-
-                _, x = tf.while_loop(lambda i, _: i < 300, body, [tf.constant(0), x])
-                p = p + 0.0 * tf.reduce_sum(x)
-            return {OUTPUT: p}
-
-    module = Doctored()
-    concrete = tf.function(module.__call__).get_concrete_function(input_specs(model))
-    tf.saved_model.save(module, str(out), signatures={SIGNATURE: concrete})
-
-
 def new_version(deployed: dict[str, Any], kind: str = "same") -> str:
     """Another registered version of the deployed run, exported as-is or doctored; its
     ``export.json`` records the served bytes' sha256, as the export stage does."""
@@ -130,7 +95,7 @@ def new_version(deployed: dict[str, Any], kind: str = "same") -> str:
         if kind == "same":
             store.get_dir(f"{layout.export(name, deployed['v1'])}/saved_model", out)
         else:
-            _doctored_saved_model(load_run_model(reg, run_id), out, kind)
+            doctored_saved_model(load_run_model(reg, run_id), out, kind)
         store.put_dir(out, f"{layout.export(name, version)}/saved_model")
         meta = {"version": version, "run_id": run_id, "files": _tree_sha256(out)}
         store.write_text(f"{layout.export(name, version)}/export.json", json.dumps(meta))

@@ -104,6 +104,10 @@ def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> Non
         assert "shadow verdict" in run.stdout and "Topology: client -> Envoy" in run.stdout
         # It ends with a scoring run of the champion on the last day the gate let through.
         assert "Batch scoring of 2026-11-02: 20000 rows by version" in run.stdout, run.stdout
+        # Then live traffic unlike the champion's data: monitoring finds it and retrains.
+        tail = run.stdout[run.stdout.index("\nMonitoring ") :]
+        assert "  -> retrain: sustained drift" in tail, run.stdout[-3000:]
+        assert "mlops_training_pipeline run retrain__fraud_detector__" in tail
         _clean(home)
     _the_blocked_day_shows_its_report_in_the_ui(home)
 

@@ -38,5 +38,6 @@ def test_every_settings_param_of_the_dag_is_mapped() -> None:
     """A param the DAG offers but nobody maps would be silently ignored."""
     from dags.mlops_training_pipeline import PARAMS
 
-    run_control = {"date", "force", "force_reason", "skip_rollout"}  # read by the tasks
+    # read by the tasks (reason: the lineage tag of a retraining run, mlops_airflow.common)
+    run_control = {"date", "force", "force_reason", "skip_rollout", "reason"}
     assert set(PARAMS) - run_control == set(RUN_PARAMS) - {"procs_per_node"}

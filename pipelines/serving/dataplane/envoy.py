@@ -47,6 +47,8 @@ ACCESS_LOG_FORMAT = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "key": "%REQ(X-REQUEST-KEY)%",
     "scores": "%DYNAMIC_METADATA(mlops:scores)%",
+    "instances": "%DYNAMIC_METADATA(mlops:instances)%",
+    "version": "%RESP(X-MODEL-VERSION)%",
 }
 
 

@@ -33,7 +33,8 @@ class Sample:
     key: str = ""
 
 
-def _scores(raw: Any) -> tuple[float, ...]:
+def parse_scores(raw: Any) -> tuple[float, ...]:
+    """The scores of an access-log line's ``predictions`` text (NaN for a non-number)."""
     if not isinstance(raw, str) or not raw.startswith("["):
         return ()
     try:
@@ -66,7 +67,7 @@ def parse_line(line: str) -> Sample | None:
             label=str(rec["cluster"]),
             code=int(rec.get("code") or 0),
             latency_ms=float(rec.get("duration_us") or 0) / 1000.0,
-            scores=_scores(rec.get("scores")),
+            scores=parse_scores(rec.get("scores")),
             request_id=str(rec.get("request_id") or ""),
             replica=str(rec.get("replica") or ""),
             listener=str(rec.get("listener") or "primary"),

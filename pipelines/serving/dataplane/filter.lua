@@ -2,9 +2,11 @@
 -- Requests: a POST to a model's :predict/:classify/:regress must carry one JSON object, nested
 -- no deeper than MAX_DEPTH; anything else is answered 400 here and never reaches a replica.
 -- Responses: the "predictions" array of a 200 is put in dynamic metadata (mlops.scores) for
--- the access log, which is what the canary judge and the shadow stage read.
+-- the access log, which is what the canary judge and the shadow stage read. The request's
+-- "instances" array goes there too (mlops.instances), for the serving log monitoring reads.
 local MAX_DEPTH = 64
 local MAX_SCORE_BYTES = 16384
+local MAX_INSTANCE_BYTES = 16384
 local LITERALS = { "true", "false", "null", "NaN", "Infinity" }
 
 local function skip(s, i)
@@ -123,6 +125,10 @@ function envoy_on_request(h)
     return
   end
   h:streamInfo():dynamicMetadata():set("mlops", "call", "1")
+  if #text <= MAX_INSTANCE_BYTES then
+    local inst = string.match(text, '"instances"%s*:%s*(%b[])')
+    if inst then h:streamInfo():dynamicMetadata():set("mlops", "instances", inst) end
+  end
 end
 
 function envoy_on_response(h)

@@ -1,0 +1,1 @@
+"""Production monitoring: the serving log in the lake, its metrics, and the actions they drive."""

@@ -1,0 +1,235 @@
+"""The serving log in the lake: each hour's routed model calls, as the data plane logged them,
+shipped to ``serving_logs/<model>/dt=D/hour=HH/`` and published once.
+
+The source is Envoy's JSON access log (:meth:`ServingControl.access_log_lines`): one line per
+request with its id, pool, status, duration, the ``x-request-key`` header, the model version
+that answered (the ``x-model-version`` response header of ``mlops serve``), the request's
+``instances`` and the answer's ``predictions`` (both copied by the data plane's Lua filter, up
+to 16 KiB each). Mirrored copies (the shadow listener) are not users' requests and are left out.
+
+An hour is shipped only once it is over and the log's flush interval has passed, so what is
+published is complete; ``part-*.parquet`` files go first and ``_manifest.json`` last, with a
+create-once write: a published hour never changes, and a rerun returns its manifest as it is.
+An hour with no requests is published too (zero rows), so "no traffic" and "not shipped" differ.
+
+A request with several instances gives one row per instance, all with the request's key.
+Where the answering version is not logged (TF Serving sends no such header), it is the label's
+version when the hour is shipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.data import layout
+from pipelines.data.pii import mask_pii
+from pipelines.data.spec import DatasetSpec
+from pipelines.monitoring.schema import schema
+from pipelines.serving.dataplane.evidence import POOLS, parse_scores
+from pipelines.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+PART_ROWS = 1_000_000  # rows per part file
+ROW_GROUP = 128 * 1024
+_TIME = re.compile(r'"time":\s*"?([0-9]+(?:\.[0-9]+)?)')
+_MODEL_CALL = (":predict", ":classify", ":regress")
+
+
+class ShippingError(RuntimeError):
+    """An hour that cannot be shipped (not over yet)."""
+
+
+def hour_bounds(date: str, hour: int) -> tuple[float, float]:
+    """Epoch seconds of the hour's start and end (UTC)."""
+    day = dt.date.fromisoformat(layout.partition(date)[3:])
+    layout.hour_partition(hour)  # validates
+    start = dt.datetime(day.year, day.month, day.day, int(hour), tzinfo=dt.UTC).timestamp()
+    return start, start + 3600.0
+
+
+def _line_time(line: str) -> float | None:
+    m = _TIME.search(line)
+    return float(m.group(1)) if m else None
+
+
+def _instances(raw: Any) -> list[Any]:
+    if not isinstance(raw, str) or not raw.startswith("["):
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _version(raw: Any, label: str, versions: Mapping[str, int]) -> int | None:
+    text = str(raw or "")
+    if text.isdigit():
+        return int(text)
+    return versions.get(label)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, list) and len(v) == 1:  # TF Serving also takes [x] per feature
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def records(
+    lines: Iterable[str],
+    start: float,
+    end: float,
+    spec: DatasetSpec,
+    versions: Mapping[str, int],
+) -> pa.Table:
+    """The serving-log rows of the model calls that started in ``[start, end)``, in time
+    order. ``versions``: each label's version, for lines that do not name one."""
+    numeric, categorical = spec.numeric_features, spec.categorical_features
+    pii = set(spec.pii_columns)
+    cols: dict[str, list[Any]] = {f.name: [] for f in schema(spec)}
+    for line in lines:
+        t = _line_time(line)
+        if t is None or not start <= t < end:
+            continue  # cheap pre-filter: most lines of a long log are other hours
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or rec.get("cluster") not in POOLS:
+            continue
+        if str(rec.get("listener") or "primary") != "primary":
+            continue  # a mirrored copy, not a user's request
+        if not str(rec.get("path") or "").split("?", 1)[0].endswith(_MODEL_CALL):
+            continue
+        label = str(rec["cluster"])
+        status = int(rec.get("code") or 0)
+        insts = _instances(rec.get("instances"))
+        scores = parse_scores(rec.get("scores")) if status == 200 else ()
+        n = max(len(insts), len(scores), 1)
+        rid = str(rec.get("request_id") or "")
+        key = str(rec.get("key") or "") or None
+        version = _version(rec.get("version"), label, versions)
+        latency = float(rec.get("duration_us") or 0) / 1000.0
+        for i in range(n):
+            inst = insts[i] if i < len(insts) and isinstance(insts[i], dict) else {}
+            score = scores[i] if i < len(scores) else None
+            cols["request_id"].append(rid)
+            cols["instance"].append(i)
+            cols["time"].append(int(t * 1000))
+            cols["key"].append(key)
+            cols["label"].append(label)
+            cols["version"].append(version)
+            cols["status"].append(status)
+            cols["latency_ms"].append(latency)
+            cols["score"].append(None if score is None or math.isnan(score) else score)
+            for name in numeric:
+                cols[name].append(_number(inst.get(name)))
+            for name in categorical:
+                v = inst.get(name)
+                v = None if v is None else str(v[0] if isinstance(v, list) and v else v)
+                cols[name].append(mask_pii(v) if name in pii else v)
+    table = pa.Table.from_pydict(cols, schema=schema(spec))
+    return table.sort_by([("time", "ascending"), ("request_id", "ascending")])
+
+
+def _part_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP, compression="zstd")
+    return buf.getvalue()
+
+
+def published(store: ObjectStore, model: str, date: str, hour: int) -> dict[str, Any] | None:
+    """The hour's manifest, or None when it is not published."""
+    key = f"{layout.serving_logs(model, date, hour)}/{MANIFEST}"
+    return json.loads(store.read_text(key)) if store.exists(key) else None
+
+
+def ship_hour(
+    store: ObjectStore,
+    spec: DatasetSpec,
+    model: str,
+    date: str,
+    hour: int,
+    lines: Iterable[str],
+    versions: Mapping[str, int],
+    grace_s: float,
+    now: float | None = None,
+    open_hour: bool = False,
+) -> dict[str, Any]:
+    """Publish the hour's serving log (parts first, the manifest last, once); the manifest.
+
+    ``open_hour`` ships an hour that is not over yet (demos and tests, whose traffic has
+    stopped): what is logged so far is published, and the manifest says so; requests later in
+    that hour are never added."""
+    prefix = layout.serving_logs(model, date, hour)
+    existing = published(store, model, date, hour)
+    if existing is not None:
+        log.info("serving log %s is already published (%d rows)", prefix, existing["rows"])
+        return {**existing, "already_published": True}
+    start, end = hour_bounds(date, hour)
+    now = time.time() if now is None else now
+    early = now < end + grace_s
+    if early and not open_hour:
+        raise ShippingError(
+            f"Hour {date} {int(hour):02d}:00 UTC is not over (plus {grace_s:g} s for the data "
+            "plane's log flush): shipping it now would publish it incomplete (the "
+            "ship_open_hour param does that on purpose)."
+        )
+    table = records(lines, start, end, spec, versions)
+    parts, part_rows, hashes = [], {}, {}
+    for i, offset in enumerate(range(0, table.num_rows, PART_ROWS)):
+        name = f"part-{i:05d}.parquet"
+        data = _part_bytes(table.slice(offset, PART_ROWS))
+        store.write_bytes(f"{prefix}/{name}", data)  # invisible until the manifest names it
+        parts.append(name)
+        part_rows[name] = min(PART_ROWS, table.num_rows - offset)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    manifest = {
+        "model": model,
+        "dataset": spec.name,
+        "date": layout.partition(date)[3:],
+        "hour": int(hour),
+        "rows": table.num_rows,
+        "parts": parts,
+        "part_rows": part_rows,
+        "sha256": hashes,
+        "labels": _value_counts(table.column("label")),
+        "open_hour": early,  # shipped before the hour (and the log flush) was over
+    }
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if not store.create_bytes(f"{prefix}/{MANIFEST}", body):
+        # Another shipper published it meanwhile: its manifest stands.
+        return {**json.loads(store.read_text(f"{prefix}/{MANIFEST}")), "already_published": True}
+    log.info("published serving log %s: %d rows in %d part(s)", prefix, table.num_rows, len(parts))
+    return {**manifest, "already_published": False}
+
+
+def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
+    rows = pc.value_counts(col).to_pylist() if len(col) else []
+    return {str(r["values"]): int(r["counts"]) for r in rows}
+
+
+def part_keys(store: ObjectStore, model: str, date: str, hour: int) -> list[str]:
+    """The published parts of an hour (empty when not published or without rows)."""
+    manifest = published(store, model, date, hour)
+    if manifest is None:
+        return []
+    prefix = layout.serving_logs(model, date, hour)
+    return [f"{prefix}/{name}" for name in manifest["parts"]]

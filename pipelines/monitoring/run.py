@@ -1,0 +1,302 @@
+"""One monitored hour, end to end: the published serving log judged against the SLOs, the
+champion's reference and the matured labels; the report written; the decision taken by the
+policy and published once (``monitoring/<model>/decisions/dt=D/hour=HH.json``).
+
+A rerun of a decided hour returns the published decision: nothing is judged or acted on twice.
+The canary is never judged: SLOs are the champion version's, drift is read from the ``stable``
+pool's traffic, and realised performance is the champion's answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any
+
+from pipelines.config import Settings
+from pipelines.data import layout
+from pipelines.data.spec import load_spec
+from pipelines.monitoring import logs, metrics, outcomes, policy
+from pipelines.monitoring.reference import reference_for
+from pipelines.registry import Registry
+from pipelines.serving.control import ServingControl, labels_of
+from pipelines.store import ObjectStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+class MonitoringError(RuntimeError):
+    """An hour that cannot be judged (not shipped, no champion)."""
+
+
+def decision_key(model: str, date: str, hour: int) -> str:
+    return (
+        f"monitoring/{model}/decisions/{layout.partition(date)}/{layout.hour_partition(hour)}.json"
+    )
+
+
+def _hour_id(date: str, hour: int) -> str:
+    return f"{layout.partition(date)[3:]}T{int(hour):02d}"
+
+
+def previous_decisions(store: ObjectStore, model: str, date: str, hour: int, days: int) -> list:
+    """The published decisions of the ``days`` days up to (not including) this hour, oldest
+    first."""
+    day = dt.date.fromisoformat(layout.partition(date)[3:])
+    this = decision_key(model, date, hour)
+    keys: list[str] = []
+    for back in range(days, -1, -1):
+        d = (day - dt.timedelta(days=back)).isoformat()
+        keys += [
+            k
+            for k in store.list(f"monitoring/{model}/decisions/{layout.partition(d)}")
+            if k.endswith(".json")
+        ]
+    return [json.loads(store.read_text(k)) for k in sorted(keys) if k < this]
+
+
+def serving_context(settings: Settings, control: ServingControl, now: float) -> policy.Context:
+    """Who the champion is, since when, what it replaced, and whether a rollout is running."""
+    from pipelines.serving.rollout import previous_champion
+
+    reg = Registry(settings.mlflow)
+    champion = reg.alias_version("champion")
+    labels = labels_of(control)
+    split = control.split()
+    moving = []
+    if labels.get("canary") not in (None, labels.get("stable")):
+        moving.append(f"canary v{labels['canary']} staged")
+    if split.canary:
+        moving.append(f"canary weight {split.canary}%")
+    if split.shadow:
+        moving.append(f"shadow {split.shadow}%")
+    promoted_at = None
+    previous = None
+    if champion is not None:
+        tag = reg.version(champion).tags.get("mlops.promoted_at")
+        promoted_at = float(tag) if tag else None
+        previous = previous_champion(settings, champion)
+    return policy.Context(
+        now=now,
+        champion=champion,
+        previous_champion=previous,
+        promoted_at=promoted_at,
+        rollout_in_progress=bool(moving),
+        rollout_detail=", ".join(moving),
+    )
+
+
+def _slo_finding(hour_metrics: dict[str, Any], champion: str) -> dict[str, Any]:
+    entry = hour_metrics["versions"].get(champion) or {}
+    checks = entry.get("slo_checks") or []
+    return {
+        "version": champion,
+        "status": entry.get("slo", "no traffic"),
+        "breached": entry.get("slo") == "breach",
+        "reasons": [c["detail"] for c in checks if not c["passed"]],
+    }
+
+
+def _drift_finding(hour_metrics: dict[str, Any]) -> dict[str, Any]:
+    feats, pred = hour_metrics["features"], hour_metrics["prediction"]
+    reasons = [
+        f"{name}: {feats['columns'][name].get('detail') or 'drift'}" for name in feats["drifted"]
+    ]
+    if pred.get("drifted"):
+        reasons.append(pred["detail"])
+    return {
+        "judged": feats.get("status") == "judged" or pred.get("status") == "judged",
+        "drifted": bool(hour_metrics["drift"]),
+        "reasons": reasons,
+        "features": feats.get("status"),
+        "prediction": pred.get("status"),
+    }
+
+
+def judge_performance(
+    settings: Settings, store: ObjectStore, spec: Any, ref: dict[str, Any], date: str
+) -> dict[str, Any] | None:
+    """Realised performance of the champion over the labels landed in the trailing
+    ``label_window_days``, joined to the answers of those days and the ``label_delay_days``
+    before them; None when no labels landed in the window."""
+    cfg = settings.monitoring
+    day = dt.date.fromisoformat(layout.partition(date)[3:])
+    label_days = [day - dt.timedelta(days=i) for i in range(cfg.label_window_days)]
+    landed = [d for d in label_days if outcomes.outcome_files(store, spec.name, d)]
+    if not landed:
+        return None
+    first = min(landed) - dt.timedelta(days=cfg.label_delay_days)
+    served_days = [first + dt.timedelta(days=i) for i in range((day - first).days + 1)]
+    served = outcomes.served_scores(store, settings.mlflow.model_name, served_days)
+    labels = outcomes.read_outcomes(store, spec, landed)
+    perf = outcomes.realised_performance(
+        served, labels, float(ref["threshold"]), spec, ref.get("evaluation") or {}, cfg
+    )
+    champ = perf["versions"].get(str(ref["version"])) or {}
+    perf["judged"] = champ.get("status") in ("ok", "decayed")
+    perf["decayed"] = champ.get("status") == "decayed"
+    perf["reasons"] = (
+        [f"version {ref['version']}: {champ.get('detail')}"] if perf["decayed"] else []
+    )
+    perf["label_days"] = [d.isoformat() for d in sorted(landed)]
+    return perf
+
+
+def monitor_hour(
+    settings: Settings,
+    control: ServingControl,
+    date: str,
+    hour: int,
+    latest_day: str | None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Judge the published hour and decide (once); the decision, the report's URI, and what
+    the DAG's action tasks need (``retrain``, ``retrain_conf``, ``retrain_run_id``,
+    ``rollback``; empty when the decision does not call for them)."""
+    store, model, cfg = open_store(settings.store), settings.mlflow.model_name, settings.monitoring
+    key = decision_key(model, date, hour)
+    if store.exists(key):
+        decided = json.loads(store.read_text(key))
+        log.info("hour %s is already decided: %s", decided["hour"], decided["kinds"] or "no action")
+        return _outputs(settings, decided, latest_day, already=True)
+    manifest = logs.published(store, model, date, hour)
+    if manifest is None:
+        raise MonitoringError(
+            f"The serving log of {date} hour {int(hour):02d} is not published; ship it first."
+        )
+    now = time.time() if now is None else now
+    ctx = serving_context(settings, control, now)
+    if ctx.champion is None:
+        raise MonitoringError("No champion version: there is nothing in production to monitor.")
+    ref = reference_for(settings, ctx.champion)
+    spec = load_spec(ref["dataset"], settings.data.spec_dir)
+    hour_metrics = metrics.monitor_files(
+        store,
+        logs.part_keys(store, model, date, hour),
+        spec,
+        ref["features"],
+        ref["scores"],
+        cfg,
+    )
+    findings = {
+        "slo": _slo_finding(hour_metrics, ctx.champion),
+        "drift": _drift_finding(hour_metrics),
+        "performance": judge_performance(settings, store, spec, ref, date),
+    }
+    previous = previous_decisions(
+        store, model, date, hour, days=max(2, int(cfg.retrain_cooldown_hours // 24) + 1)
+    )
+    decision = policy.decide(_hour_id(date, hour), findings, previous, ctx, cfg)
+    prefix = layout.monitoring(model, date, hour)
+    report = {
+        "hour": decision.hour,
+        "champion": ctx.champion,
+        "context": ctx.__dict__,
+        "manifest": {k: manifest[k] for k in ("rows", "parts", "labels")},
+        "metrics": hour_metrics,
+        "findings": findings,
+        "decision": decision.to_dict(),
+    }
+    store.write_text(f"{prefix}/report.json", json.dumps(report, indent=2, default=str))
+    store.write_text(f"{prefix}/report.md", render_markdown(report))
+    record = {
+        **decision.to_dict(),
+        "kinds": decision.kinds(),
+        "champion": ctx.champion,
+        "report_uri": store.uri(f"{prefix}/report.json"),
+    }
+    if not store.create_bytes(key, json.dumps(record, indent=2, default=str).encode()):
+        record = json.loads(store.read_text(key))  # another run decided first: its decision
+        return _outputs(settings, record, latest_day, already=True)
+    for note in decision.notes:
+        log.info("monitoring %s: %s", decision.hour, note)
+    log.info(
+        "monitoring %s: champion v%s, %d rows; decision: %s",
+        decision.hour,
+        ctx.champion,
+        manifest["rows"],
+        ", ".join(decision.kinds()) or "no action",
+    )
+    return _outputs(settings, record, latest_day, already=False)
+
+
+def _outputs(
+    settings: Settings, record: dict[str, Any], latest_day: str | None, already: bool
+) -> dict[str, Any]:
+    model = settings.mlflow.model_name
+    retrain = next((a for a in record["actions"] if a["kind"] == "retrain"), None)
+    rollback = next((a for a in record["actions"] if a["kind"] == "rollback"), None)
+    conf: dict[str, Any] = {}
+    if retrain is not None:
+        if latest_day is None:
+            raise MonitoringError("Retraining was decided but no landing day exists to train on.")
+        conf = {"date": latest_day, "reason": f"monitoring {record['hour']}: {retrain['reason']}"}
+    return {
+        "hour": record["hour"],
+        "already_decided": already,
+        "decision": record,
+        "report_uri": record.get("report_uri"),
+        "retrain": retrain,
+        "retrain_conf": conf,
+        "retrain_run_id": f"retrain__{model}__{record['hour']}",
+        "rollback": None
+        if rollback is None
+        else {"to_version": rollback["evidence"]["to_version"], "reason": rollback["reason"]},
+    }
+
+
+def log_alerts(decision: dict[str, Any]) -> list[str]:
+    """One clear log line per alert of the decision (at ERROR, what an on-call filter keys on);
+    the lines."""
+    lines = [
+        f"MONITORING ALERT {decision['hour']} (champion v{decision.get('champion')}): {a['reason']}"
+        for a in decision["actions"]
+        if a["kind"] == "alert"
+    ]
+    for line in lines:
+        log.error(line)
+    return lines
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m, f, d = report["metrics"], report["findings"], report["decision"]
+    out = [
+        f"# Monitoring {report['hour']}: champion v{report['champion']}",
+        "",
+        f"**Decision:** {', '.join(a['kind'] for a in d['actions']) or 'no action'}",
+        "",
+    ]
+    out += [f"- **{a['kind']}**: {a['reason']}" for a in d["actions"]]
+    out += [f"- {n}" for n in d["notes"]]
+    out += [
+        "",
+        "## Traffic per version",
+        "",
+        "| version | instances | errors | p50 ms | p99 ms | SLO |",
+    ]
+    out += ["|---|---|---|---|---|---|"]
+    for v, e in m["versions"].items():
+        lat = e["latency_ms"]
+        out.append(
+            f"| {v} | {e['instances']} | {e['errors']} | {lat.get('p50')} | {lat.get('p99')} "
+            f"| {e['slo']} |"
+        )
+    out += ["", "## Drift (stable traffic vs the champion's training reference)", ""]
+    out += ["| feature | PSI | KS p | status |", "|---|---|---|---|"]
+    for name, c in (m["features"].get("columns") or {}).items():
+        out.append(f"| {name} | {c.get('psi')} | {c.get('ks_pvalue', '')} | {c['status']} |")
+    pred = m["prediction"]
+    out += ["", f"Scores: {pred.get('detail') or pred.get('status')}", ""]
+    perf = f.get("performance")
+    out += ["## Realised performance", ""]
+    if perf is None:
+        out.append("No labels landed in the window.")
+    else:
+        o = perf["overall"]
+        out.append(
+            f"{perf['labelled']} matured labels (landed {', '.join(perf['label_days'])}): "
+            f"ROC-AUC {o.get('roc_auc')}, precision {o.get('precision')}, recall "
+            f"{o.get('recall')}; {o.get('detail')}"
+        )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,307 @@
+"""The monitoring DAG end to end with ``dag.test()``: real replicas behind Envoy, real traffic
+through the data plane, the hour's serving log shipped from Envoy's access log, and the
+decision's actions taken by the DAG's own tasks.
+
+A monitored hour is decided once, and the hour is the wall clock's, so each scenario gets its
+own registered model name (everything the monitor keeps is keyed by it) and serving directory;
+one model is trained for the module and registered under each scenario's name."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pendulum
+import pytest
+
+from pipelines import stages
+from pipelines.config import Settings, settings
+from pipelines.data import layout
+from pipelines.data.generate import to_parquet_bytes
+from pipelines.data.spec import load_spec
+from pipelines.monitoring.traffic import day_requests, send
+from pipelines.registry import CHAMPION, Registry
+from pipelines.serving.daemon import stop_all
+from pipelines.serving.dataplane.split import Split
+from pipelines.store import open_store
+from tests.ports import FREE_PORTS
+from tests.serving_helpers import doctored_saved_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+DAY = "2026-11-01"
+MONITOR = "mlops_model_monitoring"
+TRAINING = "mlops_training_pipeline"
+ENV = {
+    **FREE_PORTS,
+    "MLOPS__DATAPLANE__REPLICAS": "1",
+    "MLOPS__TRAIN__NODES": "1",
+    "MLOPS__TRAIN__EPOCHS": "3",
+    "MLOPS__MONITORING__DRIFT_HOURS": "1",  # the streak over hours is the policy's unit test
+}
+# The doctored "slow" SavedModel answers in ~25 ms at 50 req/s here, the real one in ~2 ms.
+SLOW_SLO = {"MLOPS__MONITORING__SLO_P50_MS": "12"}
+REQUESTS = 400
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One blessed, registered, exported model in a home whose MLflow every scenario uses."""
+    home = tmp_path_factory.mktemp("monitoring") / "mlops"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLOPS_HOME", str(home))
+    for k, v in ENV.items():
+        mp.setenv(k, v)
+    mp.delenv("MLOPS_PROFILE", raising=False)
+    mp.delenv("MLOPS_CONFIG", raising=False)
+    settings.cache_clear()
+    s = settings()
+    try:
+        stages.generate_data(s, DAY, rows=6000)
+        stages.validate_data(s, DAY)
+        run_id = stages.train(s, stages.shard_data(s, DAY)["manifest_uri"])["run_id"]
+        assert stages.evaluate(s, run_id)["blessed"]
+        version = stages.register(s, run_id)["model_version"]
+        stages.export_and_infra_validate(s, version)
+        yield {"home": home, "settings": s, "run_id": run_id, "version": version, "mp": mp}
+    finally:
+        mp.undo()
+        settings.cache_clear()
+
+
+def _register_copy(s: Settings, base: dict[str, Any], kind: str = "same") -> str:
+    """A version of the trained run under this scenario's model name, its SavedModel copied
+    (or doctored) with the sha256 record the export stage writes."""
+    import tempfile
+
+    from pipelines.evaluate.run import load_run_model
+    from pipelines.serving.rollout import _tree_sha256
+
+    reg, store, name = Registry(s.mlflow), open_store(s.store), s.mlflow.model_name
+    if not reg.client.search_registered_models(f"name = '{name}'"):
+        reg.client.create_registered_model(name)
+    mv = reg.client.create_model_version(
+        name, source=f"runs:/{base['run_id']}/model", run_id=base["run_id"]
+    )
+    version = str(mv.version)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "saved_model"
+        if kind == "same":
+            store.get_dir(f"{layout.export('fraud_detector', base['version'])}/saved_model", out)
+        else:
+            doctored_saved_model(load_run_model(reg, base["run_id"]), out, kind)
+        store.put_dir(out, f"{layout.export(name, version)}/saved_model")
+        meta = {"version": version, "run_id": base["run_id"], "files": _tree_sha256(out)}
+        store.write_text(f"{layout.export(name, version)}/export.json", json.dumps(meta))
+    return version
+
+
+@contextmanager
+def scenario(trained: dict[str, Any], tmp_path: Path, **env: str) -> Iterator[Settings]:
+    """This scenario's model name and serving directory (the lake and MLflow are the
+    module's); v1, a copy of the trained model, deployed as stable and champion. Serving is
+    stopped at the end."""
+    serving = tmp_path / "serving"
+    with pytest.MonkeyPatch.context() as local:
+        local.setenv("MLOPS__SERVING__BASE_DIR", str(serving))
+        local.setenv("MLOPS__MLFLOW__MODEL_NAME", f"fraud_{tmp_path.name[:24]}")
+        for k, v in env.items():
+            local.setenv(k, v)
+        settings.cache_clear()
+        s = settings()
+        try:
+            v1 = _register_copy(s, trained)
+            stages.stage_canary(s, v1)
+            stages.promote(s, v1)
+            yield s
+        finally:
+            stop_all(serving)
+            settings.cache_clear()
+
+
+def run_monitor(date: str, hour: int) -> Any:
+    from airflow.models import DagBag
+
+    dags = DagBag(dag_folder=str(Path(__file__).resolve().parents[2] / "dags")).dags
+    return dags[MONITOR].test(
+        logical_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        run_conf={"date": date, "hour": hour, "ship_open_hour": True},
+    )
+
+
+def this_hour() -> tuple[str, int]:
+    """The hour traffic sent now falls in; waits out the last seconds of an hour, so a
+    scenario's traffic never straddles two."""
+    now = dt.datetime.now(dt.UTC)
+    if now.minute == 59 and now.second > 30:
+        time.sleep(61 - now.second)
+        now = dt.datetime.now(dt.UTC)
+    return now.date().isoformat(), now.hour
+
+
+def task_states(dag_run: Any) -> dict[str, str]:
+    return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
+
+
+def decision(s: Settings, date: str, hour: int) -> dict[str, Any]:
+    from pipelines.monitoring.run import decision_key
+
+    store = open_store(s.store)
+    return json.loads(store.read_text(decision_key(s.mlflow.model_name, date, hour)))
+
+
+def training_runs() -> list[Any]:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        runs = session.scalars(select(DagRun).where(DagRun.dag_id == TRAINING)).all()
+        return [(r.run_id, dict(r.conf or {})) for r in runs]
+
+
+def test_healthy_traffic_gives_no_action(
+    airflow_db: None, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    with scenario(trained, tmp_path) as s:
+        date, hour = this_hour()
+        sent = send(s, DAY, rate=200, requests=REQUESTS)
+        assert sent["logged"] >= REQUESTS
+        before = training_runs()
+        dr = run_monitor(date, hour)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, date, hour)
+        assert d["actions"] == [] and d["judged"] and not d["drifted"], d
+        states = task_states(dr)
+        assert states["trigger_retraining"] == "skipped" and states["roll_back"] == "skipped"
+        assert training_runs() == before
+        store = open_store(s.store)
+        shipped = json.loads(
+            store.read_text(
+                f"{layout.serving_logs(s.mlflow.model_name, date, hour)}/_manifest.json"
+            )
+        )
+        # Every routed call of the hour: the traffic, and the staging's smoke test (canary).
+        assert shipped["labels"]["stable"] == REQUESTS
+        assert shipped["rows"] == sum(shipped["labels"].values())
+        report = json.loads(store.read_text(store.key_of(d["report_uri"])))
+        champion = report["metrics"]["versions"][report["champion"]]
+        assert champion["labels"]["stable"] == REQUESTS and champion["slo"] == "pass", champion
+        assert report["metrics"]["features"]["status"] == "judged"
+        assert store.exists(f"{layout.monitoring(s.mlflow.model_name, date, hour)}/report.md")
+        # A rerun of the decided hour changes nothing and acts on nothing.
+        again = run_monitor(date, hour)
+        assert str(again.state) == "success" and decision(s, date, hour) == d
+
+
+def test_drifted_traffic_alerts_and_triggers_retraining_with_the_right_conf(
+    airflow_db: None, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    with scenario(trained, tmp_path) as s:
+        date, hour = this_hour()
+        send(s, DAY, rate=200, requests=REQUESTS, drift=1.0)
+        dr = run_monitor(date, hour)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, date, hour)
+        assert d["kinds"] == ["retrain"] and d["drifted"], d
+        assert "sustained drift" in d["actions"][0]["reason"]
+        assert task_states(dr)["trigger_retraining"] == "success"
+        runs = dict(training_runs())
+        run_id = f"retrain__{s.mlflow.model_name}__{date}T{hour:02d}"
+        assert run_id in runs, runs
+        assert runs[run_id]["date"] == DAY  # the latest landing day
+        assert "sustained drift" in runs[run_id]["reason"]
+        # The conf is one the training DAG's form accepts as it is.
+        from dags.mlops_training_pipeline import PARAMS
+
+        assert set(runs[run_id]) <= set(PARAMS)
+
+
+def test_a_slow_champion_just_promoted_is_rolled_back_to_the_previous_one(
+    airflow_db: None, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    with scenario(trained, tmp_path, **SLOW_SLO) as s:
+        reg = Registry(s.mlflow)
+        v1 = reg.alias_version(CHAMPION)
+        v2 = _register_copy(s, trained, kind="slow")
+        stages.stage_canary(s, v2)
+        stages.promote(s, v2)  # a promotion the canary should have stopped
+        assert reg.alias_version(CHAMPION) == v2
+        date, hour = this_hour()
+        send(s, DAY, rate=50, requests=REQUESTS)
+        dr = run_monitor(date, hour)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, date, hour)
+        assert d["kinds"] == ["rollback"], d
+        reason = d["actions"][0]["reason"]
+        assert f"champion v{v2}" in reason and "median latency" in reason, reason
+        assert task_states(dr)["roll_back"] == "success"
+        assert reg.alias_version(CHAMPION) == v1
+        assert stages.serving_state(s)["labels"] == {"stable": int(v1), "canary": int(v1)}
+        assert reg.version(v2).tags["mlops.rollout"] == "demoted"
+        assert reason in reg.version(v2).tags["mlops.demoted_reason"]
+        from pipelines.audit import AuditLog
+
+        events = [e["event"] for e in AuditLog(open_store(s.store)).entries()]
+        assert "rollout.champion_restored" in events and "monitoring.decided" in events
+
+
+def test_late_labels_showing_decay_trigger_retraining(
+    airflow_db: None, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    with scenario(trained, tmp_path) as s:
+        date, hour = this_hour()
+        send(s, DAY, rate=200, requests=REQUESTS)
+        # The outcomes land: every answered row's label, inverted (the world changed).
+        store = open_store(s.store)
+        landed = pd.read_parquet(trained["home"] / "lake" / layout.landing("transactions", DAY))
+        truth = dict(zip(landed["transaction_id"].astype(str), landed["is_fraud"], strict=True))
+        answered = [k for k, _ in day_requests(s, load_spec("transactions"), DAY)[:REQUESTS]]
+        labels = pd.DataFrame(
+            {"transaction_id": answered, "is_fraud": [1 - int(truth[k]) for k in answered]}
+        )
+        outcomes = layout.outcomes("transactions", date)
+        store.write_bytes(f"{outcomes}/part-00000.parquet", to_parquet_bytes(labels))
+        try:
+            dr = run_monitor(date, hour)
+        finally:  # the lake is the module's: other scenarios' answers have no such labels
+            store.delete(outcomes, recursive=True)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, date, hour)
+        assert d["kinds"] == ["retrain"], d
+        assert "decayed realised performance" in d["actions"][0]["reason"]
+        assert "ROC-AUC" in d["actions"][0]["reason"]
+        perf = d["actions"][0]["evidence"]["performance"]
+        assert perf["labelled"] == REQUESTS and perf["decayed"]
+
+
+def test_a_monitor_run_during_a_canary_takes_no_action_on_the_canary(
+    airflow_db: None, trained: dict[str, Any], tmp_path: Path
+) -> None:
+    with scenario(trained, tmp_path, **SLOW_SLO) as s:
+        reg = Registry(s.mlflow)
+        v1 = reg.alias_version(CHAMPION)
+        v2 = _register_copy(s, trained, kind="slow")
+        stages.stage_canary(s, v2)
+        control = stages.serving_control(s)
+        control.set_split(Split(50))
+        before = stages.serving_state(s)
+        date, hour = this_hour()
+        send(s, DAY, rate=50, requests=2 * REQUESTS)  # half of it stable's, judged for drift
+        dr = run_monitor(date, hour)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, date, hour)
+        assert d["actions"] == [], d  # the slow canary is the canary judge's, not ours
+        store = open_store(s.store)
+        report = json.loads(store.read_text(store.key_of(d["report_uri"])))
+        assert report["context"]["rollout_in_progress"]
+        assert report["findings"]["slo"]["version"] == v1
+        assert report["metrics"]["versions"][v2]["slo"] == "breach"  # seen, not acted on
+        after = stages.serving_state(s)
+        assert after["labels"] == before["labels"] and after["canary_weight"] == 50
+        assert reg.alias_version(CHAMPION) == v1
