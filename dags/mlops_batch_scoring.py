@@ -30,8 +30,11 @@ from airflow.sdk import (
     task,
 )
 from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
-from mlops_airflow.assets import MODEL_ASSET, PREDICTIONS_ASSET
+from mlops_airflow.assets import model_asset, predictions_asset
 from mlops_airflow.common import OWNER, deployment, on_failure
+
+MODEL_ASSET = model_asset()
+PREDICTIONS_ASSET = predictions_asset()
 
 TRAIN = deployment().train
 DEFAULT_ARGS = {

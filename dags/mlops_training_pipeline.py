@@ -30,8 +30,11 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from mlops_airflow.assets import DATASET_ASSET, MODEL_ASSET
+from mlops_airflow.assets import dataset_asset, model_asset
 from mlops_airflow.common import OWNER, TRAINING_POOL, deployment, on_failure
+
+DATASET_ASSET = dataset_asset()
+MODEL_ASSET = model_asset()
 
 # The profile decides the training launcher: local torchrun agents or one pod per node.
 TRAIN = deployment().train

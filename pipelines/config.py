@@ -578,6 +578,9 @@ class MonitoringSettings(_Section):
     retrain_cooldown_hours: float = Field(
         24.0, ge=0, description="no second retraining trigger within this time of the last"
     )
+    experiment: str = Field(
+        "mlops_monitoring", description="MLflow experiment of the monitoring runs (one per day)"
+    )
     on_drift: Literal["none", "alert", "retrain"] = Field(
         "retrain", description="action on sustained feature or prediction drift"
     )

@@ -170,9 +170,9 @@ class Registry:
         for k, v in params.items():
             self.client.log_param(run_id, k, str(v))
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         for k, v in metrics.items():
-            self.client.log_metric(run_id, k, float(v))
+            self.client.log_metric(run_id, k, float(v), step=step)
 
     def end_run(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")

@@ -324,6 +324,7 @@ class HourStats:
             "ks_pvalue": ks_p,
             "drifted": bool(drifted),
             "detail": detail,
+            "bins": self.score_bins.tolist(),  # live counts over the reference's edges
         }
 
 

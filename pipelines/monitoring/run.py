@@ -198,13 +198,20 @@ def monitor_hour(
         "findings": findings,
         "decision": decision.to_dict(),
     }
+    # Report, plots and the day's MLflow run before the decision is published: a retry after
+    # a failure here redoes them; once the decision exists, nothing is redone.
     store.write_text(f"{prefix}/report.json", json.dumps(report, indent=2, default=str))
     store.write_text(f"{prefix}/report.md", render_markdown(report))
+    pngs = _plots(settings, store, model, date, report, ref)
+    for name, png in pngs.items():
+        store.write_bytes(f"{prefix}/plots/{name}", png)
+    mlflow_run = _log_to_mlflow(settings, model, date, hour, report, pngs)
     record = {
         **decision.to_dict(),
         "kinds": decision.kinds(),
         "champion": ctx.champion,
         "report_uri": store.uri(f"{prefix}/report.json"),
+        "mlflow_run_id": mlflow_run,
     }
     if not store.create_bytes(key, json.dumps(record, indent=2, default=str).encode()):
         record = json.loads(store.read_text(key))  # another run decided first: its decision
@@ -219,6 +226,99 @@ def monitor_hour(
         ", ".join(decision.kinds()) or "no action",
     )
     return _outputs(settings, record, latest_day, already=False)
+
+
+def _day_reports(store: ObjectStore, model: str, date: str) -> list[dict[str, Any]]:
+    """The day's monitoring reports so far, in hour order."""
+    day = f"monitoring/{model}/{layout.partition(date)}"
+    keys = sorted(k for k in store.list(day, recursive=True) if k.endswith("/report.json"))
+    return [json.loads(store.read_text(k)) for k in keys]
+
+
+def _plots(
+    settings: Settings,
+    store: ObjectStore,
+    model: str,
+    date: str,
+    report: dict[str, Any],
+    ref: dict[str, Any],
+) -> dict[str, bytes]:
+    """Drift per feature and latency over the day's hours (this one included), and this
+    hour's scores against the reference's."""
+    from pipelines.monitoring import plots
+
+    day = [r for r in _day_reports(store, model, date) if r["hour"] != report["hour"]]
+    day = sorted([*day, report], key=lambda r: r["hour"])
+    hours = [r["hour"] for r in day]
+    names = sorted({n for r in day for n in r["metrics"]["features"].get("columns", {})})
+    psi: dict[str, list[float | None]] = {
+        n: [r["metrics"]["features"].get("columns", {}).get(n, {}).get("psi") for r in day]
+        for n in names
+    }
+    psi["score"] = [r["metrics"]["prediction"].get("psi") for r in day]
+    lat = [(r["metrics"]["versions"].get(str(r["champion"])) or {}).get("latency_ms") for r in day]
+    out = {
+        "drift.png": plots.drift_png(hours, psi, settings.monitoring.feature_psi),
+        "latency.png": plots.latency_png(
+            hours,
+            [(x or {}).get("p50") for x in lat],
+            [(x or {}).get("p99") for x in lat],
+            settings.monitoring,
+        ),
+    }
+    pred = report["metrics"]["prediction"]
+    if pred.get("bins"):
+        out["scores.png"] = plots.scores_png(
+            ref["scores"]["edges"], ref["scores"]["sample"], pred["bins"]
+        )
+    return out
+
+
+def _log_to_mlflow(
+    settings: Settings,
+    model: str,
+    date: str,
+    hour: int,
+    report: dict[str, Any],
+    pngs: dict[str, bytes],
+) -> str:
+    """The hour into the day's monitoring run (experiment ``monitoring.experiment``, one run
+    per model and day, found by its key): metrics with the hour as step, the report and plots
+    under ``hour=HH/``; its run id."""
+    reg = Registry(
+        settings.mlflow.model_copy(update={"experiment": settings.monitoring.experiment})
+    )
+    key = f"monitoring:{model}:{layout.partition(date)[3:]}"
+    run = reg.find_run(key)
+    run_id = (
+        run.info.run_id
+        if run is not None
+        else reg.create_run(
+            f"{model} {layout.partition(date)[3:]}", {"run_key": key, "model": model}
+        )
+    )
+    m = report["metrics"]
+    champ = m["versions"].get(str(report["champion"])) or {}
+    lat = champ.get("latency_ms") or {}
+    cols = m["features"].get("columns") or {}
+    values = {
+        "requests": champ.get("requests"),
+        "error_rate": champ.get("error_rate"),
+        "p50_ms": lat.get("p50"),
+        "p99_ms": lat.get("p99"),
+        "max_feature_psi": max((c.get("psi") or 0.0 for c in cols.values()), default=None),
+        "score_psi": m["prediction"].get("psi"),
+        "drifted": float(bool(report["findings"]["drift"]["drifted"])),
+        "actions": float(len(report["decision"]["actions"])),
+    }
+    reg.log_metrics(run_id, {k: v for k, v in values.items() if v is not None}, step=int(hour))
+    folder = f"hour={int(hour):02d}"
+    reg.log_bytes(run_id, json.dumps(report, indent=2, default=str).encode(), folder, "report.json")
+    reg.log_bytes(run_id, render_markdown(report).encode(), folder, "report.md")
+    for name, png in pngs.items():
+        reg.log_bytes(run_id, png, folder, name)
+    reg.end_run(run_id, ok=True)
+    return run_id
 
 
 def _outputs(

@@ -1,6 +1,9 @@
 """The Assets the DAGs emit and schedule on, defined once: a producer and its consumers must
 name the same Asset, so neither spells its name or URI itself. URIs are logical and stable
-across deployments; each event's extra carries the concrete manifest URI or model version."""
+across deployments; each event's extra carries the concrete manifest URI or model version.
+
+Functions, called by each DAG file as it is parsed: the names follow the deployment's settings
+at parse time (a module-level constant here would keep whatever the first import saw)."""
 
 from __future__ import annotations
 
@@ -8,14 +11,24 @@ from airflow.sdk import Asset
 
 from mlops_airflow.common import deployment
 
-_DATASET = deployment().data.dataset
-_MODEL = deployment().mlflow.model_name
 
-# mlops_training_pipeline's shard_dataset emits it.
-DATASET_ASSET = Asset(name=f"{_DATASET}_shards", uri=f"mlops://datasets/{_DATASET}/shards")
-# mlops_training_pipeline's register_model and promote emit it; mlops_batch_scoring runs on it.
-MODEL_ASSET = Asset(name=f"{_MODEL}_registered", uri=f"mlflow://models/{_MODEL}")
-# mlops_batch_scoring's publish emits it.
-PREDICTIONS_ASSET = Asset(
-    name=f"{_DATASET}_predictions", uri=f"mlops://predictions/{_DATASET}/{_MODEL}"
-)
+def dataset_asset() -> Asset:
+    """Emitted by mlops_training_pipeline's shard_dataset."""
+    dataset = deployment().data.dataset
+    return Asset(name=f"{dataset}_shards", uri=f"mlops://datasets/{dataset}/shards")
+
+
+def model_asset() -> Asset:
+    """Emitted by mlops_training_pipeline's register_model and promote; mlops_batch_scoring
+    runs on it."""
+    model = deployment().mlflow.model_name
+    return Asset(name=f"{model}_registered", uri=f"mlflow://models/{model}")
+
+
+def predictions_asset() -> Asset:
+    """Emitted by mlops_batch_scoring's publish."""
+    s = deployment()
+    return Asset(
+        name=f"{s.data.dataset}_predictions",
+        uri=f"mlops://predictions/{s.data.dataset}/{s.mlflow.model_name}",
+    )

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from pipelines import stages
-from pipelines.config import Settings, settings, with_overrides
+from pipelines.config import Settings, with_overrides
 from pipelines.data import layout
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import monitor
@@ -32,6 +32,7 @@ from pipelines.serving.daemon import stop_all
 from pipelines.serving.rollout import canary_state_key
 from pipelines.store import open_store
 from tests.envoy_helpers import kill_envoy
+from tests.model_helpers import home_settings
 from tests.ports import FREE_PORTS
 from tests.serving_helpers import doctored_saved_model
 
@@ -49,30 +50,21 @@ ENV = {
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """v1 trained, registered, exported, staged and promoted: stable, canary and champion."""
     home = tmp_path_factory.mktemp("canary") / "mlops"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLOPS_HOME", str(home))
-    for k, v in ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("MLOPS_PROFILE", raising=False)
-    mp.delenv("MLOPS_CONFIG", raising=False)
-    settings.cache_clear()
-    s = settings()
-    try:
-        stages.generate_data(s, "2026-11-01", rows=6000)
-        stages.validate_data(s, "2026-11-01")
-        manifest = stages.shard_data(s, "2026-11-01")["manifest_uri"]
-        run_id = stages.train(s, manifest)["run_id"]
-        assert stages.evaluate(s, run_id)["blessed"]
-        v1 = stages.register(s, run_id)["model_version"]
-        stages.export_and_infra_validate(s, v1)
-        stages.stage_canary(s, v1)
-        assert stages.monitor_canary(s, v1)["decision"] == "promote"
-        stages.promote(s, v1)
-        yield {"settings": s, "run_id": run_id, "v1": v1, "home": home}
-    finally:
-        stop_all(home / "serving")
-        mp.undo()
-        settings.cache_clear()
+    with home_settings(home, ENV) as s:
+        try:
+            stages.generate_data(s, "2026-11-01", rows=6000)
+            stages.validate_data(s, "2026-11-01")
+            manifest = stages.shard_data(s, "2026-11-01")["manifest_uri"]
+            run_id = stages.train(s, manifest)["run_id"]
+            assert stages.evaluate(s, run_id)["blessed"]
+            v1 = stages.register(s, run_id)["model_version"]
+            stages.export_and_infra_validate(s, v1)
+            stages.stage_canary(s, v1)
+            assert stages.monitor_canary(s, v1)["decision"] == "promote"
+            stages.promote(s, v1)
+            yield {"settings": s, "run_id": run_id, "v1": v1, "home": home}
+        finally:
+            stop_all(home / "serving")
 
 
 def new_version(deployed: dict[str, Any], kind: str = "same") -> str:

@@ -30,6 +30,7 @@ from pipelines.registry import CHAMPION, Registry
 from pipelines.serving.daemon import stop_all
 from pipelines.serving.dataplane.split import Split
 from pipelines.store import open_store
+from tests.model_helpers import home_settings
 from tests.ports import FREE_PORTS
 from tests.serving_helpers import doctored_saved_model
 
@@ -53,25 +54,14 @@ REQUESTS = 400
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One blessed, registered, exported model in a home whose MLflow every scenario uses."""
     home = tmp_path_factory.mktemp("monitoring") / "mlops"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLOPS_HOME", str(home))
-    for k, v in ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("MLOPS_PROFILE", raising=False)
-    mp.delenv("MLOPS_CONFIG", raising=False)
-    settings.cache_clear()
-    s = settings()
-    try:
+    with home_settings(home, ENV) as s:
         stages.generate_data(s, DAY, rows=6000)
         stages.validate_data(s, DAY)
         run_id = stages.train(s, stages.shard_data(s, DAY)["manifest_uri"])["run_id"]
         assert stages.evaluate(s, run_id)["blessed"]
         version = stages.register(s, run_id)["model_version"]
         stages.export_and_infra_validate(s, version)
-        yield {"home": home, "settings": s, "run_id": run_id, "version": version, "mp": mp}
-    finally:
-        mp.undo()
-        settings.cache_clear()
+        yield {"home": home, "settings": s, "run_id": run_id, "version": version}
 
 
 def _register_copy(s: Settings, base: dict[str, Any], kind: str = "same") -> str:
@@ -193,7 +183,17 @@ def test_healthy_traffic_gives_no_action(
         champion = report["metrics"]["versions"][report["champion"]]
         assert champion["labels"]["stable"] == REQUESTS and champion["slo"] == "pass", champion
         assert report["metrics"]["features"]["status"] == "judged"
-        assert store.exists(f"{layout.monitoring(s.mlflow.model_name, date, hour)}/report.md")
+        prefix = layout.monitoring(s.mlflow.model_name, date, hour)
+        for name in ("report.md", "plots/drift.png", "plots/latency.png", "plots/scores.png"):
+            assert store.exists(f"{prefix}/{name}"), name
+        # The day's MLflow monitoring run: the hour as a step, its report and plots.
+        reg = Registry(s.mlflow)
+        run = reg.client.get_run(d["mlflow_run_id"])
+        assert run.data.tags["mlops.run_key"] == f"monitoring:{s.mlflow.model_name}:{date}"
+        p50 = reg.client.get_metric_history(d["mlflow_run_id"], "p50_ms")
+        assert [m.step for m in p50] == [hour] and p50[0].value == champion["latency_ms"]["p50"]
+        logged = {a.path for a in reg.client.list_artifacts(d["mlflow_run_id"], f"hour={hour:02d}")}
+        assert f"hour={hour:02d}/drift.png" in logged and f"hour={hour:02d}/report.json" in logged
         # A rerun of the decided hour changes nothing and acts on nothing.
         again = run_monitor(date, hour)
         assert str(again.state) == "success" and decision(s, date, hour) == d
