@@ -28,6 +28,9 @@ from pipelines.serving.batching import Batcher, BatchingParameters, RunFn
 from pipelines.serving.errors import ServingError
 
 log = logging.getLogger(__name__)
+# One JSON line per REST model call (INFO), keyed by the request id Envoy forwards: a request
+# followed from the data plane's access log to the replica that answered it.
+request_log = logging.getLogger("pipelines.serving.requests")
 MAX_BODY = 8 << 20
 
 
@@ -614,6 +617,7 @@ _ROUTE = re.compile(
 
 class RestHandler(BaseHTTPRequestHandler):
     manager: ModelManager
+    started: float | None = None  # when the POST being answered arrived (epoch s)
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
 
@@ -628,6 +632,7 @@ class RestHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
     ) -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self._log_call(status, headers or {})
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -660,6 +665,31 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(exc)
 
     def do_POST(self) -> None:
+        self.started = time.time()
+        try:
+            self._post()
+        finally:
+            self.started = None
+
+    def _log_call(self, status: int, headers: dict[str, str]) -> None:
+        """The call's JSON line, written before its answer (a client that has the answer can
+        read the line)."""
+        if self.started is None or not request_log.isEnabledFor(logging.INFO):
+            return
+        request_log.info(
+            json.dumps(
+                {
+                    "time": round(self.started, 3),
+                    "request_id": self.headers.get("x-request-id") or "",
+                    "path": self.path.split("?", 1)[0],
+                    "status": status,
+                    "version": headers.get("x-model-version"),
+                    "duration_ms": round((time.time() - self.started) * 1000, 3),
+                }
+            )
+        )
+
+    def _post(self) -> None:
         m = self._match()
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:

@@ -6,6 +6,8 @@ with ``TF_SERVING_BASE`` its model base path) to run the same tests against tens
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import threading
@@ -452,3 +454,34 @@ def test_grpc_reload_config_refuses_a_label_on_an_unloaded_version(  # type: ign
         )
     assert resp.status.error_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert "not currently available" in resp.status.error_message
+
+
+@pytest.mark.skipif(bool(os.environ.get("TF_SERVING_URL")), reason="mlops serve's own log")
+def test_each_call_logs_one_json_line_with_the_request_id_and_the_version(  # type: ignore[no-untyped-def]
+    server, models, rows, caplog
+) -> None:
+    url, _ = server
+    instances = to_instances(rows, models["models"][1])[:2]
+    with caplog.at_level(logging.INFO, logger="pipelines.serving.requests"):
+        ok = requests.post(
+            f"{url}/v1/models/{MODEL}:predict",
+            json={"instances": instances},
+            headers={"x-request-id": "req-ok"},
+            timeout=10,
+        )
+        bad = requests.post(
+            f"{url}/v1/models/{MODEL}/versions/9:predict",
+            json={"instances": instances},
+            headers={"x-request-id": "req-404"},
+            timeout=10,
+        )
+    assert ok.headers["x-model-version"] == "1" and bad.status_code == 404
+    lines = {
+        r["request_id"]: r
+        for r in (json.loads(x.getMessage()) for x in caplog.records)
+        if r["request_id"].startswith("req-")
+    }
+    assert lines["req-ok"]["status"] == 200 and lines["req-ok"]["version"] == "1"
+    assert lines["req-ok"]["path"] == f"/v1/models/{MODEL}:predict"
+    assert lines["req-404"]["status"] == 404 and lines["req-404"]["version"] is None
+    assert lines["req-ok"]["duration_ms"] > 0
