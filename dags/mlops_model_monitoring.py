@@ -117,7 +117,10 @@ def mlops_model_monitoring() -> None:
 
         ctx = get_current_context()
         out = stages.restore_champion(
-            run_settings(ctx["params"]), rollback["to_version"], rollback["reason"]
+            run_settings(ctx["params"]),
+            rollback["from_version"],
+            rollback["to_version"],
+            rollback["reason"],
         )
         return record(ctx, out)
 

@@ -537,8 +537,16 @@ class MonitoringSettings(_Section):
     serving log against SLOs, the champion's training reference and matured labels, and the
     action each finding takes."""
 
+    ship_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="wait after an hour ends before shipping it: the log flush, the longest "
+        "request (logged when it ends, stamped when it began), a log collector's upload",
+    )
     min_requests: int = Field(
-        200, ge=1, description="logged instances an hour needs before drift or SLOs are judged"
+        200,
+        ge=1,
+        description="an hour's requests before its SLOs are judged (and its rows before drift)",
     )
     slo_error_rate: float = Field(
         0.01, ge=0, le=1, description="SLO: share of non-2xx answers per version and hour"

@@ -8,6 +8,7 @@ Stages that accept data or change the registry or serving record it in :mod:`pip
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Settings
@@ -573,7 +574,12 @@ def ship_serving_log(
         entry = control.pool(label)
         if entry is not None and label in entry.labels:
             versions[label] = int(entry.labels[label])
-    start, _ = logs.hour_bounds(date, hour)
+    start, end = logs.hour_bounds(date, hour)
+    delay = max(settings.monitoring.ship_delay_s, settings.dataplane.log_flush_ms / 1000)
+    wait = end + delay - time.time()
+    if 0 < wait <= delay and not open_hour:  # the run starts as the hour ends: wait it out
+        log.info("waiting %.0f s for the last requests of the hour to be logged", wait)
+        time.sleep(wait)
     out = logs.ship_hour(
         store,
         spec,
@@ -582,7 +588,7 @@ def ship_serving_log(
         hour,
         control.access_log_lines(start - 3600),
         versions,
-        grace_s=settings.dataplane.log_flush_ms / 1000 + 1.0,
+        grace_s=delay,
         open_hour=open_hour,
     )
     return {**out, "date": date, "hour": int(hour)}
@@ -620,18 +626,28 @@ def log_alerts(decision: dict[str, Any]) -> list[str]:
     return log_them(decision)
 
 
-def restore_champion(settings: Settings, to_version: str, reason: str) -> dict[str, Any]:
-    """Roll a promotion back: serving and the champion alias to ``to_version`` together."""
+def restore_champion(
+    settings: Settings, from_version: str, to_version: str, reason: str
+) -> dict[str, Any]:
+    """Roll the promotion of ``from_version`` back: serving and the champion alias to
+    ``to_version`` together. Refused, with one ERROR line and nothing changed, when the
+    champion or serving moved since the decision (a retry of a done restore finishes it)."""
     from pipelines.serving import rollout
 
-    out = rollout.restore_champion(settings, serving_control(settings), to_version, reason)
-    # "already_serving": a retry after the restore itself succeeded; recorded again.
+    try:
+        out = rollout.restore_champion(
+            settings, serving_control(settings), from_version, to_version, reason
+        )
+    except rollout.ServingMoved as exc:
+        log.error("MONITORING ALERT rollback of v%s refused: %s", from_version, exc)
+        return {"decision": "refused", "reason": str(exc), "demoted": None}
+    # "already_restored": a retry after the restore itself succeeded; recorded again.
     _audit(
         settings,
         "rollout.champion_restored",
         f"{settings.mlflow.model_name}/{to_version}",
         outcome=out["decision"],
-        demoted=out.get("demoted"),
+        demoted=out["demoted"],
         reason=reason,
         aliases=out["aliases"],
     )

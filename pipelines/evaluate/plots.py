@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 
-def _figure() -> tuple[Any, Any]:
+def new_figure() -> tuple[Any, Any]:
+    """A figure and its axes on an Agg canvas (the evaluation and monitoring plots)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -22,7 +23,7 @@ def _figure() -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
-def _png(fig: Any) -> bytes:
+def to_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
@@ -34,32 +35,32 @@ Curves = dict[str, np.ndarray]
 def roc_png(y: np.ndarray, scores: Curves) -> bytes:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for label, p in scores.items():
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y, p):.4f})")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curve")
     ax.legend(loc="lower right")
-    return _png(fig)
+    return to_png(fig)
 
 
 def pr_png(y: np.ndarray, scores: Curves) -> bytes:
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for label, p in scores.items():
         precision, recall, _ = precision_recall_curve(y, p)
         ax.plot(recall, precision, label=f"{label} (AP {average_precision_score(y, p):.4f})")
     ax.axhline(float(np.mean(y)), linestyle=":", color="grey", label="prevalence")
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall curve")
     ax.legend(loc="upper right")
-    return _png(fig)
+    return to_png(fig)
 
 
 def reliability_png(y: np.ndarray, scores: Curves, bins: int = 10) -> bytes:
     """Mean predicted vs observed positive rate per equal-width bin (empty bins skipped)."""
-    fig, ax = _figure()
+    fig, ax = new_figure()
     edges = np.linspace(0, 1, bins + 1)
     for label, p in scores.items():
         idx = np.minimum((p * bins).astype(int), bins - 1)
@@ -75,15 +76,15 @@ def reliability_png(y: np.ndarray, scores: Curves, bins: int = 10) -> bytes:
         ylim=(0, 1),
     )
     ax.legend(loc="upper left")
-    return _png(fig)
+    return to_png(fig)
 
 
 def loss_png(history: Sequence[tuple[int, float]], title: str = "Training loss") -> bytes:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     steps, values = zip(*history, strict=True) if history else ((), ())
     ax.plot(steps, values)
     ax.set(xlabel="step", ylabel="loss (BCE)", title=title)
-    return _png(fig)
+    return to_png(fig)
 
 
 def evaluation_plots(

@@ -7,8 +7,9 @@ that answered (the ``x-model-version`` response header of ``mlops serve``), the 
 ``instances`` and the answer's ``predictions`` (both copied by the data plane's Lua filter, up
 to 16 KiB each). Mirrored copies (the shadow listener) are not users' requests and are left out.
 
-An hour is shipped only once it is over and the log's flush interval has passed, so what is
-published is complete; ``part-*.parquet`` files go first and ``_manifest.json`` last, with a
+An hour is shipped only once it is over and ``monitoring.ship_delay_s`` has passed (the log's
+flush, the longest request, a log collector's upload), so what is published is complete;
+``part-*.parquet`` files (named per attempt) go first and ``_manifest.json`` last, with a
 create-once write: a published hour never changes, and a rerun returns its manifest as it is.
 An hour with no requests is published too (zero rows), so "no traffic" and "not shipped" differ.
 
@@ -27,6 +28,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -194,8 +196,11 @@ def ship_hour(
         )
     table = records(lines, start, end, spec, versions)
     parts, part_rows, hashes = [], {}, {}
+    # Each attempt writes parts of its own: another shipper of the same hour (a zombie attempt
+    # and its retry) never overwrites the parts a published manifest names.
+    attempt = uuid.uuid4().hex[:12]
     for i, offset in enumerate(range(0, table.num_rows, PART_ROWS)):
-        name = f"part-{i:05d}.parquet"
+        name = f"part-{i:05d}-{attempt}.parquet"
         data = _part_bytes(table.slice(offset, PART_ROWS))
         store.write_bytes(f"{prefix}/{name}", data)  # invisible until the manifest names it
         parts.append(name)

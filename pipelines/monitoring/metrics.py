@@ -24,6 +24,7 @@ from pipelines.store import ObjectStore
 
 UNKNOWN = "unknown"  # the version of rows whose version is null
 JUDGED_LABELS = ("stable",)  # drift judges the champion's routed traffic, not the canary's
+SERVED_LABELS = ("stable", "baseline")  # a version's SLO: its answers on these routes
 TRAFFIC_COLUMNS = ["instance", "label", "version", "status", "latency_ms", "score"]
 
 # Latency histogram (HdrHistogram-like): bins whose bounds grow by LATENCY_GROWTH from
@@ -89,7 +90,7 @@ class Traffic:
 
     instances: int = 0
     requests: int = 0
-    errors: int = 0  # requests answered with a non-2xx status
+    errors: int = 0  # requests answered 5xx or not at all (a 4xx is the client's mistake)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(LATENCY_BINS, dtype=np.int64))
 
     def merge(self, other: Traffic) -> None:
@@ -115,12 +116,17 @@ class Traffic:
 
 def slo_checks(t: Traffic, cfg: MonitoringSettings) -> tuple[str, list[dict[str, Any]]]:
     """The SLO verdict of a version's hour (pass, breach or insufficient) and its checks."""
-    if t.instances < cfg.min_requests or not t.requests:
+    if t.requests < cfg.min_requests:  # error rate and latency are per request
         return "insufficient", []
     rate = t.error_rate or 0.0
     q = latency_quantiles(t.hist)
     checks = [
-        _slo("error_rate", rate, cfg.slo_error_rate, f"{t.errors} of {t.requests} answers not 2xx"),
+        _slo(
+            "error_rate",
+            rate,
+            cfg.slo_error_rate,
+            f"{t.errors} of {t.requests} answers 5xx or none",
+        ),
         _slo("p50_ms", q["p50"] or 0.0, cfg.slo_p50_ms, "median latency"),
         _slo("p99_ms", q["p99"] or 0.0, cfg.slo_p99_ms, "p99 latency"),
     ]
@@ -216,7 +222,7 @@ class HourStats:
         g = group[first]
         instances = np.bincount(group, minlength=k)
         requests = np.bincount(g, minlength=k)
-        errors = np.bincount(g[(status < 200) | (status >= 300)], minlength=k)
+        errors = np.bincount(g[(status < 200) | (status >= 500)], minlength=k)
         hist = np.bincount(g * LATENCY_BINS + latency_bins(latency), minlength=k * LATENCY_BINS)
         hist = hist.reshape(k, LATENCY_BINS)
         for i in np.flatnonzero(instances):  # one pass per group present, not per row
@@ -233,12 +239,15 @@ class HourStats:
         sustained is the caller's judgement) and
         ``slo_breaches`` (one entry per failed SLO check)."""
         by_version: dict[str, Traffic] = {}
+        served: dict[str, Traffic] = {}  # what users of the stable route got from each version
         by_label: dict[str, Traffic] = {}
         mix: dict[str, dict[str, int]] = {}
         for (version, label), t in sorted(self.traffic.items()):
             by_version.setdefault(version, Traffic()).merge(t)
             by_label.setdefault(label, Traffic()).merge(t)
             mix.setdefault(version, {})[label] = t.instances
+            if label in SERVED_LABELS:
+                served.setdefault(version, Traffic()).merge(t)
         versions: dict[str, Any] = {}
         breaches: list[dict[str, Any]] = []
         for version in sorted(
@@ -248,10 +257,15 @@ class HourStats:
             status, checks = slo_checks(t, cfg)
             versions[version] = {**t.to_dict(), "labels": mix[version], "slo": status}
             versions[version]["slo_checks"] = checks
+            # The SLO a champion is held to: its answers on the stable and baseline routes
+            # only (a canary's own rows, before or after it was promoted, are the judge's).
+            routed, routed_checks = slo_checks(served.get(version, Traffic()), cfg)
+            versions[version]["served_slo"] = routed
+            versions[version]["served_slo_checks"] = routed_checks
             if status == "insufficient":
                 versions[version]["slo_detail"] = (
-                    f"{t.instances} instances ({t.requests} requests): SLOs are judged from "
-                    f"min_requests {cfg.min_requests} instances"
+                    f"{t.requests} requests ({t.instances} instances): SLOs are judged from "
+                    f"min_requests {cfg.min_requests} requests"
                 )
             breaches += [
                 {"version": version, "slo": c["slo"], "detail": c["detail"]}

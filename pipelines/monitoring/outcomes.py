@@ -175,11 +175,13 @@ def served_scores(
     model_name: str,
     days: Iterable[str | dt.date],
     columns: Sequence[str] = SERVED_COLUMNS,
+    keys: pa.Array | pa.ChunkedArray | None = None,
 ) -> pa.Table:
     """The serving-log rows of ``days`` (only ``columns``), from published hours only: an hour
     counts once its ``_manifest.json`` exists, and only the parts it lists are read (a part
     still being shipped, or left over from a failed shipment, is not). A listed part that is
-    missing, lacks a column, or a row count that disagrees with the manifest raises."""
+    missing, lacks a column, or a row count that disagrees with the manifest raises. With
+    ``keys``, only rows whose key is among them are kept (one part in memory at a time)."""
     tables: list[pa.Table] = []
     for date in days:
         for hour in published_hours(store, model_name, date):
@@ -196,6 +198,10 @@ def served_scores(
                         raise ServingLogError(f"{uri}: column(s) {missing} missing.")
                     table = pf.read(columns=list(columns))
                 read += table.num_rows
+                if keys is not None:  # only the rows these keys are for are kept
+                    table = table.filter(
+                        pc.fill_null(pc.is_in(table["key"], value_set=keys), False)
+                    )
                 tables.append(table)
             if read != rows:
                 raise ServingLogError(

@@ -17,6 +17,7 @@ from a mutable state two runs could race on.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,13 +59,32 @@ class Decision:
         return asdict(self)
 
 
-def drift_streak(previous: list[dict[str, Any]], drifted_now: bool, judged_now: bool) -> int:
-    """Judged hours in a row with drift, ending with this one; an hour without enough
-    traffic neither extends nor breaks the run. ``previous``: earlier decisions, oldest first."""
+def _hour(hour_id: str) -> dt.datetime:
+    return dt.datetime.strptime(hour_id, "%Y-%m-%dT%H")
+
+
+def drift_streak(
+    previous: list[dict[str, Any]],
+    drifted_now: bool,
+    judged_now: bool,
+    hour: str | None = None,
+    champion: str | None = None,
+) -> int:
+    """Judged hours in a row with drift, ending with this one (``hour``); an hour without
+    enough traffic neither extends nor breaks the run. It ends at an hour that was never
+    decided (a gap: the monitor did not run) and at one judged against another champion's
+    reference. ``previous``: earlier decisions, oldest first."""
     if judged_now and not drifted_now:
         return 0
     streak = 1 if judged_now else 0
+    expected = _hour(hour) if hour else None
     for d in reversed(previous):
+        if expected is not None and d.get("hour"):
+            if _hour(d["hour"]) != expected - dt.timedelta(hours=1):
+                break
+            expected = _hour(d["hour"])
+        if champion is not None and d.get("champion") not in (None, champion):
+            break
         if not d.get("judged"):
             continue
         if not d.get("drifted"):
@@ -110,7 +130,7 @@ def decide(
     drift = findings.get("drift") or {}
     perf = findings.get("performance") or {}
     judged, drifted = bool(drift.get("judged")), bool(drift.get("drifted"))
-    streak = drift_streak(previous, drifted, judged)
+    streak = drift_streak(previous, drifted, judged, hour, ctx.champion)
     out = Decision(hour, drifted, judged, streak)
     blocked = ctx.rollout_in_progress
     during = f"a rollout is in progress ({ctx.rollout_detail or 'canary staged'})"
@@ -145,6 +165,8 @@ def decide(
         )
     elif drifted:
         out.notes.append(f"drift this hour (streak {streak} of {cfg.drift_hours})")
+    if perf.get("refused"):  # the labels feed is broken: say so, judge the rest
+        out.actions.append(Action("alert", f"labels refused: {perf['refused']}", {}))
     if perf.get("decayed") and cfg.on_decay != "none":
         wants.append(
             (

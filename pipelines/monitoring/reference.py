@@ -17,7 +17,6 @@ import pyarrow as pa
 from pipelines.config import Settings
 from pipelines.data.profile import PartitionStats
 from pipelines.data.spec import load_spec
-from pipelines.registry import Registry
 from pipelines.store import open_store
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def build_reference(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.train.model import predict_proba
 
     run_id, manifest, test, model = held_out(settings, version)
-    spec = load_spec(manifest.data["dataset"])
+    spec = load_spec(manifest.data["dataset"], settings.data.spec_dir)
     stats = PartitionStats(spec, None)
     stats.add(pa.Table.from_pandas(test[spec.features], preserve_index=False))
     report = _evaluation(settings, run_id)
@@ -72,7 +71,3 @@ def reference_for(settings: Settings, version: str) -> dict[str, Any]:
         if store.create_bytes(key, json.dumps(ref, sort_keys=True).encode()):
             log.info("published the monitoring reference of version %s: %s", version, key)
     return dict(json.loads(store.read_text(key)))
-
-
-def champion_version(settings: Settings) -> str | None:
-    return Registry(settings.mlflow).alias_version("champion")

@@ -19,7 +19,7 @@ from pipelines.data import layout
 from pipelines.data.spec import load_spec
 from pipelines.monitoring import logs, metrics, outcomes, policy
 from pipelines.monitoring.reference import reference_for
-from pipelines.registry import Registry
+from pipelines.registry import CHAMPION, Registry
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.store import ObjectStore, open_store
 
@@ -61,7 +61,7 @@ def serving_context(settings: Settings, control: ServingControl, now: float) -> 
     from pipelines.serving.rollout import previous_champion
 
     reg = Registry(settings.mlflow)
-    champion = reg.alias_version("champion")
+    champion = reg.alias_version(CHAMPION)
     labels = labels_of(control)
     split = control.split()
     moving = []
@@ -88,12 +88,13 @@ def serving_context(settings: Settings, control: ServingControl, now: float) -> 
 
 
 def _slo_finding(hour_metrics: dict[str, Any], champion: str) -> dict[str, Any]:
+    """The champion's SLOs on the stable and baseline routes (its canary rows are not)."""
     entry = hour_metrics["versions"].get(champion) or {}
-    checks = entry.get("slo_checks") or []
+    checks = entry.get("served_slo_checks") or []
     return {
         "version": champion,
-        "status": entry.get("slo", "no traffic"),
-        "breached": entry.get("slo") == "breach",
+        "status": entry.get("served_slo", "no traffic"),
+        "breached": entry.get("served_slo") == "breach",
         "reasons": [c["detail"] for c in checks if not c["passed"]],
     }
 
@@ -128,11 +129,20 @@ def judge_performance(
         return None
     first = min(landed) - dt.timedelta(days=cfg.label_delay_days)
     served_days = [first + dt.timedelta(days=i) for i in range((day - first).days + 1)]
-    served = outcomes.served_scores(store, settings.mlflow.model_name, served_days)
-    labels = outcomes.read_outcomes(store, spec, landed)
-    perf = outcomes.realised_performance(
-        served, labels, float(ref["threshold"]), spec, ref.get("evaluation") or {}, cfg
-    )
+    try:
+        labels = outcomes.read_outcomes(store, spec, landed)
+        # Only the answers the labels are for: weeks of serving logs never sit in memory.
+        served = outcomes.served_scores(
+            store, settings.mlflow.model_name, served_days, keys=labels.column("key")
+        )
+        perf = outcomes.realised_performance(
+            served, labels, float(ref["threshold"]), spec, ref.get("evaluation") or {}, cfg
+        )
+    except (outcomes.OutcomeError, metrics.ServingLogError) as exc:
+        # A broken labels feed must not stop the SLO and drift checks: it is refused and
+        # alerted on, and nothing is judged from it.
+        log.error("labels refused: %s", exc)
+        return {"judged": False, "decayed": False, "refused": str(exc), "reasons": []}
     champ = perf["versions"].get(str(ref["version"])) or {}
     perf["judged"] = champ.get("status") in ("ok", "decayed")
     perf["decayed"] = champ.get("status") == "decayed"
@@ -188,6 +198,15 @@ def monitor_hour(
         store, model, date, hour, days=max(2, int(cfg.retrain_cooldown_hours // 24) + 1)
     )
     decision = policy.decide(_hour_id(date, hour), findings, previous, ctx, cfg)
+    if latest_day is None and "retrain" in decision.kinds():
+        # Decided before it is published: an hour whose decision cannot be acted on would
+        # fail for ever after it was published.
+        decision.actions = [
+            policy.Action("alert", f"{a.reason} (no retraining: no landing day to train on)")
+            if a.kind == "retrain"
+            else a
+            for a in decision.actions
+        ]
     prefix = layout.monitoring(model, date, hour)
     report = {
         "hour": decision.hour,
@@ -329,8 +348,6 @@ def _outputs(
     rollback = next((a for a in record["actions"] if a["kind"] == "rollback"), None)
     conf: dict[str, Any] = {}
     if retrain is not None:
-        if latest_day is None:
-            raise MonitoringError("Retraining was decided but no landing day exists to train on.")
         conf = {"date": latest_day, "reason": f"monitoring {record['hour']}: {retrain['reason']}"}
     return {
         "hour": record["hour"],
@@ -342,7 +359,11 @@ def _outputs(
         "retrain_run_id": f"retrain__{model}__{record['hour']}",
         "rollback": None
         if rollback is None
-        else {"to_version": rollback["evidence"]["to_version"], "reason": rollback["reason"]},
+        else {
+            "from_version": record["champion"],
+            "to_version": rollback["evidence"]["to_version"],
+            "reason": rollback["reason"],
+        },
     }
 
 

@@ -120,6 +120,9 @@ def send(
         "seconds": round(t1 - t0, 3),
         "started": t0,
         "ended": t1,
-        "hours": sorted({time.strftime("%Y-%m-%dT%H", time.gmtime(t)) for t in (t0, t1)}),
+        "hours": [  # every UTC hour the requests fall in (what to monitor)
+            time.strftime("%Y-%m-%dT%H", time.gmtime(h * 3600))
+            for h in range(int(t0 // 3600), int(t1 // 3600) + 1)
+        ],
         "data_plane": control.endpoint(),
     }

@@ -209,12 +209,7 @@ def stage_canary(settings: Settings, control: ServingControl, version: str) -> d
     0), and smoke-test it through the data plane's ``/labels/canary`` route."""
     store, name = open_store(settings.store), settings.mlflow.model_name
     store.delete(canary_state_key(settings, version))  # a new staging starts a new analysis
-    target = control.model_dir / str(version)
-    if not target.exists():
-        tmp = control.model_dir / f"{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        fetch_verified_export(store, name, version, tmp)
-        tmp.rename(target)  # a version directory is complete or absent
+    _local_copy(store, control, name, version)
     control.ensure_running()
     pools = {label: control.pool(label) for label in POOLS}
     split_before = control.split()
@@ -319,54 +314,73 @@ def previous_champion(settings: Settings, version: str) -> str | None:
     return None if prev in (None, "", int(version), str(version)) else str(prev)
 
 
+class ServingMoved(RolloutError):
+    """Serving or the champion changed since a decision was taken; nothing was done."""
+
+
+def _local_copy(store: ObjectStore, control: ServingControl, name: str, version: str) -> None:
+    """The verified export of ``version`` under the serving base path (complete or absent)."""
+    target = control.model_dir / str(version)
+    if target.exists():
+        return
+    tmp = control.model_dir / f"{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fetch_verified_export(store, name, str(version), tmp)
+    tmp.rename(target)
+
+
 def restore_champion(
-    settings: Settings, control: ServingControl, to_version: str, reason: str
+    settings: Settings, control: ServingControl, from_version: str, to_version: str, reason: str
 ) -> dict[str, Any]:
-    """Undo a promotion: every pool back to ``to_version`` (loaded beside, then labelled, as
-    any move), traffic at stable, and the ``champion`` alias back, together; the demoted
-    version is tagged with the reason. A failed move puts the pools back as they were, so the
-    champion and serving stay in agreement."""
+    """Undo the promotion of ``from_version``: every pool back to ``to_version`` (loaded beside,
+    then labelled, as any move), traffic at stable, the ``champion`` alias back, and the
+    demoted version tagged with the reason. A failed move puts the pools back as they were.
+
+    Checked first, and refused with :class:`ServingMoved` (nothing done): the champion is still
+    ``from_version`` (or already ``to_version``: a retry) and no rollout is in progress. Every
+    step is idempotent, so a retry after a partial restore finishes it."""
     store, v = open_store(settings.store), int(to_version)
-    labels = labels_of(control)
-    current = labels.get("stable")
-    if current == v:
-        return {
-            "decision": "already_serving",
-            "stable": v,
-            "aliases": Registry(settings.mlflow).aliases(),
-        }
-    target = control.model_dir / str(v)
-    if not target.exists():  # a version served before may have been cleaned from this host
-        tmp = control.model_dir / f"{v}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        fetch_verified_export(store, settings.mlflow.model_name, str(v), tmp)
-        tmp.rename(target)
-    pools = {label: control.pool(label) for label in POOLS}
-    split_before = control.split()
-    timeout = settings.serving.load_timeout_s
-    try:
-        control.set_split(Split(0))
-        for label in ("stable", "baseline", "canary"):
-            _point(control, label, v, timeout)
-    except Exception as exc:
-        try:
-            _restore(control, pools, split_before)
-        except Exception:
-            log.exception("putting the pools back after a failed restore failed")
-        raise RolloutError(f"Restoring version {to_version} failed and was undone: {exc}") from exc
     reg = Registry(settings.mlflow)
-    reg.set_alias(CHAMPION, str(v))
-    if current is not None:
-        reg.set_version_tags(str(current), {"rollout": "demoted", "demoted_reason": reason[:4000]})
+    champion = reg.alias_version(CHAMPION)
+    if champion not in (str(from_version), str(to_version)):
+        raise ServingMoved(
+            f"The champion is v{champion}, not v{from_version} as when the rollback was decided."
+        )
+    labels, split = labels_of(control), control.split()
+    canary = labels.get("canary")
+    if canary not in (None, labels.get("stable")) or split.canary or split.shadow:
+        raise ServingMoved(
+            f"A rollout is in progress (canary v{canary}, weight {split.canary}%, shadow "
+            f"{split.shadow}%): the champion is not rolled back under it."
+        )
+    moved = labels.get("stable") != v
+    if moved:
+        _local_copy(store, control, settings.mlflow.model_name, str(v))
+        pools = {label: control.pool(label) for label in POOLS}
+        timeout = settings.serving.load_timeout_s
+        try:
+            control.set_split(Split(0))
+            for label in ("stable", "baseline", "canary"):
+                _point(control, label, v, timeout)
+        except Exception as exc:
+            try:
+                _restore(control, pools, split)
+            except Exception:
+                log.exception("putting the pools back after a failed restore failed")
+            raise RolloutError(
+                f"Restoring version {to_version} failed and was undone: {exc}"
+            ) from exc
+    if champion != str(v):
+        reg.set_alias(CHAMPION, str(v))
+    reg.set_version_tags(str(from_version), {"rollout": "demoted", "demoted_reason": reason[:4000]})
     result = {
-        "decision": "restored",
+        "decision": "restored" if moved or champion != str(v) else "already_restored",
         "stable": v,
-        "demoted": current,
+        "demoted": str(from_version),
         "reason": reason,
         "aliases": reg.aliases(),
     }
-    if current is not None:
-        save_state(store, settings, str(current), phase="demoted", **result)
+    save_state(store, settings, str(from_version), phase="demoted", **result)
     return result
 
 

@@ -243,8 +243,14 @@ def test_a_slow_champion_just_promoted_is_rolled_back_to_the_previous_one(
         assert task_states(dr)["roll_back"] == "success"
         assert reg.alias_version(CHAMPION) == v1
         assert stages.serving_state(s)["labels"] == {"stable": int(v1), "canary": int(v1)}
+        assert stages.serving_state(s)["canary_weight"] == 0
         assert reg.version(v2).tags["mlops.rollout"] == "demoted"
         assert reason in reg.version(v2).tags["mlops.demoted_reason"]
+        # A retry of the done restore finishes nothing new; a stale decision is refused.
+        assert stages.restore_champion(s, v2, v1, reason)["decision"] == "already_restored"
+        stale = stages.restore_champion(s, "99", v2, "a decision about v99")
+        assert stale["decision"] == "refused" and "not v99" in stale["reason"]
+        assert reg.alias_version(CHAMPION) == v1
         from pipelines.audit import AuditLog
 
         events = [e["event"] for e in AuditLog(open_store(s.store)).entries()]

@@ -464,7 +464,7 @@ def test_each_call_logs_one_json_line_with_the_request_id_and_the_version(  # ty
     instances = to_instances(rows, models["models"][1])[:2]
     with caplog.at_level(logging.INFO, logger="pipelines.serving.requests"):
         ok = requests.post(
-            f"{url}/v1/models/{MODEL}:predict",
+            f"{url}/v1/models/{MODEL}/versions/1:predict",
             json={"instances": instances},
             headers={"x-request-id": "req-ok"},
             timeout=10,
@@ -482,6 +482,6 @@ def test_each_call_logs_one_json_line_with_the_request_id_and_the_version(  # ty
         if r["request_id"].startswith("req-")
     }
     assert lines["req-ok"]["status"] == 200 and lines["req-ok"]["version"] == "1"
-    assert lines["req-ok"]["path"] == f"/v1/models/{MODEL}:predict"
+    assert lines["req-ok"]["path"] == f"/v1/models/{MODEL}/versions/1:predict"
     assert lines["req-404"]["status"] == 404 and lines["req-404"]["version"] is None
     assert lines["req-ok"]["duration_ms"] > 0

@@ -46,10 +46,11 @@ def _log(
     score_shift: float = 0.0,
     error_share: float = 0.0,
     latency_ms: float = 20.0,
+    error_code: int = 503,
 ) -> pa.Table:
     """``n`` single-instance requests as the serving log records them."""
     rng = np.random.default_rng(seed)
-    status = np.where(rng.random(n) < error_share, 503, 200).astype(np.int32)
+    status = np.where(rng.random(n) < error_share, error_code, 200).astype(np.int32)
     score = np.clip(rng.beta(1.2, 20.0, n) + score_shift, 0, 1)
     cols: dict[str, Any] = {
         "request_id": [f"{seed}-{i}" for i in range(n)],
@@ -132,12 +133,29 @@ def test_an_error_rate_breach_is_the_failing_versions_alone(refs: Any) -> None:
 
 
 def test_a_request_of_several_instances_is_one_answer(refs: Any) -> None:
-    batch = _log(CFG.min_requests, seed=1, error_share=1.0)
-    instance = pa.array(np.arange(CFG.min_requests, dtype=np.int32) % 4)  # 4 instances each
+    n = 4 * CFG.min_requests
+    batch = _log(n, seed=1, error_share=1.0)
+    instance = pa.array(np.arange(n, dtype=np.int32) % 4)  # 4 instances each
     out = _result([batch.set_column(1, "instance", instance)], refs)
     v3 = out["versions"]["3"]
-    assert (v3["instances"], v3["requests"], v3["errors"]) == (200, 50, 50)
+    assert (v3["instances"], v3["requests"], v3["errors"]) == (800, 200, 200)
     assert v3["error_rate"] == 1.0 and v3["slo"] == "breach"
+    # Too few requests are not judged, however many instances they carry.
+    few = batch.slice(0, n - 4).set_column(1, "instance", instance.slice(0, n - 4))
+    assert _result([few], refs)["versions"]["3"]["slo"] == "insufficient"
+
+
+def test_a_client_error_is_not_the_models(refs: Any) -> None:
+    out = _result([_log(1000, seed=1, error_share=0.05, error_code=400)], refs)
+    v3 = out["versions"]["3"]
+    assert v3["errors"] == 0 and v3["slo"] == "pass"
+
+
+def test_the_served_slo_leaves_out_the_versions_canary_rows(refs: Any) -> None:
+    stable = _log(1000, seed=1, version=3)
+    canary = _log(1000, seed=2, version=3, label="canary", latency_ms=900.0)
+    v3 = _result([stable, canary], refs)["versions"]["3"]
+    assert v3["slo"] == "breach" and v3["served_slo"] == "pass"
 
 
 def test_latency_breaches_and_too_few_instances_are_told_apart(refs: Any) -> None:
@@ -150,7 +168,7 @@ def test_latency_breaches_and_too_few_instances_are_told_apart(refs: Any) -> Non
     ]
     unknown = out["versions"]["unknown"]
     assert unknown["slo"] == "insufficient" and unknown["slo_checks"] == []
-    assert "min_requests 200 instances" in unknown["slo_detail"]
+    assert "min_requests 200 requests" in unknown["slo_detail"]
     assert {b["version"] for b in out["slo_breaches"]} == {"3"}
     assert list(out["versions"]) == ["3", "unknown"]
 

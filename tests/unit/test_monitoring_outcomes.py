@@ -146,6 +146,13 @@ def test_separating_scores_are_not_decayed_and_unpublished_hours_are_ignored(
     assert report["resent"] == 0 and report["labelled"] == N
 
 
+def test_served_rows_can_be_kept_for_given_keys_only(store: ObjectStore, spec: DatasetSpec) -> None:
+    _lake(store, spec, _separating())
+    keys = pa.array(_keys(10))
+    kept = served_scores(store, MODEL, [DAY], keys=keys)
+    assert sorted(kept["key"].to_pylist()) == sorted(_keys(10))
+
+
 def test_random_scores_are_decayed_with_the_reason(store: ObjectStore, spec: DatasetSpec) -> None:
     _lake(store, spec, np.random.default_rng(1).random(N))
     report = _judge(store, spec)
