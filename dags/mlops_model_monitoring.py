@@ -97,9 +97,12 @@ def mlops_model_monitoring() -> None:
 
     @task
     def alert(decision: dict) -> list:
+        from mlops_airflow.common import run_settings
+
         from pipelines import stages
 
-        return stages.log_alerts(decision)
+        ctx = get_current_context()
+        return stages.send_alerts(run_settings(ctx["params"]), decision)
 
     @task.short_circuit
     def should_retrain(retrain: dict | None) -> bool:

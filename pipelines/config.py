@@ -589,6 +589,11 @@ class MonitoringSettings(_Section):
     experiment: str = Field(
         "mlops_monitoring", description="MLflow experiment of the monitoring runs (one per day)"
     )
+    alert_webhook: SecretStr | None = Field(
+        None,
+        description="incoming-webhook URL each alert is POSTed to as JSON {text, alert} (Slack, "
+        "Teams, Alertmanager-style receivers); None = ERROR log lines only; env/secret",
+    )
     on_drift: Literal["none", "alert", "retrain"] = Field(
         "retrain", description="action on sustained feature or prediction drift"
     )
@@ -625,6 +630,7 @@ def _secrets(s: Settings) -> dict[str, SecretStr | None]:
         "store.secret": s.store.secret,
         "mlflow.token": s.mlflow.token,
         "tuning.storage": s.tuning.storage,
+        "monitoring.alert_webhook": s.monitoring.alert_webhook,
     }
 
 

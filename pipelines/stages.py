@@ -619,11 +619,12 @@ def monitor_hour(settings: Settings, date: str, hour: int) -> dict[str, Any]:
     return out
 
 
-def log_alerts(decision: dict[str, Any]) -> list[str]:
-    """One ERROR line per alert of a monitoring decision; the lines."""
-    from pipelines.monitoring.run import log_alerts as log_them
+def send_alerts(settings: Settings, decision: dict[str, Any]) -> list[str]:
+    """A monitoring decision's alerts: an ERROR line each, and to the configured webhook."""
+    from pipelines.monitoring.alerts import notifiers
+    from pipelines.monitoring.alerts import send_alerts as send
 
-    return log_them(decision)
+    return send(decision, notifiers(settings))
 
 
 def restore_champion(

@@ -367,19 +367,6 @@ def _outputs(
     }
 
 
-def log_alerts(decision: dict[str, Any]) -> list[str]:
-    """One clear log line per alert of the decision (at ERROR, what an on-call filter keys on);
-    the lines."""
-    lines = [
-        f"MONITORING ALERT {decision['hour']} (champion v{decision.get('champion')}): {a['reason']}"
-        for a in decision["actions"]
-        if a["kind"] == "alert"
-    ]
-    for line in lines:
-        log.error(line)
-    return lines
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     m, f, d = report["metrics"], report["findings"], report["decision"]
     out = [
