@@ -26,9 +26,10 @@ def model_asset() -> Asset:
 
 
 def predictions_asset() -> Asset:
-    """Emitted by mlops_batch_scoring's publish."""
+    """Emitted by mlops_batch_scoring's publish; one per data set and model (an Asset's name
+    must name one URI: Airflow deactivates the second of two Assets that share a name)."""
     s = deployment()
     return Asset(
-        name=f"{s.data.dataset}_predictions",
+        name=f"{s.data.dataset}_{s.mlflow.model_name}_predictions",
         uri=f"mlops://predictions/{s.data.dataset}/{s.mlflow.model_name}",
     )
