@@ -33,11 +33,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.data import layout
 from pipelines.data.pii import mask_pii
+from pipelines.data.profile import value_counts
 from pipelines.data.spec import DatasetSpec
 from pipelines.monitoring.schema import schema
 from pipelines.serving.dataplane.evidence import POOLS, parse_scores
@@ -215,7 +215,7 @@ def ship_hour(
         "parts": parts,
         "part_rows": part_rows,
         "sha256": hashes,
-        "labels": _value_counts(table.column("label")),
+        "labels": value_counts(table.column("label")),
         "open_hour": early,  # shipped before the hour (and the log flush) was over
     }
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -224,11 +224,6 @@ def ship_hour(
         return {**json.loads(store.read_text(f"{prefix}/{MANIFEST}")), "already_published": True}
     log.info("published serving log %s: %d rows in %d part(s)", prefix, table.num_rows, len(parts))
     return {**manifest, "already_published": False}
-
-
-def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
-    rows = pc.value_counts(col).to_pylist() if len(col) else []
-    return {str(r["values"]): int(r["counts"]) for r in rows}
 
 
 def part_keys(store: ObjectStore, model: str, date: str, hour: int) -> list[str]:
