@@ -3,6 +3,8 @@
 
 Watches the champion in production, one hour at a time (the interval `[H, H+1)`):
 
+- **hour_logged** waits (a sensor in reschedule mode: no worker slot held) until the hour is
+  over plus `monitoring.ship_delay_s`, the time the data plane's log needs to arrive.
 - **ship_serving_log** publishes the hour's routed requests, as the data plane logged them
   (request id, time, key, pool, version, status, latency, features, score), to
   `serving_logs/<model>/dt=D/hour=HH/`: parts first, `_manifest.json` last, once.
@@ -24,7 +26,14 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    CronDataIntervalTimetable,
+    Param,
+    PokeReturnValue,
+    dag,
+    get_current_context,
+    task,
+)
 from mlops_airflow.common import OWNER, on_failure
 
 DEFAULT_ARGS = {
@@ -73,16 +82,38 @@ PARAMS = {
     tags=["mlops", "monitoring", "serving"],
 )
 def mlops_model_monitoring() -> None:
-    @task
-    def ship_serving_log() -> dict:
-        from mlops_airflow.common import interval_hour, record, run_settings
+    @task.sensor(
+        mode="reschedule",  # the worker slot is free while the hour's log is still arriving
+        poke_interval=30,
+        timeout=2 * 3600,
+        retries=0,
+    )
+    def hour_logged() -> PokeReturnValue:
+        """Done once the hour is over plus ``monitoring.ship_delay_s`` (at once with
+        ``ship_open_hour``, or when the run starts late, as a catch-up or backfill does)."""
+        import time
+
+        from mlops_airflow.common import interval_hour, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
         date, hour = interval_hour(ctx)
+        ready = stages.serving_log_ready_at(run_settings(ctx["params"]), date, hour)
+        done = bool(ctx["params"]["ship_open_hour"]) or time.time() >= ready
+        return PokeReturnValue(is_done=done, xcom_value={"date": date, "hour": hour})
+
+    @task
+    def ship_serving_log(hour: dict) -> dict:
+        from mlops_airflow.common import record, run_settings
+
+        from pipelines import stages
+
+        ctx = get_current_context()
         s = run_settings(ctx["params"])
-        out = stages.ship_serving_log(s, date, hour, bool(ctx["params"]["ship_open_hour"]))
+        out = stages.ship_serving_log(
+            s, hour["date"], hour["hour"], bool(ctx["params"]["ship_open_hour"])
+        )
         return record(ctx, out)
 
     @task(multiple_outputs=True)
@@ -127,7 +158,7 @@ def mlops_model_monitoring() -> None:
         )
         return record(ctx, out)
 
-    judged = monitor(ship_serving_log())
+    judged = monitor(ship_serving_log(hour_logged()))
     alert(judged["decision"])
     trigger_retraining = TriggerDagRunOperator(
         task_id="trigger_retraining",

@@ -212,6 +212,15 @@ class ServingSettings(_Section):
     )
     poll_seconds: float = Field(1.0, gt=0, description="model config file poll interval")
     load_timeout_s: float = Field(300.0, gt=0, description="wait for AVAILABLE before failing")
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="the serving lease (one writer at a time: staging, promotion, rollback, "
+        "the monitor's restore) expires this long after its holder stops renewing it",
+    )
+    lease_wait_s: float = Field(
+        900.0, ge=0, description="how long a serving change waits for the lease's holder"
+    )
     latency_budget_ratio: float = Field(
         3.0, gt=0, description="infra validation: candidate p99 may be at most this x champion p99"
     )

@@ -8,7 +8,7 @@ Stages that accept data or change the registry or serving record it in :mod:`pip
 from __future__ import annotations
 
 import logging
-import time
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Settings
@@ -19,6 +19,7 @@ __all__ = ["ValidationBlocked"]  # callers (the DAG, the CLI) catch it without i
 if TYPE_CHECKING:
     from pipelines.data.spec import DatasetSpec
     from pipelines.serving.control import ServingControl
+    from pipelines.serving.lease import Lease, ServingLease
     from pipelines.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,23 @@ def serving_control(settings: Settings) -> ServingControl:
     return build(settings)
 
 
+def serving_lease(settings: Settings) -> ServingLease:
+    """The lease every change of the model's serving holds (built here, as the control)."""
+    from pipelines.serving.lease import ServingLease
+    from pipelines.store import open_store
+
+    cfg = settings.serving
+    return ServingLease(
+        open_store(settings.store), settings.mlflow.model_name, cfg.lease_ttl_s, cfg.lease_wait_s
+    )
+
+
+def _changing_serving(settings: Settings, what: str) -> AbstractContextManager[Lease]:
+    from pipelines.serving.lease import whoami
+
+    return serving_lease(settings).hold(whoami(what))
+
+
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
@@ -371,7 +389,8 @@ def optimize_runtime(settings: Settings, version: str) -> dict[str, Any]:
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.stage_canary(settings, serving_control(settings), version)
+    with _changing_serving(settings, f"stage_canary v{version}"):
+        out = rollout.stage_canary(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.canary_staged",
@@ -441,7 +460,8 @@ def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
 def promote(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.promote(settings, serving_control(settings), version)
+    with _changing_serving(settings, f"promote v{version}"):
+        out = rollout.promote(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.promoted",
@@ -455,7 +475,8 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    out = rollout.rollback(settings, serving_control(settings), version, reason)
+    with _changing_serving(settings, f"rollback v{version}"):
+        out = rollout.rollback(settings, serving_control(settings), version, reason)
     _audit(
         settings,
         "rollout.rolled_back",
@@ -563,7 +584,8 @@ def ship_serving_log(
     settings: Settings, date: str, hour: int, open_hour: bool = False
 ) -> dict[str, Any]:
     """Publish one hour of the data plane's access log as the serving log (once); an open
-    hour only with ``open_hour`` (see :func:`pipelines.monitoring.logs.ship_hour`)."""
+    hour only with ``open_hour`` (see :func:`pipelines.monitoring.logs.ship_hour`). It never
+    waits: the DAG's ``hour_logged`` sensor waits for :func:`serving_log_ready_at`."""
     from pipelines.monitoring import logs
     from pipelines.serving.dataplane.envoy import POOLS
 
@@ -574,12 +596,7 @@ def ship_serving_log(
         entry = control.pool(label)
         if entry is not None and label in entry.labels:
             versions[label] = int(entry.labels[label])
-    start, end = logs.hour_bounds(date, hour)
-    delay = max(settings.monitoring.ship_delay_s, settings.dataplane.log_flush_ms / 1000)
-    wait = end + delay - time.time()
-    if 0 < wait <= delay and not open_hour:  # the run starts as the hour ends: wait it out
-        log.info("waiting %.0f s for the last requests of the hour to be logged", wait)
-        time.sleep(wait)
+    start, _ = logs.hour_bounds(date, hour)
     out = logs.ship_hour(
         store,
         spec,
@@ -588,10 +605,22 @@ def ship_serving_log(
         hour,
         control.access_log_lines(start - 3600),
         versions,
-        grace_s=delay,
+        grace_s=_ship_delay(settings),
         open_hour=open_hour,
     )
     return {**out, "date": date, "hour": int(hour)}
+
+
+def _ship_delay(settings: Settings) -> float:
+    return max(settings.monitoring.ship_delay_s, settings.dataplane.log_flush_ms / 1000)
+
+
+def serving_log_ready_at(settings: Settings, date: str, hour: int) -> float:
+    """When the hour's serving log can be shipped whole: the hour's end plus
+    ``monitoring.ship_delay_s`` (the log flush and the collector's uploads)."""
+    from pipelines.monitoring.logs import hour_bounds
+
+    return hour_bounds(date, hour)[1] + _ship_delay(settings)
 
 
 def monitor_hour(settings: Settings, date: str, hour: int) -> dict[str, Any]:
@@ -632,14 +661,18 @@ def restore_champion(
 ) -> dict[str, Any]:
     """Roll the promotion of ``from_version`` back: serving and the champion alias to
     ``to_version`` together. Refused, with one ERROR line and nothing changed, when the
-    champion or serving moved since the decision (a retry of a done restore finishes it)."""
+    champion or serving moved since the decision, or another change of serving holds the
+    lease past ``serving.lease_wait_s`` (a retry of a done restore finishes it)."""
     from pipelines.serving import rollout
+    from pipelines.serving.lease import LeaseBusy
 
     try:
-        out = rollout.restore_champion(
-            settings, serving_control(settings), from_version, to_version, reason
-        )
-    except rollout.ServingMoved as exc:
+        # Under the lease, so no staging or promotion interleaves with the checks and moves.
+        with _changing_serving(settings, f"monitoring rollback of v{from_version}"):
+            out = rollout.restore_champion(
+                settings, serving_control(settings), from_version, to_version, reason
+            )
+    except (rollout.ServingMoved, LeaseBusy) as exc:
         log.error("MONITORING ALERT rollback of v%s refused: %s", from_version, exc)
         return {"decision": "refused", "reason": str(exc), "demoted": None}
     # "already_restored": a retry after the restore itself succeeded; recorded again.

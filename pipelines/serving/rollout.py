@@ -4,7 +4,10 @@ Serving state is each label's ``model_config_list`` (the stable and canary pools
 traffic split, both behind :class:`~pipelines.serving.control.ServingControl`; the registry's
 ``champion`` alias moves only at promotion. Labels are set in two phases (load the version,
 wait for AVAILABLE, then label). Rollback sets the weight to 0 before touching any config.
-Every step is idempotent; its state is persisted in the store.
+Every step is idempotent; its state is persisted in the store. Callers run each of
+:func:`stage_canary`, :func:`promote`, :func:`rollback` and :func:`restore_champion` under
+the model's serving lease (:mod:`pipelines.serving.lease`, taken in ``pipelines.stages``), so
+the training DAG's rollout and the monitor's restore never interleave.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ def bag():  # type: ignore[no-untyped-def]
 def test_structure_schedule_and_params(bag) -> None:  # type: ignore[no-untyped-def]
     dag = bag.dags["mlops_model_monitoring"]
     assert {t.task_id: set(t.downstream_task_ids) for t in dag.tasks} == {
+        "hour_logged": {"ship_serving_log"},
         "ship_serving_log": {"monitor"},
         "monitor": {
             "alert",
@@ -41,6 +42,9 @@ def test_structure_schedule_and_params(bag) -> None:  # type: ignore[no-untyped-
     assert dag.max_active_runs == 1  # hours in order: a streak reads the hours before
     assert {"date", "hour", "ship_open_hour"} == set(dag.params.keys())
     assert dag.params["ship_open_hour"] is False
+    # The wait for the hour's log holds no worker slot (600 s on the kubernetes profile).
+    sensor = dag.get_task("hour_logged")
+    assert sensor.mode == "reschedule" and sensor.poke_interval <= 60
     for t in dag.tasks:
         assert t.owner == "ml-platform" and t.execution_timeout is not None, t.task_id
 

@@ -251,6 +251,16 @@ def test_a_slow_champion_just_promoted_is_rolled_back_to_the_previous_one(
         stale = stages.restore_champion(s, "99", v2, "a decision about v99")
         assert stale["decision"] == "refused" and "not v99" in stale["reason"]
         assert reg.alias_version(CHAMPION) == v1
+        # Another change of serving in flight holds the lease (the training DAG staging a
+        # canary): the restore waits for it, then is refused, naming it, and changes nothing.
+        impatient = s.model_copy(
+            update={"serving": s.serving.model_copy(update={"lease_wait_s": 0.5})}
+        )
+        with stages.serving_lease(s).hold("stage_canary v7 (the training DAG)"):
+            busy = stages.restore_champion(impatient, v1, v2, "a decision taken meanwhile")
+        assert busy["decision"] == "refused" and "stage_canary v7" in busy["reason"], busy
+        assert reg.alias_version(CHAMPION) == v1
+        assert stages.serving_state(s)["labels"] == {"stable": int(v1), "canary": int(v1)}
         from pipelines.audit import AuditLog
 
         events = [e["event"] for e in AuditLog(open_store(s.store)).entries()]

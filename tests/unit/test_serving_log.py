@@ -139,3 +139,15 @@ def test_an_open_hour_is_shipped_only_when_asked_and_says_so(tmp_path: Path) -> 
     assert m["rows"] == 1 and m["open_hour"] is True
     closed = ship_hour(store, SPEC, "m", DATE, HOUR + 1, [], {}, grace_s=5, now=END + 3600 + 9)
     assert closed["open_hour"] is False
+
+
+def test_an_hour_is_ready_to_ship_after_its_end_plus_the_ship_delay(local_settings) -> None:  # type: ignore[no-untyped-def]
+    from pipelines import stages
+
+    s = local_settings.model_copy(
+        update={"monitoring": local_settings.monitoring.model_copy(update={"ship_delay_s": 600})}
+    )
+    assert stages.serving_log_ready_at(s, DATE, 14) == END + 600
+    # Never before the data plane's own log flush, however small the delay is set.
+    quick = s.model_copy(update={"monitoring": s.monitoring.model_copy(update={"ship_delay_s": 0})})
+    assert stages.serving_log_ready_at(quick, DATE, 14) == END + s.dataplane.log_flush_ms / 1000
