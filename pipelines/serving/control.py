@@ -225,6 +225,33 @@ def publish_versions(target: ObjectStore, model_dir: Path, name: str, versions: 
 PUBLISHED = "_published"  # marker written after a version directory's files
 
 
+def evidence_partitions(
+    since: float, now: float, lookback_s: float = 3600.0, max_hours: int = 7 * 24
+) -> list[str] | None:
+    """The hour partitions under ``dataplane.evidence_uri`` (``dt=YYYY-MM-DD/hour=HH``, UTC,
+    oldest first) that can hold access-log lines from ``since`` on, as of ``now``.
+
+    The log collector (infra/k8s/logging) names each object after the time of its *first* line
+    (Fluent Bit's s3 output: the time in ``s3_key_format`` is that of the first record in the
+    file) and uploads it ``upload_timeout`` (60 s) after opening it: a line written at t is in
+    the partition of hour(t) or of an earlier hour, never a later one, and lands after t. So the
+    partitions run from the hour of ``since - lookback_s`` (the stretch of log one object can
+    span: 60 s, or more when the collector catches up on a backlog after a restart; one hour
+    leaves room for that) to the hour of ``now`` (no object is named after a line that is not
+    written yet). Empty when ``since`` is more than ``lookback_s`` ahead of ``now``. None when
+    the range spans more than ``max_hours`` hours (a backfill of an old window): the caller then
+    lists every key, as for unpartitioned keys, rather than one listing per hour; nothing is
+    left out either way.
+    """
+    first = int((since - lookback_s) // 3600)
+    last = int(now // 3600)
+    if last - first + 1 > max_hours:
+        return None
+    return [
+        time.strftime("dt=%Y-%m-%d/hour=%H", time.gmtime(h * 3600)) for h in range(first, last + 1)
+    ]
+
+
 class RemoteServing(_Pools):
     """TF Serving pools and Envoy in a cluster: each label's config is published to
     ``serving.publish_root`` (the pools sync it), the split is the ConfigMap Envoy mounts,
@@ -312,11 +339,29 @@ class RemoteServing(_Pools):
         ]
 
     def access_log_lines(self, since: float) -> Iterator[str]:
+        """The lines of the objects under ``dataplane.evidence_uri`` modified at or after
+        ``since``. Keys partitioned the way the log collector writes them
+        (``dt=YYYY-MM-DD/hour=HH/``) are listed only for the hours
+        :func:`evidence_partitions` names; any other key is listed and read as before."""
         uri = self.settings.dataplane.evidence_uri
         if not uri:
             raise ServingUnavailable("dataplane.evidence_uri is not set: no evidence to judge.")
         store = open_store(self.settings.store.model_copy(update={"root": uri}))
-        for key in store.list("", recursive=True):
+        # s3fs caches listings per process and the collector keeps adding objects: a cached
+        # listing of dt=D/ would hide the hour partitions created since.
+        store.fs.invalidate_cache()
+        hours = evidence_partitions(since, time.time())
+        if hours is None:
+            keys = store.list("", recursive=True)
+        else:
+            keys = [
+                key
+                for top in store.list("")
+                if not top.startswith("dt=")
+                for key in store.list(top, recursive=True)
+            ]
+            keys += [key for hour in hours for key in store.list(hour, recursive=True)]
+        for key in sorted(keys):
             if store.modified(key) < since:
                 continue  # a shipped file older than the window holds none of its lines
             yield from store.read_text(key).splitlines()
