@@ -9,13 +9,16 @@ canary at the weight, baseline (stable's version on a pool shaped like the canar
 many requests as the local replay sends (``requests_for``: 50 canary requests expected).
 Scenarios: ``aa`` (canary = stable), ``aa_correlated`` (canary = stable, but both pools slow
 down together in bursts, and requests come in sticky sessions so one pool can be the one
-running when a burst hits), ``errors`` (stable 0.5 %, canary 2.5 %), ``latency`` (+20 %),
+running when a burst hits), ``aa_slow_replica`` (canary = stable, but one of the canary's two
+replicas runs 30 % slower throughout: a starved process, not a slower model), ``errors``
+(stable 0.5 %, canary 2.5 %), ``latency`` (+20 %),
 ``scores`` (logit shifted by +0.7). An analysis may use at most ``canary.max_canary_requests``
 (1,000) canary requests.
 
 - ``sequential``: ``monitor.fold`` with the default settings (``canary.judge=sequential``,
-  ``canary.alpha`` 0.002), and ``sequential_a01`` with ``canary.alpha`` 0.01 (more power, more
-  false rollbacks);
+  ``canary.alpha`` 0.002), ``sequential_pooled`` the same without the per-replica latency rule
+  (``canary.replica_min_pairs`` out of reach: the pooled test alone), and ``sequential_a01``
+  with ``canary.alpha`` 0.01 (more power, more false rollbacks);
 - ``windowed``: ``monitor.fold`` with ``canary.judge=windowed`` (each window judged alone:
   critical checks roll back at once, 3 failed checks, 3 inconclusive windows), 50 canary
   requests a window, and ``windowed_n200`` with 200;
@@ -26,7 +29,8 @@ running when a burst hits), ``errors`` (stable 0.5 %, canary 2.5 %), ``latency``
     .venv/bin/python bench/canary_power.py [--runs 200]
 
 The last line printed is one JSON object: the DAG's judge's figures at the top level
-(``aa_false_rollback``, ``aa_correlated_false_rollback``, ``power_errors_2pt``,
+(``aa_false_rollback``, ``aa_correlated_false_rollback``, ``aa_slow_replica_false_rollback``,
+``power_errors_2pt``,
 ``power_latency_20pct``, ``power_scores_shift``, ``median_canary_requests_to_rollback_errors``,
 ``median_canary_requests_to_promote_aa``), the same figures for every judge under
 ``side_by_side``, and the per-scenario detail.
@@ -47,13 +51,18 @@ from pipelines.serving.canary import requests_for
 from pipelines.serving.dataplane.evidence import Sample
 from pipelines.serving.monitor import empty_state, fold
 
-SCENARIOS = ("aa", "aa_correlated", "errors", "latency", "scores")
+SCENARIOS = ("aa", "aa_correlated", "aa_slow_replica", "errors", "latency", "scores")
 BASE_ERRORS, BASE_MS = 0.003, 8.0
 ERRORS_STABLE, ERRORS_CANARY = 0.005, 0.025  # the issue's +2 points
 # aa_correlated: bursts start at this rate, last this long on average, slow everything down by
 # 1 + Exp(this); sessions of this many requests on average share one routing key (one pool).
 BURST_RATE_S, BURST_MEAN_S, BURST_MEAN_EXTRA, SESSION_MEAN = 0.5, 0.8, 1.0, 8.0
 WINDOW_GAP_S = 0.5
+# Every pool has this many replicas, each request going to one at random (least request on
+# equal replicas); aa_slow_replica: the canary's first replica runs this much slower for the
+# whole analysis (a process starved on a busy node; the same bytes serve both pools), which
+# puts the pooled canary/baseline ratio near the 1.11-1.15 CI saw in A/A analyses.
+REPLICAS, SLOW_REPLICA = 2, 1.3
 Result = tuple[bool, int]  # (rolled back, canary requests used)
 
 
@@ -86,21 +95,31 @@ def _slowdown(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
 
 
 def _window(
-    rng: np.random.Generator, cfg: CanarySettings, scenario: str, weight: int, t0: float
+    rng: np.random.Generator,
+    cfg: CanarySettings,
+    scenario: str,
+    weight: int,
+    t0: float,
+    replicas: np.random.Generator,
 ) -> tuple[dict[str, list[Sample]], float]:
     """One window at ``weight`` starting at ``t0``, topped up (at most twice) until the canary
     has ``min_samples`` requests, as ``monitor.canary_tick`` replays: samples per pool, end."""
-    out, t = _round(rng, cfg, scenario, weight, t0)
+    out, t = _round(rng, cfg, scenario, weight, t0, replicas)
     for _ in range(2):
         if len(out["canary"]) >= cfg.min_samples:
             break
-        more, t = _round(rng, cfg, scenario, weight, t)
+        more, t = _round(rng, cfg, scenario, weight, t, replicas)
         out = {k: out[k] + more[k] for k in out}
     return out, t + WINDOW_GAP_S
 
 
 def _round(
-    rng: np.random.Generator, cfg: CanarySettings, scenario: str, weight: int, t0: float
+    rng: np.random.Generator,
+    cfg: CanarySettings,
+    scenario: str,
+    weight: int,
+    t0: float,
+    replicas: np.random.Generator,
 ) -> tuple[dict[str, list[Sample]], float]:
     n = requests_for(weight, cfg.min_samples)
     t = t0 + np.arange(n) / cfg.replay_rate
@@ -111,6 +130,11 @@ def _round(
     ms = BASE_MS * np.where(canary & (scenario == "latency"), 1.2, 1.0)
     codes = np.where(rng.random(n) < err, 500, 200)
     lat = rng.lognormal(np.log(ms), 0.35, n)
+    # Replicas come from a generator of their own, so the rest of the traffic is exactly what
+    # it was before replicas were simulated (the same seeds give the same requests).
+    replica = replicas.integers(REPLICAS, size=n)
+    if scenario == "aa_slow_replica":
+        lat = lat * np.where(canary & (replica == 0), SLOW_REPLICA, 1.0)
     if scenario == "aa_correlated":
         lat = lat * _slowdown(rng, t)
     p = rng.beta(0.6, 20, n)
@@ -119,9 +143,16 @@ def _round(
         p = np.where(canary, shifted, p)
     names = ("stable", "baseline", "canary")
     out: dict[str, list[Sample]] = {k: [] for k in names}
-    for ti, k, c, ms_i, s in zip(t, pool, codes, lat, p, strict=True):
+    for ti, k, c, ms_i, s, r in zip(t, pool, codes, lat, p, replica, strict=True):
         out[names[k]].append(
-            Sample(float(ti), names[k], int(c), float(ms_i), (float(s),) if c == 200 else ())
+            Sample(
+                float(ti),
+                names[k],
+                int(c),
+                float(ms_i),
+                (float(s),) if c == 200 else (),
+                replica=f"{names[k]}-{r}",
+            )
         )
     return out, float(t[-1]) + 1 / cfg.replay_rate
 
@@ -132,20 +163,20 @@ def _state() -> dict[str, Any]:
 
 def run_fold(seed: int, scenario: str, cfg: CanarySettings) -> Result:
     """One analysis by the controller's own state machine (``monitor.fold``)."""
-    rng = np.random.default_rng(seed)
+    rng, replicas = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     state, t, used = _state(), 0.0, 0
     while state["decision"] is None:
-        window, t = _window(rng, cfg, scenario, cfg.steps[state["step"]], t)
+        window, t = _window(rng, cfg, scenario, cfg.steps[state["step"]], t, replicas)
         used += len(window["canary"])
         state = fold(state, window, cfg)
     return state["decision"] == "rollback", used
 
 
 def run_flagger(seed: int, scenario: str, cfg: CanarySettings, threshold: int) -> Result:
-    rng = np.random.default_rng(seed)
+    rng, replicas = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     failed, used, t = 0, 0, 0.0
     for weight in cfg.steps:
-        window, t = _window(rng, cfg, scenario, weight, t)
+        window, t = _window(rng, cfg, scenario, weight, t, replicas)
         canary = window["canary"]
         used += len(canary)
         ok = [s.code == 200 for s in canary]
@@ -174,6 +205,7 @@ def headline(fig: dict[str, Any]) -> dict[str, Any]:
     return {
         "aa_false_rollback": fig["aa"]["rollback_rate"],
         "aa_correlated_false_rollback": fig["aa_correlated"]["rollback_rate"],
+        "aa_slow_replica_false_rollback": fig["aa_slow_replica"]["rollback_rate"],
         "power_errors_2pt": fig["errors"]["rollback_rate"],
         "power_latency_20pct": fig["latency"]["rollback_rate"],
         "power_scores_shift": fig["scores"]["rollback_rate"],
@@ -194,6 +226,10 @@ def main() -> None:
     windowed = cfg.model_copy(update={"judge": "windowed"})
     judges: dict[str, Callable[[int, str], Result]] = {
         "sequential": lambda seed, sc: run_fold(seed, sc, cfg),
+        # The same judge without the per-replica rule: the pooled latency test alone.
+        "sequential_pooled": lambda seed, sc: run_fold(
+            seed, sc, cfg.model_copy(update={"replica_min_pairs": 10**9})
+        ),
         "sequential_a01": lambda seed, sc: run_fold(
             seed, sc, cfg.model_copy(update={"alpha": 0.01})
         ),

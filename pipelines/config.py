@@ -397,6 +397,13 @@ class CanarySettings(_Section):
         description="sequential: canary and stable requests are compared within time buckets this "
         "long, so a machine-wide slowdown cancels",
     )
+    replica_min_pairs: int = Field(
+        30,
+        ge=1,
+        description="sequential: latency rolls back only when each canary replica and each "
+        "baseline replica with at least this many matched requests shows the canary slower too "
+        "(a slow version is slow on every replica; a slow process is one)",
+    )
 
 
 class PostgresSettings(_Section):

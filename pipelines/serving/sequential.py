@@ -16,7 +16,15 @@ test runs at the full ``promote_alpha``).
   each rate; within when canary's upper bound minus stable's lower bound <= ``error_margin``.
 - Latency: each canary request against the baseline requests of its time bucket (a slowdown that
   hits both pools cancels in the log ratio), clipped log ratios, betting e-processes (aGRAPA) for
-  "slower than baseline" and "not slower than 1 + latency_margin".
+  "slower than baseline" and "not slower than 1 + latency_margin". The same "slower" test also
+  runs for each canary replica (against the baseline pool) and for each baseline replica
+  (against the canary pool), and latency is shown worse only when the pooled test *and* every
+  one of those with ``replica_min_pairs`` matched requests have crossed the boundary. A slower
+  version is slower on every replica; a process that runs slow (or fast) for a while, from CPU
+  contention on a shared node, is one replica, and must not decide about a version. Requiring
+  more than the pooled test can only lower the false-rollback rate. The budget rule reads the
+  latency estimate the same way: over the margin only if the pooled ratio and every judged
+  replica's are.
 - Scores: P(canary score > stable score), each canary answer against its share of the window's
   stable answers, betting e-processes for "outside 1/2 +- score_margin" (rollback) and "inside"
   (promote).
@@ -65,7 +73,13 @@ def new_state() -> State:
             "worse_at": None,
             "within_at": None,
         },
-        "latency": {"pairs": 0, "log_ratio_sum": 0.0, "worse": _bet(), "within": _bet()},
+        "latency": {
+            "pairs": 0,
+            "log_ratio_sum": 0.0,
+            "worse": _bet(),
+            "within": _bet(),
+            "replicas": {},  # "canary <replica>" / "baseline <replica>" -> pairs, sum, worse
+        },
         "scores": {
             "pairs": 0,
             "seen": [],
@@ -227,6 +241,61 @@ def _update_latency(
     st["log_ratio_sum"] += float(sum(d.mean() for d in raw))
     _bet_on(st["worse"], worse, 0.0, +1, -LOG_CLIP, LOG_CLIP)
     _bet_on(st["within"], within, 0.0, -1, -LOG_CLIP, LOG_CLIP)
+    _update_replica_pairs(st.setdefault("replicas", {}), c, r, cfg)
+
+
+def _update_replica_pairs(
+    groups: dict[str, State], canary: list[Sample], baseline: list[Sample], cfg: CanarySettings
+) -> None:
+    """The "slower" test per replica: each canary replica's requests against the whole
+    baseline pool, and the whole canary pool against each baseline replica's requests (time
+    buckets as the pooled test). One slow canary process leaves the other canary replicas'
+    tests quiet; one fast baseline process leaves the other baseline replicas' tests quiet."""
+    sides = [
+        (f"canary {r or '?'}", [s for s in canary if s.replica == r], baseline)
+        for r in sorted({s.replica for s in canary})
+    ]
+    sides += [
+        (f"baseline {r or '?'}", canary, [s for s in baseline if s.replica == r])
+        for r in sorted({s.replica for s in baseline})
+    ]
+    for name, c, r in sides:
+        ct = np.array([s.t for s in c])
+        clog = np.log(np.maximum([s.latency_ms for s in c], 1e-6))
+        rlog = np.log(np.maximum([s.latency_ms for s in r], 1e-6))
+        match = partners(ct, np.array([s.t for s in r]), cfg.bucket_seconds)
+        used = [i for i in np.argsort(ct, kind="stable") if len(match[i])]
+        if not used:
+            continue
+        raw = [clog[i] - rlog[match[i]] for i in used]
+        g = groups.setdefault(name, {"pairs": 0, "log_ratio_sum": 0.0, "worse": _bet()})
+        g["pairs"] += len(used)
+        g["log_ratio_sum"] += float(sum(d.mean() for d in raw))
+        xs = np.array([np.clip(d, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
+        _bet_on(g["worse"], xs, 0.0, +1, -LOG_CLIP, LOG_CLIP)
+
+
+def _judged(st: State, cfg: CanarySettings) -> list[State]:
+    return [g for g in st.get("replicas", {}).values() if g["pairs"] >= cfg.replica_min_pairs]
+
+
+def latency_worse(st: State, cfg: CanarySettings) -> bool:
+    """The pooled test crossed, and so did every replica's with enough matched requests
+    (none with enough: the pooled test alone decides)."""
+    if st["worse"]["rejected_at"] is None:
+        return False
+    return all(g["worse"]["rejected_at"] is not None for g in _judged(st, cfg))
+
+
+def latency_estimate_ok(st: State, cfg: CanarySettings) -> bool | None:
+    """The budget rule's reading: over the margin only if the pooled ratio and every judged
+    replica's are (None: nothing matched)."""
+    if not st["pairs"]:
+        return None
+    limit = math.log1p(cfg.latency_margin)
+    over = [st["log_ratio_sum"] / st["pairs"] > limit]
+    over += [g["log_ratio_sum"] / g["pairs"] > limit for g in _judged(st, cfg)]
+    return not all(over)
 
 
 def _update_scores(
@@ -293,6 +362,8 @@ def update(state: State, window: dict[str, list[Sample]], cfg: CanarySettings) -
         err["within_at"] = n
     _mark(out["latency"]["worse"], bound_w, n)
     _mark(out["latency"]["within"], bound_p, n)
+    for g in out["latency"].get("replicas", {}).values():
+        _mark(g["worse"], bound_w, n)
     for side in ("above", "below"):
         _mark(out["scores"][side], bound_w - math.log(2), n)
     for side in ("within_above", "within_below"):
@@ -354,18 +425,33 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
 
     pairs = lat["pairs"]
     ratio = math.exp(lat["log_ratio_sum"] / pairs) if pairs else math.nan
+    replicas = {
+        name: {
+            "pairs": g["pairs"],
+            "ratio": math.exp(g["log_ratio_sum"] / g["pairs"]) if g["pairs"] else math.nan,
+            "e_worse": math.exp(min(g["worse"]["max_log_e"], 700.0)),
+            "shown_at": g["worse"]["rejected_at"],
+        }
+        for name, g in sorted(lat.get("replicas", {}).items())
+    }
+    per_replica = "; per replica (slower shown by every one with >= "
+    per_replica += f"{cfg.replica_min_pairs} requests): " + ", ".join(
+        f"{name} ratio {r['ratio']:.3f} e={_e(math.log(max(r['e_worse'], 1e-300)))} "
+        f"over {r['pairs']}" + (" shown" if r["shown_at"] is not None else "")
+        for name, r in replicas.items()
+    )
     out.append(
         Finding(
             "latency_vs_stable",
-            lat["worse"]["rejected_at"] is not None,
+            latency_worse(lat, cfg),
             lat["within"]["rejected_at"] is not None,
-            None if not pairs else bool(ratio <= 1 + cfg.latency_margin),
+            latency_estimate_ok(lat, cfg),
             f"ratio {ratio:.3f} vs baseline over {pairs} canary requests matched in "
             f"{cfg.bucket_seconds:g} s buckets; slower: e={_e(lat['worse']['max_log_e'])} "
             f"(boundary {_e(bound_w)})"
             + _at(lat["worse"])
             + f"; within x{1 + cfg.latency_margin:.2f}: e={_e(lat['within']['max_log_e'])} "
-            f"(boundary {_e(bound_p)})" + _at(lat["within"]),
+            f"(boundary {_e(bound_p)})" + _at(lat["within"]) + (per_replica if replicas else ""),
             {
                 "ratio": ratio,
                 "e_worse": math.exp(min(lat["worse"]["max_log_e"], 700.0)),
@@ -374,6 +460,7 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
                 "boundary_within": math.exp(bound_p),
                 "margin": cfg.latency_margin,
                 "requests": pairs,
+                "replicas": replicas,
             },
         )
     )

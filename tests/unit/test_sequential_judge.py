@@ -98,9 +98,12 @@ def _window(
     c_ms: float = 8.0,
     shift: float = 0.0,
     slow: dict[int, float] | None = None,
+    replicas: int = 1,
+    replica_factor: dict[str, float] | None = None,
 ) -> dict[str, list[Sample]]:
-    """``n`` requests at 400/s from ``t0``, routed canary / baseline / stable as Envoy does;
-    ``slow`` maps a bucket index to a latency factor that hits every pool."""
+    """``n`` requests at 400/s from ``t0``, routed canary / baseline / stable as Envoy does,
+    each pool's to one of ``replicas`` at random; ``slow`` maps a bucket index to a latency
+    factor that hits every pool, ``replica_factor`` a replica (``canary-0``) to its own."""
     out: dict[str, list[Sample]] = {"canary": [], "stable": [], "baseline": []}
     base = min(weight, 100 - weight)
     for i in range(n):
@@ -114,7 +117,10 @@ def _window(
         p = float(rng.beta(0.6, 20))
         if canary and shift:
             p = 1 / (1 + math.exp(-(math.log(p / (1 - p)) + shift)))
-        out[label].append(Sample(t, label, code, ms, (p,) if code == 200 else ()))
+        replica = f"{label}-{int(rng.integers(replicas))}" if replicas > 1 else ""
+        ms *= (replica_factor or {}).get(replica, 1.0)
+        scores = (p,) if code == 200 else ()
+        out[label].append(Sample(t, label, code, ms, scores, replica=replica))
     return out
 
 
@@ -280,3 +286,58 @@ def test_a_replayed_row_counts_once_for_the_score_comparison() -> None:
     assert ev2["scores"]["pairs"] == ev["scores"]["pairs"] > 0
     assert ev2["latency"]["pairs"] > ev["latency"]["pairs"]
     assert ev2["canary_requests"] == 2 * ev["canary_requests"]
+
+
+def test_one_slow_canary_replica_does_not_roll_the_version_back() -> None:
+    """An A/A canary whose first replica runs 1.5x slower (a starved process, the same bytes):
+    the pooled latency test crosses its boundary, but the other canary replica's does not, so
+    latency never shows the version worse; the evidence names each replica."""
+    state = _analyse(16, replicas=2, replica_factor={"canary-0": 1.5})
+    lat = state["evidence"]["latency"]
+    assert lat["worse"]["rejected_at"] is not None  # the pooled test alone would roll back
+    assert state["decision"] == "promote", state["reason"]
+    last = state["windows"][-1]["evidence"]["latency_vs_stable"]
+    reps = last["replicas"]
+    assert set(reps) == {
+        "canary canary-0",
+        "canary canary-1",
+        "baseline baseline-0",
+        "baseline baseline-1",
+    }
+    assert (
+        reps["canary canary-0"]["shown_at"] is not None and reps["canary canary-0"]["ratio"] > 1.3
+    )
+    assert reps["canary canary-1"]["shown_at"] is None and reps["canary canary-1"]["ratio"] < 1.1
+    assert "canary canary-0 ratio" in state["reason"]
+
+
+def test_one_fast_baseline_replica_does_not_roll_the_version_back() -> None:
+    state = _analyse(17, replicas=2, replica_factor={"baseline-1": 1 / 1.5})
+    assert state["evidence"]["latency"]["worse"]["rejected_at"] is not None
+    assert state["decision"] == "promote", state["reason"]
+
+
+def test_a_slower_version_is_slower_on_every_replica_and_rolls_back() -> None:
+    state = _analyse(18, c_ms=8.0 * 1.3, replicas=2)
+    assert state["decision"] == "rollback", state["reason"]
+    assert "latency_vs_stable" in state["reason"]
+    reps = state["windows"][-1]["evidence"]["latency_vs_stable"]["replicas"]
+    judged = [r for r in reps.values() if r["pairs"] >= CFG.replica_min_pairs]
+    assert len(judged) == 4 and all(r["shown_at"] is not None for r in judged)
+
+
+def test_the_budget_reads_latency_over_its_margin_only_when_every_replica_is() -> None:
+    st = sequential.new_state()["latency"]
+    limit = math.log1p(CFG.latency_margin)
+    st.update(pairs=100, log_ratio_sum=100 * (limit + 0.05))
+    st["replicas"] = {
+        "canary a": {"pairs": 50, "log_ratio_sum": 50 * (limit + 0.2), "worse": sequential._bet()},
+        "canary b": {"pairs": 50, "log_ratio_sum": 50 * (limit - 0.1), "worse": sequential._bet()},
+    }
+    assert sequential.latency_estimate_ok(st, CFG) is True  # replica b is within
+    st["replicas"]["canary b"]["log_ratio_sum"] = 50 * (limit + 0.01)
+    assert sequential.latency_estimate_ok(st, CFG) is False
+    st["replicas"]["canary b"]["pairs"] = CFG.replica_min_pairs - 1  # too few to judge
+    st["replicas"]["canary b"]["log_ratio_sum"] = 0.0
+    assert sequential.latency_estimate_ok(st, CFG) is False
+    assert sequential.latency_estimate_ok(sequential.new_state()["latency"], CFG) is None
