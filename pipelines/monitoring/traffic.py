@@ -1,10 +1,12 @@
 """``mlops traffic``: a day's requests replayed through the data plane, as clients would send
 them, for the demo and the monitoring tests.
 
-The requests are the rows of the day's landing partition (each with its own key, so the labels
-that land for them later join back), or, with ``drift``, the rows the dataset's generator draws
-for that day with that drift (live traffic drifting before any of it lands). Only the model's
-features are sent, in TF Serving's row format."""
+The requests are the held-out rows of the day's landing partition: the rows whose entity the
+shard stage's hash split puts in validation or test (``split_of``), so no model trained on that
+day has seen them. Each keeps its own key, so the labels that land for them later join back.
+With ``drift`` they are the rows the dataset's generator draws for that day with that drift
+(live traffic drifting before any of it lands). Only the model's features are sent, in TF
+Serving's row format."""
 
 from __future__ import annotations
 
@@ -40,15 +42,20 @@ def day_rows(settings: Settings, spec: DatasetSpec, date: str, drift: float) -> 
         return GENERATORS[spec.name](
             dt.date.fromisoformat(date), settings.data.rows_per_day, drift=drift
         )
+    from pipelines.data.shard import split_of
+
     store = open_store(settings.store)
     prefix = layout.landing(spec.name, date)
-    tables = list(iter_partition(store, prefix, columns=[spec.key, *spec.features]))
+    columns = list(dict.fromkeys([spec.key, spec.entity, *spec.features]))
+    tables = list(iter_partition(store, prefix, columns=columns))
     if not tables or not sum(t.num_rows for t in tables):
         raise TrafficError(
             f"No rows under {store.uri(prefix)} to replay; generate the day first "
             f"(mlops data generate --date {date}) or pass --drift."
         )
-    return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+    held_out = split_of(df[spec.entity], settings.data.split_fractions) != 0
+    return df[held_out].reset_index(drop=True)
 
 
 def instances(df: pd.DataFrame, spec: DatasetSpec) -> list[tuple[str, dict[str, Any]]]:

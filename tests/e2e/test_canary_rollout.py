@@ -161,16 +161,13 @@ def test_a_bad_canary_is_rolled_back_and_nothing_else_moves(
 # 20 analyses of several thousand replayed requests each: about 12 minutes here, so more than
 # the suite's 15-minute default on a busier machine.
 @pytest.mark.timeout(2400)
-def test_a_a_canary_is_rolled_back_at_most_twice_over_20_seeds_and_on_latency_only(
-    deployed: dict[str, Any],
-) -> None:
+def test_a_a_canary_is_never_rolled_back_over_20_seeds(deployed: dict[str, Any]) -> None:
     """The same model as canary and stable: 20 full analyses, each with its own replay order
-    and routing salt. Errors and scores never roll one back. Latency may, at most twice: on this
-    2-core machine the canary's and the baseline's replicas are different processes, and one
-    pool's processes can run slower for part of an analysis (CI saw it in 1 of 20, e=6,590
-    against the 1,500 boundary, and in a later run in 2 of 20, e=3,130 at 174 canary requests).
-    The judge is right that the canary pool was slower; it cannot tell a slow pool from a slow
-    model (issue #14 stays open on this: its goal is never)."""
+    and routing salt, and none rolls back. On this 2-core machine the canary's and the
+    baseline's replicas are different processes, and one of them can run slower for part of an
+    analysis: before latency was judged per replica too, CI rolled back 1 of 20 (e=6,590
+    against the 1,500 boundary) and, in a later run, 2 of 20 (e=3,130 at 174 canary requests).
+    The failure message lists every failed check of every rolled-back analysis, per replica."""
     s = deployed["settings"]
     version = new_version(deployed, "same")
     stages.stage_canary(s, version)
@@ -192,8 +189,7 @@ def test_a_a_canary_is_rolled_back_at_most_twice_over_20_seeds_and_on_latency_on
     finally:  # the module's next tests start from a clean serving state, whatever happened
         stages.rollback(s, version, "A/A test done")
     rolled_back = [o for o in outcomes if o[1] != "promote"]
-    assert len(rolled_back) <= 2, rolled_back
-    assert all(a_a_verdict_ok({"decision": o[1], "reason": o[2]}) for o in rolled_back), rolled_back
+    assert rolled_back == [], rolled_back
 
 
 def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, Any]) -> None:
