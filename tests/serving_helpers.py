@@ -58,3 +58,14 @@ def doctored_saved_model(model: Any, out: Path, kind: str) -> None:
     module = Doctored()
     concrete = tf.function(module.__call__).get_concrete_function(input_specs(model))
     tf.saved_model.save(module, str(out), signatures={SIGNATURE: concrete})
+
+
+def store_on(request: Any, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """Settings overrides putting the store on local files (``request.param`` "file") or on
+    the moto S3 server with SSE ("s3"), and the root URI a test publishes under there."""
+    if request.param == "s3":
+        bucket, endpoint = (request.getfixturevalue(f) for f in ("s3_bucket", "moto_server"))
+        store = {"root": f"s3://{bucket}/lake", "endpoint_url": endpoint}
+        store |= {"key": "testing", "secret": "testing", "sse": "AES256"}
+        return {"store": store}, f"s3://{bucket}"
+    return {}, f"file://{tmp_path}"

@@ -220,24 +220,29 @@ def errors_bound(st: State, cfg: CanarySettings) -> float:
     return c_hi - s_lo
 
 
+def _log_ratios(c: list[Sample], r: list[Sample], cfg: CanarySettings) -> list[np.ndarray]:
+    """Per canary request (in time order) that has partners in its time bucket: its log latency
+    minus each partner's (:func:`partners`)."""
+    if not c or not r:
+        return []
+    ct = np.array([s.t for s in c])
+    clog = np.log(np.maximum([s.latency_ms for s in c], 1e-6))
+    rlog = np.log(np.maximum([s.latency_ms for s in r], 1e-6))
+    match = partners(ct, np.array([s.t for s in r]), cfg.bucket_seconds)
+    return [clog[i] - rlog[match[i]] for i in np.argsort(ct, kind="stable") if len(match[i])]
+
+
 def _update_latency(
     st: State, canary: list[Sample], baseline: list[Sample], cfg: CanarySettings
 ) -> None:
     c, r = _ok(canary), _ok(baseline)
-    if not c or not r:
+    raw = _log_ratios(c, r, cfg)
+    if not raw:
         return
-    ct = np.array([s.t for s in c])
-    clog = np.log(np.maximum([s.latency_ms for s in c], 1e-6))
-    rlog = np.log(np.maximum([s.latency_ms for s in r], 1e-6))
-    groups = partners(ct, np.array([s.t for s in r]), cfg.bucket_seconds)
-    used = [i for i in np.argsort(ct, kind="stable") if len(groups[i])]
-    if not used:
-        return
-    raw = [clog[i] - rlog[groups[i]] for i in used]
     shift = math.log1p(cfg.latency_margin)
     worse = np.array([np.clip(d, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
     within = np.array([np.clip(d - shift, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
-    st["pairs"] += len(used)
+    st["pairs"] += len(raw)
     st["log_ratio_sum"] += float(sum(d.mean() for d in raw))
     _bet_on(st["worse"], worse, 0.0, +1, -LOG_CLIP, LOG_CLIP)
     _bet_on(st["within"], within, 0.0, -1, -LOG_CLIP, LOG_CLIP)
@@ -260,16 +265,11 @@ def _update_replica_pairs(
         for r in sorted({s.replica for s in baseline})
     ]
     for name, c, r in sides:
-        ct = np.array([s.t for s in c])
-        clog = np.log(np.maximum([s.latency_ms for s in c], 1e-6))
-        rlog = np.log(np.maximum([s.latency_ms for s in r], 1e-6))
-        match = partners(ct, np.array([s.t for s in r]), cfg.bucket_seconds)
-        used = [i for i in np.argsort(ct, kind="stable") if len(match[i])]
-        if not used:
+        raw = _log_ratios(c, r, cfg)
+        if not raw:
             continue
-        raw = [clog[i] - rlog[match[i]] for i in used]
         g = groups.setdefault(name, {"pairs": 0, "log_ratio_sum": 0.0, "worse": _bet()})
-        g["pairs"] += len(used)
+        g["pairs"] += len(raw)
         g["log_ratio_sum"] += float(sum(d.mean() for d in raw))
         xs = np.array([np.clip(d, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
         _bet_on(g["worse"], xs, 0.0, +1, -LOG_CLIP, LOG_CLIP)

@@ -29,6 +29,7 @@ from pipelines.serving.control import RemoteServing, evidence_partitions
 from pipelines.serving.dataplane.split import Split
 from pipelines.store import ObjectStore, storage_options
 from tests.infra import test_manifests as tm
+from tests.serving_helpers import store_on
 
 LOGGING = tm.INFRA / "k8s" / "logging"
 HEX64 = "0123456789abcdef" * 4  # a container id as the kubelet writes it in file names
@@ -410,14 +411,7 @@ def _partition(t: float) -> str:
 
 @pytest.fixture(params=["file", "s3"])
 def remote(request: pytest.FixtureRequest, local_settings: Settings, tmp_path: Path) -> Settings:
-    overrides: dict[str, Any] = {}
-    if request.param == "s3":
-        bucket, endpoint = (request.getfixturevalue(f) for f in ("s3_bucket", "moto_server"))
-        overrides["store"] = {"root": f"s3://{bucket}/lake", "endpoint_url": endpoint}
-        overrides["store"] |= {"key": "testing", "secret": "testing", "sse": "AES256"}
-        root = f"s3://{bucket}"
-    else:
-        root = f"file://{tmp_path}"
+    overrides, root = store_on(request, tmp_path)
     overrides["serving"] = {
         "mode": "remote",
         "publish_root": f"{root}/serving",

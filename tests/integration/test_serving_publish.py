@@ -15,6 +15,7 @@ from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import RemoteServing, labels_of
 from pipelines.serving.dataplane.split import ConfigMapSplit, Split, SplitError
 from pipelines.store import ObjectStore, open_store
+from tests.serving_helpers import store_on
 
 pytestmark = pytest.mark.integration
 NAME = "fraud_detector"
@@ -29,17 +30,10 @@ REMOTE = {
 
 @pytest.fixture(params=["file", "s3"])
 def remote(request: pytest.FixtureRequest, local_settings: Settings, tmp_path: Path) -> Settings:
-    overrides: dict[str, Any] = {}
-    if request.param == "s3":
-        bucket, endpoint = (request.getfixturevalue(f) for f in ("s3_bucket", "moto_server"))
-        overrides["store"] = {"root": f"s3://{bucket}/lake", "endpoint_url": endpoint}
-        overrides["store"] |= {"key": "testing", "secret": "testing", "sse": "AES256"}
-        root = f"s3://{bucket}/serving"
-    else:
-        root = f"file://{tmp_path}/published"
+    overrides, root = store_on(request, tmp_path)
     overrides["serving"] = {
         "mode": "remote",
-        "publish_root": root,
+        "publish_root": f"{root}/serving",
         "model_base_path": f"/models/{NAME}",
         **REMOTE,
     }
