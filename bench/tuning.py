@@ -74,6 +74,19 @@ def main() -> None:
     ap.add_argument("--speed-batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="every trial plans this many epochs (epochs is then the pruner's resource, not a "
+        "searched dimension); default: epochs searched in 2-8",
+    )
+    ap.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help="median pruner: epochs before a trial can be pruned (default: tuning.warmup_epochs)",
+    )
+    ap.add_argument(
         "--tpe-without-pruning",
         action="store_true",
         help="a third arm: TPE with no pruner (what pruning costs TPE in quality)",
@@ -124,6 +137,9 @@ def main() -> None:
         out["wall_s"] = time.perf_counter() - t0
         return out
 
+    space = dict(SPACE)
+    if args.epochs is not None:
+        space["epochs"] = {"kind": "int", "low": args.epochs, "high": args.epochs}
     search: dict[str, list[dict[str, Any]]] = {"tpe": [], "random": [], "tpe_no_pruning": []}
     arms = [("tpe", "tpe", args.pruner), ("random", "random", "none")]
     if args.tpe_without_pruning:
@@ -139,11 +155,12 @@ def main() -> None:
                     f"{arm}-{seed}",
                     1,
                     args.trials,
-                    space=SPACE,
+                    space=space,
                     sampler=sampler,
                     pruner=pruner,
                     seed=seed,
                     startup_trials=args.startup_trials,
+                    **({} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}),
                 )
                 search[arm].append(out)
                 print(
@@ -189,6 +206,10 @@ def main() -> None:
         "trials": args.trials,
         "seeds": args.seeds,
         "pruner": args.pruner,
+        "epochs": args.epochs if args.epochs is not None else "searched 2-8",
+        "warmup_epochs": args.warmup_epochs
+        if args.warmup_epochs is not None
+        else base.tuning.warmup_epochs,
         "best_val_loss_tpe": round(med(tpe_best), 5) if tpe_best else None,
         "best_val_loss_random": round(med(random_best), 5) if random_best else None,
         "best_val_loss_tpe_per_seed": [round(v, 5) for v in tpe_best],
