@@ -21,7 +21,7 @@ project's own PostgreSQL, worker processes running the real trainer on one fixed
     .venv/bin/python bench/tuning.py [--rows 20000] [--trials 24] [--startup-trials 6] [--seeds 3]
                                      [--pruner median] [--speed-rows 30000] [--speed-trials 24]
                                      [--speed-epochs 8] [--speed-batch-size 128] [--rounds 2]
-                                     [--tpe-without-pruning]
+                                     [--tpe-without-pruning] [--epochs N] [--warmup-epochs N]
 
 ``--seeds 0`` runs the workers comparison alone.
 
