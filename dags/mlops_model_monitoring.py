@@ -86,7 +86,6 @@ def mlops_model_monitoring() -> None:
         mode="reschedule",  # the worker slot is free while the hour's log is still arriving
         poke_interval=30,
         timeout=2 * 3600,
-        retries=0,
     )
     def hour_logged() -> PokeReturnValue:
         """Done once the hour is over plus ``monitoring.ship_delay_s`` (at once with

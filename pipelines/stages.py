@@ -389,12 +389,13 @@ def optimize_runtime(settings: Settings, version: str) -> dict[str, Any]:
 def stage_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    with _changing_serving(settings, f"stage_canary v{version}"):
+    with _changing_serving(settings, f"stage_canary v{version}") as lease:
         out = rollout.stage_canary(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.canary_staged",
         f"{settings.mlflow.model_name}/{version}",
+        lease=lease.generation,
         stable=out["stable"],
         canary=out["canary"],
         first_deployment=out["first_deployment"],
@@ -407,11 +408,13 @@ def shadow_candidate(settings: Settings, version: str) -> dict[str, Any]:
     decides the canary as rollback before any user gets the candidate's answer."""
     from pipelines.serving import shadow
 
-    out = shadow.shadow_candidate(settings, serving_control(settings), version)
+    with _changing_serving(settings, f"shadow_candidate v{version}") as lease:
+        out = shadow.shadow_candidate(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.shadowed",
         f"{settings.mlflow.model_name}/{version}",
+        lease=lease.generation,
         verdict=out["verdict"],
         reasons=out["reasons"],
         pairs=out["pairs"],
@@ -423,7 +426,8 @@ def canary_tick(settings: Settings, version: str) -> dict[str, Any]:
     """One judged window of the canary (the Airflow sensor's poke); ``done`` once decided."""
     from pipelines.serving import monitor
 
-    state = monitor.canary_tick(settings, serving_control(settings), version)
+    with _changing_serving(settings, f"canary window of v{version}"):  # it moves the weight
+        state = monitor.canary_tick(settings, serving_control(settings), version)
     last = state["windows"][-1] if state["windows"] else None
     return {
         "done": state["decision"] is not None,
@@ -448,7 +452,8 @@ def canary_verdict(settings: Settings, version: str) -> dict[str, Any] | None:
 def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import monitor
 
-    v = monitor.monitor_canary(settings, serving_control(settings), version)
+    with _changing_serving(settings, f"canary analysis of v{version}"):
+        v = monitor.monitor_canary(settings, serving_control(settings), version)
     return {
         "decision": v["decision"],
         "reason": v["reason"],
@@ -460,12 +465,13 @@ def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:
 def promote(settings: Settings, version: str) -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    with _changing_serving(settings, f"promote v{version}"):
+    with _changing_serving(settings, f"promote v{version}") as lease:
         out = rollout.promote(settings, serving_control(settings), version)
     _audit(
         settings,
         "rollout.promoted",
         f"{settings.mlflow.model_name}/{version}",
+        lease=lease.generation,
         previous_stable=out["previous_stable"],
         aliases=out["aliases"],
     )
@@ -475,12 +481,13 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 def rollback(settings: Settings, version: str, reason: str = "") -> dict[str, Any]:
     from pipelines.serving import rollout
 
-    with _changing_serving(settings, f"rollback v{version}"):
+    with _changing_serving(settings, f"rollback v{version}") as lease:
         out = rollout.rollback(settings, serving_control(settings), version, reason)
     _audit(
         settings,
         "rollout.rolled_back",
         f"{settings.mlflow.model_name}/{version}",
+        lease=lease.generation,
         reason=reason,
         stable=out["stable"],
         aliases=out["aliases"],
@@ -668,7 +675,7 @@ def restore_champion(
 
     try:
         # Under the lease, so no staging or promotion interleaves with the checks and moves.
-        with _changing_serving(settings, f"monitoring rollback of v{from_version}"):
+        with _changing_serving(settings, f"monitoring rollback of v{from_version}") as lease:
             out = rollout.restore_champion(
                 settings, serving_control(settings), from_version, to_version, reason
             )
@@ -681,6 +688,7 @@ def restore_champion(
         "rollout.champion_restored",
         f"{settings.mlflow.model_name}/{to_version}",
         outcome=out["decision"],
+        lease=lease.generation,
         demoted=out["demoted"],
         reason=reason,
         aliases=out["aliases"],

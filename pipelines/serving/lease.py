@@ -12,13 +12,15 @@ revisions work the same way)::
     locks/serving/<model>/0000000042.released    written when the holder lets go
 
 Generation ``g + 1`` can be created only once (a conditional PUT on S3, a hard link locally),
-so of two writers racing for a free lease exactly one wins. The newest generation is held
-while it has no ``.released`` marker and its ``expires_at`` is in the future. Its holder
-renews it every third of ``ttl_s`` from a thread, so a lease expires only when its holder
-died or hung that long; the next writer then takes it over with a warning naming the holder.
-A holder can release only its own generation: a late release of an expired lease never frees
-the one that replaced it. The generation is the fencing token written into what the holder
-records."""
+so of two writers racing for a free lease exactly one wins. That needs a store that honours
+``If-None-Match: *`` (AWS S3 does; an S3 look-alike that ignores it would let both win).
+The newest generation is held while it has no ``.released`` marker and its ``expires_at`` is
+in the future. Its holder renews it every third of ``ttl_s`` from a thread, so a lease
+expires only when its holder died or hung that long; the next writer then takes it over with
+a warning naming the holder. A holder can release only its own generation: a late release of
+an expired lease never frees the one that replaced it. A block whose lease was lost meanwhile
+fails with :class:`LeaseLost` (its step is retried). The generation is the fencing token: the
+audit entry of each serving change records it."""
 
 from __future__ import annotations
 
@@ -42,6 +44,12 @@ KEEP_GENERATIONS = 16
 
 class LeaseBusy(RuntimeError):
     """Another writer holds the lease and did not let go within the wait."""
+
+
+class LeaseLost(RuntimeError):
+    """The lease expired or was taken over while its holder's block ran: what the block did
+    to serving may have interleaved with another writer, so the step fails (and is retried;
+    every serving step is idempotent)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,9 @@ class ServingLease:
 
     def _generations(self) -> tuple[list[int], set[int]]:
         held, released = [], set()
+        # The other writers are other processes: a listing s3fs cached earlier would hide the
+        # generations and release markers they wrote since.
+        self.store.fs.invalidate_cache()
         for key in self.store.list(self.prefix):
             stem, _, suffix = key.rsplit("/", 1)[-1].partition(".")
             if not stem.isdigit():
@@ -148,11 +159,19 @@ class ServingLease:
                 )
             now = self._clock()
             lease = Lease(self.model, top + 1, holder, now, now + self.ttl_s)
-            if self.store.create_bytes(self._key(lease.generation), _encode(lease)):
+            key = self._key(lease.generation)
+            if self.store.create_bytes(key, _encode(lease)):
                 self._prune(lease.generation)
                 log.info("serving lease of %s taken: %s", self.model, lease.describe())
                 return lease
-            # Another writer created that generation first: look again.
+            # Another writer created that generation first: look again, within the wait.
+            if self._clock() >= deadline:
+                raise LeaseBusy(
+                    f"The serving lease of {self.model} kept being taken by other writers "
+                    f"for {self.wait_s:g} s (serving.lease_wait_s); last at "
+                    f"{self.store.uri(key)}."
+                )
+            self._sleep(self.poll_s)
 
     def renew(self, lease: Lease) -> Lease:
         """Push the expiry of a lease this process holds; only its holder writes its object."""
@@ -176,29 +195,48 @@ class ServingLease:
     @contextmanager
     def hold(self, holder: str) -> Iterator[Lease]:
         """Hold the lease for a block, renewed from a thread, released however the block
-        ends."""
+        ends. A block that ends after its lease was lost (taken over, or not renewed before
+        it expired: the store was unreachable for ``ttl_s``) raises :class:`LeaseLost`."""
         lease = self.acquire(holder)
-        stop = threading.Event()
+        stop, lost = threading.Event(), threading.Event()
+        renewed = [lease]
 
         def keep() -> None:
-            current = lease
             while not stop.wait(self.ttl_s / 3):
                 try:
-                    current = self.renew(current)
+                    renewed[0] = self.renew(renewed[0])
                 except LeaseBusy as exc:
                     log.error("%s", exc)
+                    lost.set()
                     return
                 except Exception:  # a store hiccup: try again at the next tick
                     log.warning("renewing the serving lease failed", exc_info=True)
+                    if self._clock() >= renewed[0].expires_at:
+                        log.error("the serving lease of %s expired unrenewed", self.model)
+                        lost.set()
+                        return
 
         renewer = threading.Thread(target=keep, name=f"lease-{self.model}", daemon=True)
         renewer.start()
+        failed = True
         try:
             yield lease
+            failed = False
         finally:
             stop.set()
             renewer.join()
-            self.release(lease)
+            try:
+                self.release(lease)
+            except Exception:  # never hide the block's own outcome; the lease then expires
+                log.exception("releasing the serving lease of %s failed", self.model)
+                if not failed:
+                    raise
+        if lost.is_set():
+            raise LeaseLost(
+                f"The serving lease of {self.model} ({lease.describe()}) was lost while "
+                "serving was being changed; another writer may have interleaved. The step "
+                "is failed so that it is retried."
+            )
 
     def _prune(self, newest: int) -> None:
         held, released = self._generations()

@@ -22,9 +22,10 @@ test runs at the full ``promote_alpha``).
   one of those with ``replica_min_pairs`` matched requests have crossed the boundary. A slower
   version is slower on every replica; a process that runs slow (or fast) for a while, from CPU
   contention on a shared node, is one replica, and must not decide about a version. Requiring
-  more than the pooled test can only lower the false-rollback rate. The budget rule reads the
-  latency estimate the same way: over the margin only if the pooled ratio and every judged
-  replica's are.
+  more than the pooled test can only lower the false-rollback rate. A replica counts while it
+  has answered in the last ``RECENT_WINDOWS`` windows (a replaced pod comes back under another
+  address). The budget rule stays on the pooled estimate: without conclusive evidence a slower
+  pool is the safe side to roll back.
 - Scores: P(canary score > stable score), each canary answer against its share of the window's
   stable answers, betting e-processes for "outside 1/2 +- score_margin" (rollback) and "inside"
   (promote).
@@ -246,11 +247,16 @@ def _update_latency(
     st["log_ratio_sum"] += float(sum(d.mean() for d in raw))
     _bet_on(st["worse"], worse, 0.0, +1, -LOG_CLIP, LOG_CLIP)
     _bet_on(st["within"], within, 0.0, -1, -LOG_CLIP, LOG_CLIP)
-    _update_replica_pairs(st.setdefault("replicas", {}), c, r, cfg)
+    st["windows"] = st.get("windows", 0) + 1
+    _update_replica_pairs(st.setdefault("replicas", {}), c, r, cfg, st["windows"])
 
 
 def _update_replica_pairs(
-    groups: dict[str, State], canary: list[Sample], baseline: list[Sample], cfg: CanarySettings
+    groups: dict[str, State],
+    canary: list[Sample],
+    baseline: list[Sample],
+    cfg: CanarySettings,
+    window: int,
 ) -> None:
     """The "slower" test per replica: each canary replica's requests against the whole
     baseline pool, and the whole canary pool against each baseline replica's requests (time
@@ -269,14 +275,26 @@ def _update_replica_pairs(
         if not raw:
             continue
         g = groups.setdefault(name, {"pairs": 0, "log_ratio_sum": 0.0, "worse": _bet()})
+        g["last_window"] = window
         g["pairs"] += len(raw)
         g["log_ratio_sum"] += float(sum(d.mean() for d in raw))
         xs = np.array([np.clip(d, -LOG_CLIP, LOG_CLIP).mean() for d in raw])
         _bet_on(g["worse"], xs, 0.0, +1, -LOG_CLIP, LOG_CLIP)
 
 
+RECENT_WINDOWS = 3
+"""A replica counts while it answered in one of the analysis' last this many windows: a pod
+that was replaced (a new address) stops holding the rule back."""
+
+
 def _judged(st: State, cfg: CanarySettings) -> list[State]:
-    return [g for g in st.get("replicas", {}).values() if g["pairs"] >= cfg.replica_min_pairs]
+    latest = st.get("windows", 0)
+    return [
+        g
+        for g in st.get("replicas", {}).values()
+        if g["pairs"] >= cfg.replica_min_pairs
+        and g.get("last_window", latest) > latest - RECENT_WINDOWS
+    ]
 
 
 def latency_worse(st: State, cfg: CanarySettings) -> bool:
@@ -285,17 +303,6 @@ def latency_worse(st: State, cfg: CanarySettings) -> bool:
     if st["worse"]["rejected_at"] is None:
         return False
     return all(g["worse"]["rejected_at"] is not None for g in _judged(st, cfg))
-
-
-def latency_estimate_ok(st: State, cfg: CanarySettings) -> bool | None:
-    """The budget rule's reading: over the margin only if the pooled ratio and every judged
-    replica's are (None: nothing matched)."""
-    if not st["pairs"]:
-        return None
-    limit = math.log1p(cfg.latency_margin)
-    over = [st["log_ratio_sum"] / st["pairs"] > limit]
-    over += [g["log_ratio_sum"] / g["pairs"] > limit for g in _judged(st, cfg)]
-    return not all(over)
 
 
 def _update_scores(
@@ -445,7 +452,7 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
             "latency_vs_stable",
             latency_worse(lat, cfg),
             lat["within"]["rejected_at"] is not None,
-            latency_estimate_ok(lat, cfg),
+            None if not pairs else bool(ratio <= 1 + cfg.latency_margin),
             f"ratio {ratio:.3f} vs baseline over {pairs} canary requests matched in "
             f"{cfg.bucket_seconds:g} s buckets; slower: e={_e(lat['worse']['max_log_e'])} "
             f"(boundary {_e(bound_w)})"

@@ -288,15 +288,19 @@ def test_a_replayed_row_counts_once_for_the_score_comparison() -> None:
     assert ev2["canary_requests"] == 2 * ev["canary_requests"]
 
 
-def test_one_slow_canary_replica_does_not_roll_the_version_back() -> None:
+def test_one_slow_canary_replica_never_shows_the_version_worse() -> None:
     """An A/A canary whose first replica runs 1.5x slower (a starved process, the same bytes):
     the pooled latency test crosses its boundary, but the other canary replica's does not, so
-    latency never shows the version worse; the evidence names each replica."""
+    latency never shows the version worse. The analysis runs to the budget, where the pooled
+    estimate (1.2, over the 1.15 margin) decides: the safe side when the evidence cannot tell a
+    slow process from a slow version. The evidence names each replica."""
     state = _analyse(16, replicas=2, replica_factor={"canary-0": 1.5})
     lat = state["evidence"]["latency"]
     assert lat["worse"]["rejected_at"] is not None  # the pooled test alone would roll back
-    assert state["decision"] == "promote", state["reason"]
+    assert state["reason"].startswith("budget of"), state["reason"]
+    assert state["evidence"]["canary_requests"] >= CFG.max_canary_requests
     last = state["windows"][-1]["evidence"]["latency_vs_stable"]
+    assert not last["worse"]
     reps = last["replicas"]
     assert set(reps) == {
         "canary canary-0",
@@ -311,10 +315,11 @@ def test_one_slow_canary_replica_does_not_roll_the_version_back() -> None:
     assert "canary canary-0 ratio" in state["reason"]
 
 
-def test_one_fast_baseline_replica_does_not_roll_the_version_back() -> None:
+def test_one_fast_baseline_replica_never_shows_the_version_worse() -> None:
     state = _analyse(17, replicas=2, replica_factor={"baseline-1": 1 / 1.5})
     assert state["evidence"]["latency"]["worse"]["rejected_at"] is not None
-    assert state["decision"] == "promote", state["reason"]
+    assert not state["windows"][-1]["evidence"]["latency_vs_stable"]["worse"]
+    assert state["reason"].startswith("budget of"), state["reason"]
 
 
 def test_a_slower_version_is_slower_on_every_replica_and_rolls_back() -> None:
@@ -326,18 +331,26 @@ def test_a_slower_version_is_slower_on_every_replica_and_rolls_back() -> None:
     assert len(judged) == 4 and all(r["shown_at"] is not None for r in judged)
 
 
-def test_the_budget_reads_latency_over_its_margin_only_when_every_replica_is() -> None:
-    st = sequential.new_state()["latency"]
-    limit = math.log1p(CFG.latency_margin)
-    st.update(pairs=100, log_ratio_sum=100 * (limit + 0.05))
-    st["replicas"] = {
-        "canary a": {"pairs": 50, "log_ratio_sum": 50 * (limit + 0.2), "worse": sequential._bet()},
-        "canary b": {"pairs": 50, "log_ratio_sum": 50 * (limit - 0.1), "worse": sequential._bet()},
-    }
-    assert sequential.latency_estimate_ok(st, CFG) is True  # replica b is within
-    st["replicas"]["canary b"]["log_ratio_sum"] = 50 * (limit + 0.01)
-    assert sequential.latency_estimate_ok(st, CFG) is False
-    st["replicas"]["canary b"]["pairs"] = CFG.replica_min_pairs - 1  # too few to judge
-    st["replicas"]["canary b"]["log_ratio_sum"] = 0.0
-    assert sequential.latency_estimate_ok(st, CFG) is False
-    assert sequential.latency_estimate_ok(sequential.new_state()["latency"], CFG) is None
+def test_a_replica_that_stopped_answering_no_longer_holds_the_rule_back() -> None:
+    """A slower version whose canary-1 pod was replaced after two windows (its new pod answers
+    under another name): the old name's test never crosses, and after RECENT_WINDOWS windows
+    without it the others decide."""
+    rng = np.random.default_rng(19)
+    state, t = _state(), 0.0
+    for i in range(40):
+        w = _window(rng, 5, t, n=1200, c_ms=8.0 * 1.4, replicas=2)
+        if i >= 2:  # canary-1 is gone; its requests now come from canary-2
+            w["canary"] = [
+                Sample(x.t, x.label, x.code, x.latency_ms, x.scores, replica="canary-2")
+                if x.replica == "canary-1"
+                else x
+                for x in w["canary"]
+            ]
+        state = fold(state, w, CFG)
+        t += 10.0
+        if state["decision"]:
+            break
+    assert state["decision"] == "rollback" and "latency_vs_stable" in state["reason"]
+    groups = state["evidence"]["latency"]["replicas"]
+    assert groups["canary canary-1"]["worse"]["rejected_at"] is None  # it never crossed
+    assert state["evidence"]["canary_requests"] < CFG.max_canary_requests  # not the budget

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.serving.lease import KEEP_GENERATIONS, LeaseBusy, ServingLease, whoami
+from pipelines.serving.lease import KEEP_GENERATIONS, LeaseBusy, LeaseLost, ServingLease, whoami
 from pipelines.store import ObjectStore
 
 
@@ -134,3 +134,17 @@ def test_whoami_names_the_airflow_task_when_there_is_one(monkeypatch: pytest.Mon
     who = whoami("monitoring rollback of v2")
     assert who.startswith("monitoring rollback of v2 (mlops_model_monitoring/scheduled__")
     assert "/roll_back, pid " in who
+
+
+def test_a_block_whose_lease_was_taken_over_fails_with_lease_lost(tmp_path: Path) -> None:
+    """The holder stalls (here: its renewals are stopped) past the ttl, another writer takes the
+    lease over; the block's end then raises instead of reporting a clean change."""
+    store = ObjectStore(str(tmp_path))
+    slow = ServingLease(store, "m", ttl_s=0.3, wait_s=0)
+    other = ServingLease(store, "m", ttl_s=30, wait_s=5, poll_s=0.05)
+    slow.renew = lambda lease: (_ for _ in ()).throw(OSError("store unreachable"))  # type: ignore[method-assign]
+    with pytest.raises(LeaseLost, match="was lost"), slow.hold("promote v6"):
+        time.sleep(0.4)
+        taken = other.acquire("monitoring rollback of v6")  # the expired lease is taken over
+        assert taken.generation == 2
+        time.sleep(0.3)
