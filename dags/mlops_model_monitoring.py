@@ -90,16 +90,14 @@ def mlops_model_monitoring() -> None:
     def hour_logged() -> PokeReturnValue:
         """Done once the hour is over plus ``monitoring.ship_delay_s`` (at once with
         ``ship_open_hour``, or when the run starts late, as a catch-up or backfill does)."""
-        import time
-
         from mlops_airflow.common import interval_hour, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
         date, hour = interval_hour(ctx)
-        ready = stages.serving_log_ready_at(run_settings(ctx["params"]), date, hour)
-        done = bool(ctx["params"]["ship_open_hour"]) or time.time() >= ready
+        s, early = run_settings(ctx["params"]), bool(ctx["params"]["ship_open_hour"])
+        done = early or stages.serving_log_ready(s, date, hour)
         return PokeReturnValue(is_done=done, xcom_value={"date": date, "hour": hour})
 
     @task

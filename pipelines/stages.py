@@ -8,6 +8,7 @@ Stages that accept data or change the registry or serving record it in :mod:`pip
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -628,6 +629,11 @@ def serving_log_ready_at(settings: Settings, date: str, hour: int) -> float:
     from pipelines.monitoring.logs import hour_bounds
 
     return hour_bounds(date, hour)[1] + _ship_delay(settings)
+
+
+def serving_log_ready(settings: Settings, date: str, hour: int) -> bool:
+    """The hour can be shipped whole now (:func:`serving_log_ready_at` has passed)."""
+    return time.time() >= serving_log_ready_at(settings, date, hour)
 
 
 def monitor_hour(settings: Settings, date: str, hour: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -151,3 +152,6 @@ def test_an_hour_is_ready_to_ship_after_its_end_plus_the_ship_delay(local_settin
     # Never before the data plane's own log flush, however small the delay is set.
     quick = s.model_copy(update={"monitoring": s.monitoring.model_copy(update={"ship_delay_s": 0})})
     assert stages.serving_log_ready_at(quick, DATE, 14) == END + s.dataplane.log_flush_ms / 1000
+    assert stages.serving_log_ready(s, DATE, 14)  # an hour of 2026-11-03: long over
+    now = dt.datetime.now(dt.UTC)
+    assert not stages.serving_log_ready(s, now.date().isoformat(), now.hour)  # this hour
