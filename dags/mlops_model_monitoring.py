@@ -96,8 +96,9 @@ def mlops_model_monitoring() -> None:
 
         ctx = get_current_context()
         date, hour = interval_hour(ctx)
-        s, early = run_settings(ctx["params"]), bool(ctx["params"]["ship_open_hour"])
-        done = early or stages.serving_log_ready(s, date, hour)
+        done = stages.serving_log_ready(
+            run_settings(ctx["params"]), date, hour, bool(ctx["params"]["ship_open_hour"])
+        )
         return PokeReturnValue(is_done=done, xcom_value={"date": date, "hour": hour})
 
     @task

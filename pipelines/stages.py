@@ -631,9 +631,10 @@ def serving_log_ready_at(settings: Settings, date: str, hour: int) -> float:
     return hour_bounds(date, hour)[1] + _ship_delay(settings)
 
 
-def serving_log_ready(settings: Settings, date: str, hour: int) -> bool:
-    """The hour can be shipped whole now (:func:`serving_log_ready_at` has passed)."""
-    return time.time() >= serving_log_ready_at(settings, date, hour)
+def serving_log_ready(settings: Settings, date: str, hour: int, open_hour: bool = False) -> bool:
+    """The hour can be shipped now: whole (:func:`serving_log_ready_at` has passed), or open
+    on purpose (``open_hour``)."""
+    return open_hour or time.time() >= serving_log_ready_at(settings, date, hour)
 
 
 def monitor_hour(settings: Settings, date: str, hour: int) -> dict[str, Any]:

@@ -155,3 +155,4 @@ def test_an_hour_is_ready_to_ship_after_its_end_plus_the_ship_delay(local_settin
     assert stages.serving_log_ready(s, DATE, 14)  # an hour of 2026-11-03: long over
     now = dt.datetime.now(dt.UTC)
     assert not stages.serving_log_ready(s, now.date().isoformat(), now.hour)  # this hour
+    assert stages.serving_log_ready(s, now.date().isoformat(), now.hour, open_hour=True)
