@@ -5,7 +5,8 @@ project's own PostgreSQL, worker processes running the real trainer on one fixed
 (the ``transactions`` generator, seed 0), every trial a nested MLflow run.
 
 - **search**: for each of ``--seeds`` seeds, a study with the TPE sampler and the configured
-  pruner (median by default) and a study with the random sampler and no pruner, each with
+  pruner (``tuning.pruner``, Hyperband) and a study with the random sampler and no pruner, each
+  planning ``--epochs`` epochs a trial (the pruner's resource) with
   ``--trials`` trials and one worker (so a seed gives the same trials every time; with parallel
   workers the order of results depends on timing). The figure per arm is the median over seeds
   of the study's best validation loss. ``pruned_epoch_share`` is the share of the TPE trials'
@@ -19,9 +20,10 @@ project's own PostgreSQL, worker processes running the real trainer on one fixed
   (the second intra-op thread of a lone worker does not pay on layers this small).
 
     .venv/bin/python bench/tuning.py [--rows 20000] [--trials 24] [--startup-trials 6] [--seeds 3]
-                                     [--pruner median] [--speed-rows 30000] [--speed-trials 24]
+                                     [--pruner hyperband] [--speed-rows 30000] [--speed-trials 24]
                                      [--speed-epochs 8] [--speed-batch-size 128] [--rounds 2]
-                                     [--tpe-without-pruning] [--epochs N] [--warmup-epochs N]
+                                     [--tpe-without-pruning] [--epochs 8] [--search-epochs]
+                                     [--warmup-epochs N] [--prune-startup-trials N]
 
 ``--seeds 0`` runs the workers comparison alone.
 
@@ -67,7 +69,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--startup-trials", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--pruner", choices=["median", "hyperband"], default="median")
+    ap.add_argument(
+        "--pruner", choices=["median", "hyperband"], default=None, help="default: tuning.pruner"
+    )
     ap.add_argument("--speed-rows", type=int, default=30000)
     ap.add_argument("--speed-trials", type=int, default=24)
     ap.add_argument("--speed-epochs", type=int, default=8)
@@ -76,15 +80,27 @@ def main() -> None:
     ap.add_argument(
         "--epochs",
         type=int,
-        default=None,
-        help="every trial plans this many epochs (epochs is then the pruner's resource, not a "
-        "searched dimension); default: epochs searched in 2-8",
+        default=8,
+        help="every trial plans this many epochs, the pruner's resource (as shipped: epochs "
+        "are not searched)",
+    )
+    ap.add_argument(
+        "--search-epochs",
+        action="store_true",
+        help="search epochs in 2-8 instead (the default space before session 10)",
     )
     ap.add_argument(
         "--warmup-epochs",
         type=int,
         default=None,
         help="median pruner: epochs before a trial can be pruned (default: tuning.warmup_epochs)",
+    )
+    ap.add_argument(
+        "--prune-startup-trials",
+        type=int,
+        default=None,
+        help="median pruner: finished trials before any is pruned "
+        "(default: tuning.prune_startup_trials)",
     )
     ap.add_argument(
         "--tpe-without-pruning",
@@ -138,10 +154,11 @@ def main() -> None:
         return out
 
     space = dict(SPACE)
-    if args.epochs is not None:
+    if not args.search_epochs:
         space["epochs"] = {"kind": "int", "low": args.epochs, "high": args.epochs}
+    pruner_name = args.pruner or base.tuning.pruner
     search: dict[str, list[dict[str, Any]]] = {"tpe": [], "random": [], "tpe_no_pruning": []}
-    arms = [("tpe", "tpe", args.pruner), ("random", "random", "none")]
+    arms = [("tpe", "tpe", pruner_name), ("random", "random", "none")]
     if args.tpe_without_pruning:
         arms.append(("tpe_no_pruning", "tpe", "none"))
     # 1: one worker as shipped (cores // 1 torch threads); 0: one worker held to one thread
@@ -161,6 +178,11 @@ def main() -> None:
                     seed=seed,
                     startup_trials=args.startup_trials,
                     **({} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}),
+                    **(
+                        {}
+                        if args.prune_startup_trials is None
+                        else {"prune_startup_trials": args.prune_startup_trials}
+                    ),
                 )
                 search[arm].append(out)
                 print(
@@ -205,11 +227,15 @@ def main() -> None:
         "cores": cores(),
         "trials": args.trials,
         "seeds": args.seeds,
-        "pruner": args.pruner,
-        "epochs": args.epochs if args.epochs is not None else "searched 2-8",
+        "pruner": pruner_name,
+        "epochs": "searched 2-8" if args.search_epochs else args.epochs,
         "warmup_epochs": args.warmup_epochs
         if args.warmup_epochs is not None
         else base.tuning.warmup_epochs,
+        "prune_startup_trials": args.prune_startup_trials
+        if args.prune_startup_trials is not None
+        else base.tuning.prune_startup_trials,
+        "startup_trials": args.startup_trials,
         "best_val_loss_tpe": round(med(tpe_best), 5) if tpe_best else None,
         "best_val_loss_random": round(med(random_best), 5) if random_best else None,
         "best_val_loss_tpe_per_seed": [round(v, 5) for v in tpe_best],

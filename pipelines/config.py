@@ -434,7 +434,9 @@ def _default_space() -> dict[str, SearchParam]:
         "hidden": SearchParam(kind="categorical", choices=[[32], [64, 32], [128, 64]]),
         "dropout": SearchParam(kind="float", low=0.0, high=0.3),
         "batch_size": SearchParam(kind="categorical", choices=[64, 128, 256]),
-        "epochs": SearchParam(kind="int", low=2, high=8),
+        # epochs is not searched: every trial plans train.epochs, and Hyperband (the default
+        # pruner) cuts it; a searched epoch count hides good short trials from the pruner and
+        # caps what it can save (bench/tuning.py, docs/benchmarks.md).
         "embedding_dim": SearchParam(kind="int", low=2, high=8),
     }
 
@@ -465,7 +467,9 @@ class TuningSettings(_Section):
     seed: int = Field(0, description="sampler seed")
     startup_trials: int = Field(5, ge=1, description="TPE: random trials before it models")
     pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="early stopping of trials on each epoch's validation loss"
+        "hyperband",
+        description="early stopping of trials on each epoch's validation loss (hyperband: "
+        "epochs are its resource, 1 to the trials' planned epochs)",
     )
     warmup_epochs: int = Field(1, ge=0, description="median: epochs before a trial can be pruned")
     prune_startup_trials: int = Field(

@@ -15,7 +15,7 @@ from pipelines.params import run_overrides
 from pipelines.tune import space as space_mod
 from pipelines.tune.job import TuneJob, parse_job
 from pipelines.tune.storage import StorageUnavailable, open_storage
-from pipelines.tune.study import next_trial, summary, worker_threads
+from pipelines.tune.study import max_epochs, next_trial, pruner, summary, worker_threads
 
 
 @pytest.fixture
@@ -46,10 +46,24 @@ class FakeTrial:
         return choices[-1]
 
 
+def test_by_default_hyperband_cuts_the_trainers_epochs(base) -> None:  # type: ignore[no-untyped-def]
+    """Epochs are the pruner's resource: not searched, each trial plans train.epochs, and that
+    is Hyperband's max resource; a space that names epochs sets it with its high end."""
+    t = base.tuning
+    assert "epochs" not in t.space and t.pruner == "hyperband"
+    assert max_epochs(t, base.train) == base.train.epochs
+    p = pruner(t, max_epochs(t, base.train))
+    assert isinstance(p, optuna.pruners.HyperbandPruner)
+    assert p._max_resource == base.train.epochs and p._min_resource == 1
+    named = with_overrides(base, tuning={"space": {"epochs": {"kind": "int", "low": 2, "high": 9}}})
+    assert max_epochs(named.tuning, named.train) == 9
+
+
 def test_the_default_space_samples_valid_train_settings(base) -> None:  # type: ignore[no-untyped-def]
     trial = FakeTrial()
     params = space_mod.suggest(trial, base.tuning.space)
-    assert set(params) == {"lr", "hidden", "dropout", "batch_size", "epochs", "embedding_dim"}
+    # Epochs are Hyperband's resource (train.epochs), not a searched dimension.
+    assert set(params) == {"lr", "hidden", "dropout", "batch_size", "embedding_dim"}
     kinds = {name: (kind, kw) for kind, name, kw in trial.calls}
     assert kinds["lr"][0] == "float" and kinds["lr"][1]["log"] is True
     # Layer lists travel as strings in the study and come back as tuples.
