@@ -7,7 +7,7 @@ window into; :func:`findings` reads the decisions back with their statistic, bou
 requests used. Rollback tests share ``alpha`` (Bonferroni: errors, latency, scores a third each,
 scores split over its two sides), so P(any false rollback) <= alpha however often one looks.
 Promotion needs every metric shown within its margin (an intersection-union test: each promote
-test runs at the full ``promote_alpha``).
+test may run at the full ``promote_alpha``; the errors test spends half of it, see below).
 
 - Errors, worse: conditional on each time bucket's traffic and error count, the canary's share
   of the errors is hypergeometric when the rates are equal; a mixture SPRT over a grid of odds
@@ -187,11 +187,13 @@ def rate_bounds(k: int, n: int, level: float, prior_b: float) -> tuple[float, fl
     thr = math.log(1.0 / level)
 
     def f(p: float) -> float:
-        return c - k * math.log(p) - (n - k) * math.log1p(-p) - thr
+        # (n - k) log(1 - p) is 0 when every request failed (no log1p(-1) at p = 1).
+        fails = (n - k) * math.log1p(-p) if n > k else 0.0
+        return c - k * math.log(p) - fails - thr
 
     phat, top, tiny = k / n, 1.0 - 1e-12, 1e-300
-    hi = 1.0 if f(top) <= 0 else float(optimize.brentq(f, max(phat, 1e-12), top))
-    lo = 0.0 if k == 0 else float(optimize.brentq(f, tiny, phat))
+    hi = 1.0 if k == n or f(top) <= 0 else float(optimize.brentq(f, max(phat, 1e-12), top))
+    lo = 0.0 if k == 0 else float(optimize.brentq(f, tiny, min(phat, top)))
     return lo, hi
 
 
@@ -463,7 +465,7 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
             f"canary {err['canary_errors']}/{cn} vs stable {err['stable_errors']}/{sn} errors; "
             f"worse: mixture SPRT e={_e(e_log)} (boundary {_e(bound_w)})"
             + (f" at {err['worse_at']} canary requests" if err["worse_at"] is not None else "")
-            + f"; within {cfg.error_margin:.1%}: SPRT against canary rate {q:.2%} (stable's "
+            + f"; within {cfg.error_margin:.1%}: SPRT against canary rate {q:.2%} now (stable's "
             f"lower bound + margin) e={_e(e_in)} (boundary {_e(bound_in)})"
             + (f", shown at {err['within_at']}" if err["within_at"] is not None else ""),
             {

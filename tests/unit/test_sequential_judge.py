@@ -119,6 +119,23 @@ def test_errors_within_margin_is_shown_for_an_equal_canary_in_a_few_hundred_requ
     assert float(np.median([math.inf if n is None else n for n in shown])) <= 300
 
 
+def test_a_stable_outage_every_request_an_error_is_judged_not_crashed() -> None:
+    """Every stable request so far failed (a stable outage): the rate's bounds are (lo, 1) and
+    the window is folded and explained; before, log1p(-1) raised a math domain error."""
+    lo, hi = sequential.rate_bounds(2, 2, 0.01, 50.0)
+    assert hi == 1.0 and 0.0 < lo < 1.0
+    lo, hi = sequential.rate_bounds(400, 400, 0.01, 50.0)
+    assert hi == 1.0 and 0.5 < lo < 1.0
+    window = {
+        "canary": [Sample(0.0, "canary", 200, 8.0, (0.1,)) for _ in range(5)],
+        "stable": [Sample(0.0, "stable", 503, 8.0, ()) for _ in range(2)],
+        "baseline": [],
+    }
+    st = sequential.update(sequential.new_state(), window, CFG)
+    found = {f.name: f for f in sequential.findings(st, CFG)}
+    assert "stable 2/2 errors" in found["errors_vs_stable"].detail
+
+
 def test_rate_confidence_sequence_covers_at_every_look() -> None:
     """The Beta-binomial bound misses the true rate at some look in at most its level."""
     rng = np.random.default_rng(4)
