@@ -157,6 +157,16 @@ def main() -> None:
     if not args.search_epochs:
         space["epochs"] = {"kind": "int", "low": args.epochs, "high": args.epochs}
     pruner_name = args.pruner or base.tuning.pruner
+    # Median-pruner settings given on the command line; the rest come from tuning.*.
+    pruner_overrides = {
+        k: v
+        for k, v in (
+            ("warmup_epochs", args.warmup_epochs),
+            ("prune_startup_trials", args.prune_startup_trials),
+        )
+        if v is not None
+    }
+    pruner_settings = with_overrides(base, tuning=pruner_overrides).tuning
     search: dict[str, list[dict[str, Any]]] = {"tpe": [], "random": [], "tpe_no_pruning": []}
     arms = [("tpe", "tpe", pruner_name), ("random", "random", "none")]
     if args.tpe_without_pruning:
@@ -177,12 +187,7 @@ def main() -> None:
                     pruner=pruner,
                     seed=seed,
                     startup_trials=args.startup_trials,
-                    **({} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}),
-                    **(
-                        {}
-                        if args.prune_startup_trials is None
-                        else {"prune_startup_trials": args.prune_startup_trials}
-                    ),
+                    **pruner_overrides,
                 )
                 search[arm].append(out)
                 print(
@@ -229,12 +234,8 @@ def main() -> None:
         "seeds": args.seeds,
         "pruner": pruner_name,
         "epochs": "searched 2-8" if args.search_epochs else args.epochs,
-        "warmup_epochs": args.warmup_epochs
-        if args.warmup_epochs is not None
-        else base.tuning.warmup_epochs,
-        "prune_startup_trials": args.prune_startup_trials
-        if args.prune_startup_trials is not None
-        else base.tuning.prune_startup_trials,
+        "warmup_epochs": pruner_settings.warmup_epochs,
+        "prune_startup_trials": pruner_settings.prune_startup_trials,
         "startup_trials": args.startup_trials,
         "best_val_loss_tpe": round(med(tpe_best), 5) if tpe_best else None,
         "best_val_loss_random": round(med(random_best), 5) if random_best else None,
