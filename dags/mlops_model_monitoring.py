@@ -3,8 +3,8 @@
 
 Watches the champion in production, one hour at a time (the interval `[H, H+1)`):
 
-- **hour_logged** waits (a sensor in reschedule mode: no worker slot held) until the hour is
-  over plus `monitoring.ship_delay_s`, the time the data plane's log needs to arrive.
+- **hour_logged** waits (a poking sensor in the `mlops_sensors` pool) until the hour is over
+  plus `monitoring.ship_delay_s`, the time the data plane's log needs to arrive.
 - **ship_serving_log** publishes the hour's routed requests, as the data plane logged them
   (request id, time, key, pool, version, status, latency, features, score), to
   `serving_logs/<model>/dt=D/hour=HH/`: parts first, `_manifest.json` last, once.
@@ -34,7 +34,7 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
-from mlops_airflow.common import OWNER, on_failure
+from mlops_airflow.common import OWNER, SENSOR_POOL, on_failure
 
 DEFAULT_ARGS = {
     "owner": OWNER,
@@ -82,10 +82,14 @@ PARAMS = {
     tags=["mlops", "monitoring", "serving"],
 )
 def mlops_model_monitoring() -> None:
+    # Poke mode in the sensors' pool (the wait is the ship delay, minutes): a rescheduled
+    # sensor can be failed by the scheduler on a stale executor event (docs/airflow.md).
     @task.sensor(
-        mode="reschedule",  # the worker slot is free while the hour's log is still arriving
+        mode="poke",
         poke_interval=30,
         timeout=2 * 3600,
+        execution_timeout=timedelta(hours=2, minutes=10),
+        pool=SENSOR_POOL,
     )
     def hour_logged() -> PokeReturnValue:
         """Done once the hour is over plus ``monitoring.ship_delay_s`` (at once with

@@ -31,7 +31,7 @@ from airflow.sdk import (
     task,
 )
 from mlops_airflow.assets import dataset_asset, model_asset
-from mlops_airflow.common import OWNER, TRAINING_POOL, deployment, on_failure
+from mlops_airflow.common import OWNER, SENSOR_POOL, TRAINING_POOL, deployment, on_failure
 
 DATASET_ASSET = dataset_asset()
 MODEL_ASSET = model_asset()
@@ -39,6 +39,10 @@ MODEL_ASSET = model_asset()
 # The profile decides the training launcher: local torchrun agents or one pod per node.
 TRAIN = deployment().train
 CANARY = deployment().canary
+# A window with live traffic plus a wait for the serving lease, beyond the analysis' timeout.
+CANARY_BACKSTOP_S = (
+    CANARY.timeout_s + CANARY.window_seconds + deployment().serving.lease_wait_s + 60.0
+)
 DEFAULT_ARGS = {
     "owner": OWNER,
     "retries": 2,
@@ -49,47 +53,78 @@ DEFAULT_ARGS = {
     "on_failure_callback": on_failure,
 }
 
-_CFG = "Empty: the configured default."
+# Every field can be left as the form opens: empty means the deployment's configuration
+# (MLOPS_* settings), named in the field's description.
+_D = deployment()
 PARAMS = {
     "date": Param(
         None,
         type=["null", "string"],
         format="date",
         title="Partition date",
-        description="Empty: the run's data interval start.",
+        description="The landing day to train on. Empty: the run's data interval start (an "
+        "interval with no landed data is skipped; a named day without data fails).",
     ),
-    # Empty values fall back to the deployment's configuration (MLOPS_* settings).
-    "dataset": Param(None, type=["null", "string"], title="Dataset spec", description=_CFG),
+    "dataset": Param(
+        None,
+        type=["null", "string"],
+        title="Dataset spec",
+        description=f"Empty: {_D.data.dataset}.",
+    ),
     "nodes": Param(
         None,
         type=["null", "integer"],
         minimum=1,
         maximum=64,
         title="Training nodes",
-        description=_CFG,
+        description=f"Empty: {_D.train.nodes}.",
     ),
     "epochs": Param(
-        None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs", description=_CFG
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        maximum=500,
+        title="Epochs",
+        description=f"Empty: {_D.train.epochs}.",
     ),
-    "force": Param("none", enum=["none", "bless", "reject"], title="Override the blessing"),
-    "force_reason": Param("", type="string", title="Reason for the override"),
-    "skip_rollout": Param(False, type="boolean", title="Register only; no canary"),
+    "force": Param(
+        "none",
+        enum=["none", "bless", "reject"],
+        title="Override the blessing",
+        description="none: evaluation decides. bless / reject overrule it (give a reason).",
+    ),
+    "force_reason": Param(
+        None,
+        type=["null", "string"],
+        title="Reason for the override",
+        description="Recorded in MLflow with a bless / reject override; unused with none.",
+    ),
+    "skip_rollout": Param(
+        False,
+        type="boolean",
+        title="Register only; no canary",
+        description="Stop after registration: nothing is staged and champion does not move.",
+    ),
     "skip_shadow": Param(
-        False, type="boolean", title="Skip the shadow stage (straight to the canary)"
+        False,
+        type="boolean",
+        title="Skip the shadow stage (straight to the canary)",
+        description="The candidate answers users without first answering mirrored traffic.",
     ),
     "reason": Param(
-        "",
-        type="string",
+        None,
+        type=["null", "string"],
         title="Why this run",
-        description="Recorded as the training run's trigger_reason tag (the monitoring DAG "
-        "says why it retrains).",
+        description="Recorded as the training run's trigger_reason tag. A run that gives one "
+        "trains a new model even for a day already trained (the monitoring DAG's retrains do).",
     ),
     "canary_steps": Param(
-        None,
+        list(_D.canary.steps),
         type=["null", "array"],
-        description="Canary weights in %, e.g. [5, 25, 50, 100]. " + _CFG,
         items={"type": "integer", "minimum": 1, "maximum": 100},
         title="Canary weight steps (%)",
+        description="Canary traffic weights in %, in order. Empty: the deployment's "
+        f"{list(_D.canary.steps)}.",
     ),
 }
 
@@ -108,13 +143,24 @@ PARAMS = {
 def mlops_training_pipeline() -> None:
     @task(retries=0)
     def validate_data() -> dict:
-        from mlops_airflow.common import blocked, interval_date, record, run_settings
+        """The data gate. An interval whose data has not landed is skipped (a named ``date``
+        with no data fails instead: the user asked for that day)."""
+        from mlops_airflow.common import (
+            blocked,
+            interval_date,
+            no_landing_data,
+            record,
+            run_settings,
+        )
 
         from pipelines import stages
 
         ctx = get_current_context()
+        settings, date = run_settings(ctx["params"]), interval_date(ctx)
+        if not ctx["params"].get("date") and not stages.landing_exists(settings, date):
+            no_landing_data(ctx, date)
         try:
-            out = stages.validate_data(run_settings(ctx["params"]), interval_date(ctx))
+            out = stages.validate_data(settings, date)
         except stages.ValidationBlocked as exc:
             blocked(ctx, exc.summary)
         return record(ctx, out)
@@ -262,14 +308,21 @@ def mlops_training_pipeline() -> None:
         out = stages.shadow_candidate(run_settings(ctx["params"]), staged["model_version"])
         return record(ctx, {**out, "model_version": staged["model_version"]})
 
+    # Poke mode in a pool of its own, retried: see "Why the canary sensor pokes" in
+    # docs/airflow.md. The analysis times itself out (a rollback verdict at canary.timeout_s
+    # after its first window, across attempts); the sensor's own timeout is only a backstop.
     @task.sensor(
-        mode=CANARY.sensor_mode,  # reschedule: the worker slot is free between windows
+        mode=CANARY.sensor_mode,
         poke_interval=CANARY.poke_interval_s,
-        timeout=CANARY.timeout_s,
-        retries=0,
+        timeout=CANARY_BACKSTOP_S,
+        execution_timeout=timedelta(seconds=CANARY_BACKSTOP_S + 600),
+        pool=SENSOR_POOL,
+        retries=CANARY.sensor_retries,
+        retry_delay=timedelta(seconds=10),
     )
     def monitor_canary(shadowed: dict) -> PokeReturnValue:
-        """One judged canary window per poke; state persists in the lake between pokes."""
+        """One judged canary window per poke; state persists in the lake between pokes, so a
+        retried attempt resumes the analysis with its evidence."""
         from mlops_airflow.common import record, run_settings
 
         from pipelines import stages
@@ -282,23 +335,25 @@ def mlops_training_pipeline() -> None:
 
     @task.branch(trigger_rule=TriggerRule.ALL_DONE, retries=0)
     def decide(registered: dict | None) -> list[str]:
-        """Promote only on a promote verdict; a canary that failed or timed out rolls back.
-        Runs after failures too (``all_done``): with nothing registered there is nothing to do."""
-        from mlops_airflow.common import run_settings
+        """Promote only on a promote verdict; a canary analysis that reached no verdict rolls
+        back. Runs after failures too (``all_done``): with nothing registered there is nothing
+        to do."""
+        from mlops_airflow.common import recorded, run_settings
 
         from pipelines import stages
 
+        ctx = get_current_context()
         if not registered or not registered.get("model_version"):
+            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+            gate = recorded(ctx, "validate_data") or {}
+            if gate.get("status") == "no_data":
+                raise AirflowSkipException(gate["reason"])
             # An earlier stage failed (a blocked batch, a failed training): nothing was staged.
             # Failing here (no retry) keeps the run failed; skipping would end it "success".
-            from airflow.sdk.exceptions import AirflowFailException
-
             raise AirflowFailException("nothing to promote or roll back: an earlier task failed")
-        ctx = get_current_context()
-        verdict = stages.canary_verdict(run_settings(ctx["params"]), registered["model_version"])
-        if verdict is None:
-            return []  # never staged (or staging undid itself): nothing to promote or undo
-        return ["promote" if verdict["decision"] == "promote" else "rollback"]
+        outcome = stages.canary_outcome(run_settings(ctx["params"]), registered["model_version"])
+        return [outcome] if outcome else []  # None: never staged, nothing to promote or undo
 
     # A new champion is a model event too: batch scoring (scheduled on this Asset) re-scores.
     @task(outlets=[MODEL_ASSET])
@@ -315,15 +370,18 @@ def mlops_training_pipeline() -> None:
 
     @task
     def rollback(registered: dict) -> dict:
-        from mlops_airflow.common import record, run_settings
+        from mlops_airflow.common import record, recorded, run_settings
 
         from pipelines import stages
 
         ctx = get_current_context()
         s = run_settings(ctx["params"])
-        verdict = stages.canary_verdict(s, registered["model_version"]) or {}
-        reason = verdict.get("reason") or "canary monitoring failed or timed out"
-        return record(ctx, stages.rollback(s, registered["model_version"], reason))
+        version = registered["model_version"]
+        verdict = stages.canary_verdict(s, version) or {}
+        reason = verdict.get("reason") or stages.undecided_reason(
+            verdict, recorded(ctx, "monitor_canary.failed")
+        )
+        return record(ctx, stages.rollback(s, version, reason))
 
     validated = validate_data()
     shards = shard_dataset(validated)

@@ -25,6 +25,7 @@ from pipelines.serving.daemon import check_port_free
 
 CONN = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
 TRAINING_POOL = ("mlops_training", "4", "concurrent training jobs")
+SENSOR_POOL = ("mlops_sensors", "4", "poking sensors: canary analyses, serving-log waits")
 
 
 def postgres(home: str | Path, port: int = 0) -> LocalPostgres:
@@ -98,11 +99,14 @@ def standalone(settings: Settings, environ: dict[str, str] | None = None) -> int
 def _run(airflow: str, env: dict[str, str], home: Path) -> int:
     print(f"Airflow's metadata DB: {masked(env[CONN])}")
     print(f"For airflow commands in another shell: source {env_file(env, home)}")
-    for cmd in (["db", "migrate"], ["pools", "set", *TRAINING_POOL]):
+    setup = (["db", "migrate"], ["pools", "set", *TRAINING_POOL], ["pools", "set", *SENSOR_POOL])
+    for cmd in setup:
         code = run_group([airflow, *cmd], env, home / "airflow-setup.log", timeout=600)
         if code != 0:
             print(f"airflow {cmd[0]} failed (exit {code}); see {home / 'airflow-setup.log'}")
             return code
+    for line in start_queued_work(airflow, env, home / "airflow-setup.log"):
+        print(line)
     airflow_home = Path(env.get("AIRFLOW_HOME", home / "airflow"))
     print(
         "Login: admin, password in "
@@ -114,3 +118,45 @@ def _run(airflow: str, env: dict[str, str], home: Path) -> int:
         return run_group([airflow, "standalone"], env, None, timeout=None, stop_timeout=60)
     except KeyboardInterrupt:
         return 130
+
+
+def paused_and_queued(conn_url: str) -> tuple[list[str], dict[str, list[str]]]:
+    """This metadata DB's paused DAGs, and the queued runs of each DAG (an empty DB, before
+    Airflow has parsed anything, has neither)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(conn_url)
+    try:
+        with engine.connect() as c:
+            tables = set(sa.inspect(c).get_table_names())
+            if not {"dag", "dag_run"} <= tables:
+                return [], {}
+            paused = [r[0] for r in c.execute(sa.text("SELECT dag_id FROM dag WHERE is_paused"))]
+            queued: dict[str, list[str]] = {}
+            for dag_id, run_id in c.execute(
+                sa.text("SELECT dag_id, run_id FROM dag_run WHERE state = 'queued' ORDER BY id")
+            ):
+                queued.setdefault(dag_id, []).append(run_id)
+    finally:
+        engine.dispose()
+    return sorted(paused), queued
+
+
+def start_queued_work(airflow: str, env: dict[str, str], log_file: Path) -> list[str]:
+    """Unpause each paused DAG that has queued runs (what ``mlops demo`` queued: the retrain its
+    monitoring run asked for), so the scheduler runs them; say so, and which DAGs stay paused.
+    An unpaused daily DAG also gets a run for its latest interval; one whose data has not
+    landed is skipped with its reason, and it never holds up the queued run for long."""
+    paused, queued = paused_and_queued(env[CONN])
+    lines = []
+    for dag_id in sorted(set(paused) & set(queued)):
+        if run_group([airflow, "dags", "unpause", dag_id], env, log_file, timeout=300) == 0:
+            paused.remove(dag_id)
+            runs = queued[dag_id]
+            lines.append(f"Unpaused {dag_id}: {len(runs)} queued run(s) ({', '.join(runs)}).")
+    if paused:
+        lines.append(
+            f"Paused (nothing runs until you unpause it, in the UI or with `airflow dags "
+            f"unpause <dag_id>`): {', '.join(paused)}."
+        )
+    return lines

@@ -48,7 +48,11 @@ def _positive_int(text: str) -> int:
 def cmd_data_generate(a: argparse.Namespace) -> int:
     from pipelines import stages
 
-    _print(stages.generate_data(_settings(), a.date, a.dataset, a.rows, a.drift, a.defect, a.seed))
+    _print(
+        stages.generate_data(
+            _settings(), a.date, a.dataset, a.rows, a.drift, a.defect, a.seed, a.overwrite
+        )
+    )
     return EXIT_OK
 
 
@@ -319,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drift", type=float, default=0.0)
     g.add_argument("--defect", help="inject one defect (see pipelines.data.generate.DEFECTS)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a day that already has data (its validation report goes with it)",
+    )
     g.set_defaults(fn=cmd_data_generate)
     for name, fn, text in (
         ("validate", cmd_data_validate, "exit 0 accepted, 1 blocked"),

@@ -340,12 +340,21 @@ class CanarySettings(_Section):
     window_seconds: float = Field(60.0, gt=0, description="window length with live traffic")
     poke_interval_s: float = Field(2.0, gt=0, description="monitor_canary sensor poke interval")
     sensor_mode: Literal["reschedule", "poke"] = Field(
-        "reschedule",
-        description="monitor_canary's sensor mode: reschedule frees the worker slot between "
-        "pokes; poke keeps one task process (the demo: dags test with an executor can lose a "
-        "rescheduled sensor's finish)",
+        "poke",
+        description="monitor_canary's sensor mode: poke keeps one task process in the "
+        "mlops_sensors pool for the analysis; reschedule frees the worker slot between pokes but "
+        "the scheduler can fail a rescheduled sensor on a stale executor event "
+        "(apache/airflow#71172), so a canary then ends without a verdict",
     )
-    timeout_s: float = Field(3600.0, gt=0, description="monitor_canary gives up (rollback) after")
+    sensor_retries: int = Field(
+        3,
+        ge=0,
+        description="monitor_canary attempts after the first; each resumes the analysis from its "
+        "state in the lake (a killed worker costs the window in flight, not the evidence)",
+    )
+    timeout_s: float = Field(
+        3600.0, gt=0, description="the analysis rolls back (a verdict) this long after it began"
+    )
     seed: int = Field(0, description="replay order and routing salt of the local traffic replay")
     judge: Literal["sequential", "windowed"] = Field(
         "sequential",

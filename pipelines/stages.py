@@ -50,14 +50,24 @@ def generate_data(
     drift: float = 0.0,
     defect: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     from pipelines.data.generate import generate_partition
 
     store, spec = _data(settings, dataset)
     uri = generate_partition(
-        store, spec, date, rows or settings.data.rows_per_day, drift, defect, seed
+        store, spec, date, rows or settings.data.rows_per_day, drift, defect, seed, overwrite
     )
     return {"landing_uri": uri}
+
+
+def landing_exists(settings: Settings, date: str, dataset: str | None = None) -> bool:
+    """Whether the day's landing partition holds any file."""
+    from pipelines.data import layout
+
+    store, spec = _data(settings, dataset)
+    prefix = layout.landing(spec.name, date)
+    return bool(store.list(prefix))
 
 
 def validate_data(settings: Settings, date: str, dataset: str | None = None) -> dict[str, Any]:
@@ -448,6 +458,32 @@ def canary_verdict(settings: Settings, version: str) -> dict[str, Any] | None:
     if state is None:
         return None
     return {"phase": "decided" if state["decision"] else "judging", **monitor.verdict_of(state)}
+
+
+def canary_outcome(settings: Settings, version: str) -> str | None:
+    """What ends a rollout once its canary task is done, whichever way: ``promote`` only on a
+    promote verdict; ``rollback`` on any other verdict, on an analysis that never reached one,
+    and on a version still staged as canary with no analysis at all; None when the version
+    was never staged (or staging undid itself)."""
+    verdict = canary_verdict(settings, version)
+    if verdict is not None:
+        return "promote" if verdict["decision"] == "promote" else "rollback"
+    from pipelines.serving.control import labels_of
+
+    staged = labels_of(serving_control(settings)).get("canary") == int(version)
+    return "rollback" if staged else None
+
+
+def undecided_reason(verdict: dict[str, Any], failure: dict[str, Any] | None) -> str:
+    """The rollback reason of a canary analysis that reached no verdict: how far it got, and
+    why its last attempt ended (the task's failure record), never a bare "failed"."""
+    windows = len(verdict.get("windows") or [])
+    why = (
+        f"monitor_canary attempt {failure.get('try_number')} failed: {failure.get('error')}"
+        if failure
+        else "monitor_canary did not finish (no failure was recorded)"
+    )
+    return f"the canary analysis reached no verdict after {windows} judged window(s); {why}"
 
 
 def monitor_canary(settings: Settings, version: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import logging
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 from pipelines.data import layout
 from pipelines.data.spec import DatasetSpec
 from pipelines.store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 DEFECTS = (
     "missing_column",
@@ -229,8 +232,11 @@ def generate_partition(
     drift: float = 0.0,
     defect: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> str:
-    """Write one landing partition (replacing any earlier one) and return its URI."""
+    """Write one landing partition and return its URI. A day that already has data is refused
+    unless ``overwrite``; then everything under it goes, its validation report included, and
+    the log names what was removed."""
     if spec.name not in GENERATORS:
         raise GenerateError(
             f"No generator for dataset {spec.name!r}; land its data under "
@@ -239,13 +245,21 @@ def generate_partition(
     if defect is not None and defect not in DEFECTS:
         raise GenerateError(f"Unknown defect {defect!r}; known: {', '.join(DEFECTS)}.")
     day = dt.date.fromisoformat(date)
+    prefix = layout.landing(spec.name, day)
+    existing = store.list(prefix, recursive=True)
+    if existing and not overwrite:
+        raise GenerateError(
+            f"{store.uri(prefix)} already holds {len(existing)} file(s) (landed data and its "
+            "validation report); pass --overwrite to replace them."
+        )
     df = GENERATORS[spec.name](day, rows, drift=drift, seed=seed)
     if defect:
         df = inject_defect(df, spec, defect, seed)
     data = to_parquet_bytes(df)
     if defect == "corrupt":
         data = data[: len(data) // 2]
-    prefix = layout.landing(spec.name, day)
-    store.delete(prefix, recursive=True)
+    if existing:
+        log.warning("replacing %s: removing %s", store.uri(prefix), ", ".join(existing))
+        store.delete(prefix, recursive=True)
     store.write_bytes(f"{prefix}/part-00000.parquet", data)
     return store.uri(prefix)

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 OWNER = "ml-platform"
 TRAINING_POOL = "mlops_training"
+SENSOR_POOL = "mlops_sensors"
+"""Long-poking sensors (the canary analysis, the wait for an hour's serving log): a pool of their
+own, so they never take the slots other tasks need."""
 
 
 def deployment() -> Settings:
@@ -29,8 +32,12 @@ def deployment() -> Settings:
 
 def run_settings(params: dict[str, Any]) -> Settings:
     """Settings of this run: the profile from the environment plus the trigger form's params."""
+    import os
+
     from pipelines.params import apply_params
 
+    # MLflow's download progress bars are written to stderr, which task logs show as ERROR.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     base = deployment()
     _mask_secrets(base)
     return apply_params(base, params)
@@ -93,15 +100,29 @@ def training_key(context: dict[str, Any], settings: Settings, data_version: str)
     """Idempotency key of a training run: DAG, data version, code version and training config.
 
     A retry, a rerun of the same interval or a backfill over it finds the same key, so it
-    resumes (or reuses) that run instead of training, and registering, a duplicate."""
+    resumes (or reuses) that run instead of training, and registering, a duplicate. A run that
+    says why it trains (its ``reason`` param: the monitoring DAG's retrains do) is a new
+    training run: its DAG run id joins the key, so it never reuses another run's result, while
+    its own retries and reruns still resume it."""
     import hashlib
 
     from pipelines.registry import code_version
 
     cfg = settings.train.model_dump_json(exclude={"image", "namespace"})
     code = code_version(settings.mlflow.code_version)
-    digest = hashlib.sha256(f"{code}|{cfg}".encode()).hexdigest()[:12]
+    reason = (context.get("params") or {}).get("reason")
+    own = f"|{context['run_id']}" if reason else ""
+    digest = hashlib.sha256(f"{code}|{cfg}{own}".encode()).hexdigest()[:12]
     return f"{context['dag'].dag_id}/{data_version}/{digest}"
+
+
+def _record_key(context: dict[str, Any], name: str, date: str | None = None) -> str:
+    from pipelines.data import layout
+
+    return (
+        f"{layout.run_report(context['dag'].dag_id, date or interval_date(context))}/"
+        f"{context['run_id']}/{name}.json"
+    )
 
 
 def record(
@@ -112,35 +133,68 @@ def record(
 ) -> dict[str, Any]:
     """Store the task's result under ``reports/<dag>/<date>/<run>/<task>.json`` and log it;
     ``date`` for a run whose day is not its interval's (an Asset-triggered scoring run)."""
-    from pipelines.data import layout
     from pipelines.store import open_store
 
     settings = run_settings(context.get("params") or {})
-    key = (
-        f"{layout.run_report(context['dag'].dag_id, date or interval_date(context))}/"
-        f"{context['run_id']}/{name or context['task'].task_id}.json"
-    )
+    key = _record_key(context, name or context["task"].task_id, date)
     open_store(settings.store).write_text(key, json.dumps(payload, indent=2, default=str))
     log.info("%s: %s", context["task"].task_id, json.dumps(payload, default=str))
     return payload
+
+
+def recorded(context: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """What :func:`record` stored under ``name`` for this run (None if nothing)."""
+    from pipelines.store import open_store
+
+    store = open_store(run_settings(context.get("params") or {}).store)
+    key = _record_key(context, name)
+    return dict(json.loads(store.read_text(key))) if store.exists(key) else None
 
 
 def blocked(context: dict[str, Any], summary: ValidationSummary) -> NoReturn:
     """A batch the gate blocked: its report, readable, in the task log (what a user opening
     the failed run in the UI looks for), stored as the task's result, and the task failed
     without a retry (the same batch would be blocked again)."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     log.error("The data gate blocked this batch:\n%s", summary.message())
     record(context, summary.to_dict())
-    raise AirflowFailException(summary.message().splitlines()[0])
+    # A gate's decision, not a crash: the task exits failed with the verdict's first line
+    # (Airflow logs "Task exited" with it), where an exception would add a traceback that
+    # repeats the report. validate_data has no retries, so it is not run again.
+    raise SystemExit(summary.message().splitlines()[0])
+
+
+def no_landing_data(context: dict[str, Any], date: str) -> NoReturn:
+    """A run for an interval whose data has not landed (a scheduled run, or one triggered
+    without a ``date``): skipped with its reason, recorded, never a red run, and never holding
+    up a run triggered for a day that has its data."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    reason = (
+        f"no landing data for {date}: nothing to validate, train or roll out; once the day "
+        "lands, trigger a run with that date (or clear this one)"
+    )
+    log.warning("%s", reason)
+    record(context, {"status": "no_data", "date": date, "reason": reason})
+    raise AirflowSkipException(reason)
 
 
 def on_failure(context: dict[str, Any]) -> None:
     """Failure callback: one short, clear line in the task log (and in the run report)."""
     ti = context.get("task_instance")
     err = context.get("exception")
-    summary = {"failed_task": getattr(ti, "task_id", "?"), "error": str(err)[:2000]}
+    # Without an exception the attempt did not fail by itself: its process was killed, or the
+    # scheduler failed it (a task instance whose executor event did not match its state).
+    error = (
+        str(err)
+        if err is not None
+        else "the attempt ended without an exception of its own (its process was killed, or "
+        "the scheduler failed it); the task log and the scheduler log say which"
+    )
+    summary = {
+        "failed_task": getattr(ti, "task_id", "?"),
+        "try_number": getattr(ti, "try_number", None),
+        "error": error[:2000],
+    }
     dag_id = getattr(context.get("dag"), "dag_id", None) or getattr(ti, "dag_id", "the DAG")
     log.error("%s failed in %s: %s", dag_id, summary["failed_task"], summary["error"])
     try:

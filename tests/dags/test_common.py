@@ -78,3 +78,20 @@ def test_the_training_key_follows_the_configured_code_version(tmp_path) -> None:
     newer = with_overrides(s, mlflow={"code_version": "def456"})
     assert training_key(ctx, newer, "dv1") != key
     assert training_key(ctx, with_overrides(s, train={"epochs": 1}), "dv1") != key
+
+
+def test_a_run_that_says_why_it_trains_never_reuses_another_runs_training(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A monitoring retrain names a day that an earlier run already trained on: it must train a
+    new model, while its own retries (the same run id) still find their run."""
+    s = load_settings({"MLOPS_HOME": str(tmp_path)})
+    dag = SimpleNamespace(dag_id="mlops_training_pipeline")
+
+    def key(run_id: str, reason: str = "") -> str:
+        return training_key({"dag": dag, "run_id": run_id, "params": {"reason": reason}}, s, "dv")
+
+    # Without a reason: a rerun or backfill of the interval reuses the training run.
+    assert key("manual__1") == key("scheduled__2")
+    retrain = key("retrain__fraud_detector__2026-11-03T10", "monitoring: drift")
+    assert retrain != key("manual__1")
+    assert retrain == key("retrain__fraud_detector__2026-11-03T10", "monitoring: drift")
+    assert retrain != key("retrain__fraud_detector__2026-11-03T11", "monitoring: drift")

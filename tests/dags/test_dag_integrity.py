@@ -78,11 +78,21 @@ def test_structure_and_dependencies(dagbag) -> None:  # type: ignore[no-untyped-
     assert {t.task_id: set(t.downstream_task_ids) for t in dag.tasks} == expected
 
 
-def test_canary_monitor_frees_its_worker_slot_and_failures_roll_back(dagbag) -> None:  # type: ignore[no-untyped-def]
+def test_canary_monitor_pokes_in_its_pool_is_retried_and_failures_roll_back(dagbag) -> None:  # type: ignore[no-untyped-def]
+    from pipelines.config import settings
+
     dag = dagbag.dags["mlops_training_pipeline"]
     monitor = dag.get_task("monitor_canary")
-    assert monitor.mode == "reschedule"  # no worker slot held between windows
-    assert 0 < monitor.poke_interval <= 60 and monitor.timeout > monitor.poke_interval
+    # Poke: a rescheduled sensor can be failed by the scheduler on a stale executor event
+    # (apache/airflow#71172); one task process in a pool of its own has no such reschedule.
+    assert monitor.mode == "poke" and monitor.pool == "mlops_sensors"
+    # A killed or failed attempt is retried and resumes the analysis from the lake.
+    assert monitor.retries >= 1
+    assert 0 < monitor.poke_interval <= 60
+    # The analysis times itself out (a verdict); the sensor's own limits only back it up.
+    cfg = settings().canary
+    assert monitor.timeout > cfg.timeout_s
+    assert monitor.execution_timeout.total_seconds() > monitor.timeout
     # A failed or timed-out monitor still reaches decide, which rolls back.
     assert dag.get_task("decide").trigger_rule == "all_done"
     assert dag.get_task("promote").trigger_rule == "all_success"
@@ -98,12 +108,15 @@ def test_defaults_retries_owner_and_timeouts(dagbag) -> None:  # type: ignore[no
         assert t.execution_timeout is not None, t.task_id
     retries = {t.task_id: t.retries for t in dag.tasks}
     assert retries["shard_dataset"] >= 1 and retries["evaluate_model"] >= 1
-    # Gates and canary steps must not be retried blindly: a retry would re-judge or re-stage.
-    assert retries["validate_data"] == 0 and retries["monitor_canary"] == 0
+    # Gates and staging must not be retried blindly: a retry would re-judge or re-stage. The
+    # canary analysis is retried: each attempt resumes it from its state in the lake.
+    assert retries["validate_data"] == 0 and retries["stage_canary"] == 0
     assert dag.get_task("train_model").pool == "mlops_training"
 
 
 def test_params_form(dagbag) -> None:  # type: ignore[no-untyped-def]
+    from pipelines.config import settings
+
     dag = dagbag.dags["mlops_training_pipeline"]
     params = dag.params
     assert {
@@ -118,6 +131,18 @@ def test_params_form(dagbag) -> None:  # type: ignore[no-untyped-def]
     } <= set(params.keys())
     assert params["nodes"] is None  # empty: the configured default applies
     assert params["force"] == "none"
+    # The form can be submitted as it opens: each default is valid against its own schema
+    # (an empty text field reaches the schema as null, so text fields must allow null), and
+    # every field says what it does.
+    import jsonschema
+
+    for name in dag.params:
+        param = dag.params.get_param(name)
+        jsonschema.validate(params[name], param.schema)
+        if "string" in param.schema.get("type", ()):
+            jsonschema.validate(None, param.schema)
+        assert param.description, name
+    assert params["canary_steps"] == list(settings().canary.steps)
     assert dag.doc_md and "mlops_training_pipeline" in dag.doc_md
 
 

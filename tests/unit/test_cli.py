@@ -47,3 +47,33 @@ def test_an_unknown_run_id_is_bad_input(
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mlops evaluate: MLflow run 'no-such-run' does not exist."
     )
+
+
+def test_generating_a_day_that_has_data_is_refused_unless_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second `data generate` for a day would replace landed data and delete its validation
+    report: refused, naming the partition; --overwrite replaces both, and says so."""
+    from pipelines.config import settings
+
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "mlops"))
+    monkeypatch.delenv("MLOPS_PROFILE", raising=False)
+    day = tmp_path / "mlops" / "lake" / "landing" / "transactions" / "dt=2026-11-01"
+    settings.cache_clear()
+    try:
+        args = ["data", "generate", "--date", "2026-11-01", "--rows", "200"]
+        assert main(args) == 0
+        report = day / "_validation" / "report.json"
+        report.parent.mkdir()
+        report.write_text("{}")
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "dt=2026-11-01 already holds 2 file(s)" in err and "--overwrite" in err
+        assert report.exists()
+        assert main([*args, "--overwrite"]) == 0
+        assert not report.exists() and (day / "part-00000.parquet").exists()
+    finally:
+        settings.cache_clear()
