@@ -40,7 +40,7 @@ lint: $(STAMP)
 airflow: $(STAMP)  ## airflow standalone with this project's DAGs on http://127.0.0.1:8080, on a PostgreSQL it starts
 	$(AIRFLOW_SERVER_ENV) $(BIN)/mlops airflow
 
-ui-check: $(STAMP)  ## after `make demo`: the blocked day's task log as the UI shows it, in headless Chromium
+ui-check: $(STAMP)  ## after `make demo`: the blocked day's task log and the trigger form (submitted untouched), in headless Chromium
 	@command -v chromium >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq \
 	  && DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium; }
 	$(BIN)/python -m tests.ui_check --home $(MLOPS_HOME)

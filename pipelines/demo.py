@@ -341,21 +341,26 @@ def _monitor_live_traffic(
     )
     if trained_on is None:
         return None
-    # The champion's day drawn with the drift it did not see (or without the drift it saw).
-    drift = 0.0 if drifts.get(trained_on) else 1.0
+    # Traffic unlike what the champion learnt: its day drawn with the drift it did not see, or,
+    # for a champion trained on drifted data, an undrifted day's held-out rows (drift 0 replays
+    # a day's landed rows, which for a drifted day are what the champion learnt).
+    day, drift = trained_on, 1.0
+    if drifts.get(trained_on):
+        accepted = [d for _, d, r in days if "shard_dataset" in r]
+        day, drift = next((d for d in accepted if not drifts.get(d)), trained_on), 0.0
     now = dt.datetime.now(dt.UTC)
     if now.minute == 59 and now.second > 20:  # one hour's traffic, not two halves
         time.sleep(61 - now.second)
         now = dt.datetime.now(dt.UTC)
     date, hour = now.date().isoformat(), now.hour
     print(
-        f"live traffic: {LIVE_REQUESTS} requests of {trained_on} with drift {drift:g}, then "
+        f"live traffic: {LIVE_REQUESTS} requests of {day} with drift {drift:g}, then "
         f"airflow dags test {MONITORING_DAG_ID} {date}T{hour:02d} ...",
         end=" ",
         flush=True,
     )
     began = time.perf_counter()
-    send(settings, trained_on, rate=200, requests=LIVE_REQUESTS, drift=drift)
+    send(settings, day, rate=200, requests=LIVE_REQUESTS, drift=drift)
     log_file = logs / f"monitoring-{date}T{hour:02d}.log"
     log_file.unlink(missing_ok=True)
     conf = {"hour": hour, "ship_open_hour": True}  # the demo's hour is not over yet
@@ -387,7 +392,13 @@ def monitoring_line(monitored: dict[str, Any], report: dict[str, Any]) -> str:
         f"errors {champ.get('error_rate')}); features drifted: "
         f"{', '.join(m['features']['drifted']) or 'none'} ({m['features']['status']}); "
         f"scores: {pred.get('detail') or pred.get('status')}; labels: "
-        + ("none landed" if perf is None else f"{perf['labelled']} matured"),
+        + (
+            "none landed"
+            if perf is None
+            else "refused"
+            if perf.get("refused")
+            else f"{perf['labelled']} matured"
+        ),
     ]
     if not d["actions"]:
         lines.append("  -> no action")

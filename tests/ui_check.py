@@ -90,6 +90,19 @@ def task_log(base: str, run_id: str, task_id: str, try_number: int = 1) -> list[
     return [c if isinstance(c, str) else str(c.get("event", "")) for c in content]
 
 
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+]
+
+
 def screenshot(url: str, out: Path) -> None:
     """Headless Debian Chromium renders ``url`` and saves it (flags: no network chatter on this
     closed machine, a throwaway profile)."""
@@ -99,16 +112,8 @@ def screenshot(url: str, out: Path) -> None:
         subprocess.run(
             [
                 chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *CHROMIUM_FLAGS,
                 f"--user-data-dir={profile}",
-                "--window-size=1600,1000",
                 "--virtual-time-budget=20000",
                 f"--screenshot={out}",
                 url,
@@ -119,6 +124,154 @@ def screenshot(url: str, out: Path) -> None:
         )
     if not out.exists() or out.stat().st_size == 0:
         raise RuntimeError(f"Chromium wrote no screenshot to {out}")
+
+
+# The trigger dialog's state: its Trigger button (enabled or not), fields the form marks
+# invalid, and the visible text (for the error message, if any).
+_DIALOG_STATE = """(() => {
+  const d = document.querySelector('[role=dialog]');
+  if (!d) return null;
+  const buttons = [...d.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Trigger');
+  return {
+    trigger: buttons.map(b => !b.disabled),
+    invalid: [...d.querySelectorAll('[aria-invalid=true], [data-invalid]')].map(
+      e => e.getAttribute('name') || e.id || e.tagName),
+    text: d.innerText.slice(0, 4000),
+  };
+})()"""
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (navigate, evaluate, click,
+    screenshot); closed with its throwaway profile on exit."""
+
+    def __init__(self) -> None:
+        from pipelines.ports import free_port
+
+        self.port = free_port()
+        self.profile = tempfile.TemporaryDirectory()
+        chromium = shutil.which("chromium") or "/usr/bin/chromium"
+        self.proc = subprocess.Popen(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self.profile.name}",
+                f"--remote-debugging-port={self.port}",
+                "--remote-allow-origins=*",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.ws: Any = None
+        self.seq = 0
+
+    def __enter__(self) -> Browser:
+        import time
+
+        import websocket
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                pages = requests.get(f"http://127.0.0.1:{self.port}/json", timeout=5).json()
+                page = next(p for p in pages if p.get("type") == "page")
+                break
+            except (requests.RequestException, StopIteration, ValueError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Chromium's DevTools endpoint did not come up") from None
+                time.sleep(0.5)
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.ws is not None:
+            self.ws.close()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+        self.profile.cleanup()
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        import json
+
+        self.seq += 1
+        self.ws.send(json.dumps({"id": self.seq, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.seq:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return dict(msg.get("result", {}))
+
+    def evaluate(self, expression: str) -> Any:
+        out = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return out.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.5)
+        raise TimeoutError(f"not true within {timeout} s: {expression[:200]}")
+
+    def screenshot(self, out: Path) -> None:
+        import base64
+
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(base64.b64decode(data))
+
+
+def submit_trigger_form(base: str, out: Path) -> dict[str, Any]:
+    """Open the DAG's Trigger dialog as a user does and submit it with no field touched; the
+    dialog's state as it opened (screenshot in ``out``) and the run it created."""
+    import time
+
+    before = {r["dag_run_id"] for r in _runs(base)}
+    with Browser() as b:
+        b.call("Page.enable")
+        b.call("Page.navigate", url=f"{base}/dags/{DAG_ID}")
+        b.wait_for(
+            "[...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Trigger')"
+        )
+        b.evaluate(
+            "[...document.querySelectorAll('button')]"
+            ".find(b => b.innerText.trim() === 'Trigger').click()"
+        )
+        state = b.wait_for(_DIALOG_STATE)
+        time.sleep(2)  # the form validates its fields as it renders them
+        state = b.evaluate(_DIALOG_STATE)
+        b.screenshot(out)
+        if not any(state["trigger"]):
+            return {"opened": state, "run": None}
+        b.evaluate(
+            "[...document.querySelector('[role=dialog]').querySelectorAll('button')]"
+            ".filter(b => b.innerText.trim() === 'Trigger').pop().click()"
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = [r for r in _runs(base) if r["dag_run_id"] not in before]
+            if new:
+                return {"opened": state, "run": new[0]}
+            time.sleep(1)
+    return {"opened": state, "run": None}
+
+
+def _runs(base: str) -> list[dict[str, Any]]:
+    resp = requests.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}, timeout=30)
+    resp.raise_for_status()
+    return list(resp.json()["dag_runs"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         url = f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/{a.task}"
         screenshot(url, out)
         print(f"screenshot of {url}: {out}")
+        form = submit_trigger_form(base, out.with_name("trigger_form.png"))
+        print(f"trigger form as it opens: {out.with_name('trigger_form.png')}")
+        if form["run"] is None:
+            print(f"the trigger form could not be submitted as it opened: {form['opened']}")
+            return 1
+        print(f"submitted with no field touched: run {form['run']['dag_run_id']} (queued)")
     return 0
 
 

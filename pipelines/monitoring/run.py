@@ -400,6 +400,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["## Realised performance", ""]
     if perf is None:
         out.append("No labels landed in the window.")
+    elif perf.get("refused"):
+        out.append(f"Labels refused, nothing judged from them: {perf['refused']}")
     else:
         o = perf["overall"]
         out.append(

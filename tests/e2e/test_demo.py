@@ -5,6 +5,7 @@ left running or listening afterwards.
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -123,9 +124,36 @@ def _the_blocked_day_shows_its_report_in_the_ui(home: Path) -> None:
         run = run_for(base, "2026-11-03")
         assert run["state"] == "failed"
         text = "\n".join(task_log(base, run["dag_run_id"], "validate_data"))
+        # The grid's durations are real: the demo's runs start when they ran, not on their day.
+        started = datetime.datetime.fromisoformat(run["start_date"])
+        ended = datetime.datetime.fromisoformat(run["end_date"])
+        assert datetime.timedelta(0) < ended - started < datetime.timedelta(minutes=30), run
     assert "transactions 2026-11-03: BLOCKED (20000 rows)" in text, text[-3000:]
     assert "batch moved to" in text and "quarantine" in text
+    # The gate's report once, and no traceback for a gate's decision.
+    assert text.count("batch moved to") == 1 and "Traceback" not in text, text[-3000:]
+    _the_queued_retrain_is_unpaused_for_make_airflow(home)
     _clean(home)
+
+
+def _the_queued_retrain_is_unpaused_for_make_airflow(home: Path) -> None:
+    """The demo's monitoring run queued a retrain in the paused training DAG; what ``make
+    airflow`` does at start-up (before its scheduler starts) unpauses that DAG, names the run,
+    and says which DAGs stay paused."""
+    from pipelines.airflow_local import metadata_db, paused_and_queued, start_queued_work
+    from tests.ui_check import airflow_env
+
+    airflow = str(Path(sys.executable).parent / "airflow")
+    with metadata_db(home, airflow_env(home, home / "airflow", 0)) as env:
+        conn = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        paused, queued = paused_and_queued(conn)
+        assert "mlops_training_pipeline" in paused
+        retrains = queued.get("mlops_training_pipeline", [])
+        assert [r for r in retrains if r.startswith("retrain__fraud_detector__")], queued
+        lines = start_queued_work(airflow, env, home / "unpause.log")
+        assert lines[0].startswith("Unpaused mlops_training_pipeline: 1 queued run(s)"), lines
+        assert lines[-1].startswith("Paused (nothing runs until you unpause it"), lines
+        assert "mlops_training_pipeline" not in paused_and_queued(conn)[0]
 
 
 def test_ctrl_c_stops_everything_the_demo_started(tmp_path: Path) -> None:

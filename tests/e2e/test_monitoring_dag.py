@@ -205,11 +205,26 @@ def test_drifted_traffic_alerts_and_triggers_retraining_with_the_right_conf(
     with scenario(trained, tmp_path) as s:
         date, hour = this_hour()
         send(s, DAY, rate=200, requests=REQUESTS, drift=1.0)
-        dr = run_monitor(date, hour)
+        # A broken labels feed lands in the window too (a label of 2): it is refused and
+        # alerted on, naming the file and the column, and the hour still decides on drift.
+        store = open_store(s.store)
+        outcomes = layout.outcomes("transactions", date)
+        bad = pd.DataFrame({"transaction_id": ["t-1", "t-2"], "is_fraud": [0, 2]})
+        store.write_bytes(f"{outcomes}/part-00000.parquet", to_parquet_bytes(bad))
+        try:
+            dr = run_monitor(date, hour)
+        finally:  # the lake is the module's
+            store.delete(outcomes, recursive=True)
         assert str(dr.state) == "success", task_states(dr)
         d = decision(s, date, hour)
-        assert d["kinds"] == ["retrain"] and d["drifted"], d
-        assert "sustained drift" in d["actions"][0]["reason"]
+        assert sorted(d["kinds"]) == ["alert", "retrain"] and d["drifted"], d
+        actions = {a["kind"]: a["reason"] for a in d["actions"]}
+        assert "sustained drift" in actions["retrain"]
+        refused = actions["alert"]
+        assert refused.startswith("labels refused: ") and "part-00000.parquet" in refused
+        assert "label column 'is_fraud'" in refused, refused
+        prefix = layout.monitoring(s.mlflow.model_name, date, hour)
+        assert "Labels refused, nothing judged from them" in store.read_text(f"{prefix}/report.md")
         assert task_states(dr)["trigger_retraining"] == "success"
         runs = dict(training_runs())
         run_id = f"retrain__{s.mlflow.model_name}__{date}T{hour:02d}"

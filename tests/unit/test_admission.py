@@ -56,3 +56,18 @@ def test_any_failed_check_stops_the_roll_out_and_is_named(
     assert d.roll_out is False
     assert [r for r in d.reasons if r.startswith(reason)], d.reasons
     assert d.to_dict()["reasons"] == list(d.reasons)
+
+
+def test_an_analysis_without_a_verdict_names_how_far_it_got_and_why_it_ended() -> None:
+    """The rollback reason when every monitor_canary attempt failed: never a bare "failed"."""
+    from pipelines.stages import undecided_reason
+
+    failure = {"try_number": 4, "error": "LeaseLost: the serving lease expired"}
+    reason = undecided_reason({"windows": [{}, {}, {}]}, failure)
+    assert reason == (
+        "the canary analysis reached no verdict after 3 judged window(s); monitor_canary "
+        "attempt 4 failed: LeaseLost: the serving lease expired"
+    )
+    assert undecided_reason({}, None).endswith(
+        "monitor_canary did not finish (no failure was recorded)"
+    )
