@@ -74,6 +74,8 @@ def standalone(settings: Settings, environ: dict[str, str] | None = None) -> int
 
     env = dict(os.environ if environ is None else environ)
     airflow = str(Path(sys.executable).parent / "airflow")
+    # `airflow standalone` starts its components as `airflow ...` from PATH: this venv's.
+    env["PATH"] = os.pathsep.join([str(Path(airflow).parent), env.get("PATH", "")])
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
     api_port = int(env.setdefault("AIRFLOW__API__PORT", "8080"))

@@ -128,8 +128,11 @@ def screenshot(url: str, out: Path) -> None:
 
 # The trigger dialog's state: its Trigger button (enabled or not), fields the form marks
 # invalid, and the visible text (for the error message, if any).
+_DIALOG = (
+    "[...document.querySelectorAll('[role=dialog]')].find(d => d.innerText.includes('Trigger Dag'))"
+)
 _DIALOG_STATE = """(() => {
-  const d = document.querySelector('[role=dialog]');
+  const d = DIALOG;
   if (!d) return null;
   const buttons = [...d.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Trigger');
   return {
@@ -138,7 +141,7 @@ _DIALOG_STATE = """(() => {
       e => e.getAttribute('name') || e.id || e.tagName),
     text: d.innerText.slice(0, 4000),
   };
-})()"""
+})()""".replace("DIALOG", _DIALOG)
 
 
 class Browser:
@@ -253,12 +256,16 @@ def submit_trigger_form(base: str, out: Path) -> dict[str, Any]:
         time.sleep(2)  # the form validates its fields as it renders them
         state = b.evaluate(_DIALOG_STATE)
         b.screenshot(out)
+        button = (
+            f"[...{_DIALOG}.querySelectorAll('button')]"
+            ".filter(b => b.innerText.trim() === 'Trigger').pop()"
+        )
+        b.evaluate(f"{button}.scrollIntoView()")
+        time.sleep(1)
+        b.screenshot(out.with_name(f"{out.stem}_end{out.suffix}"))  # the form's end, its button
         if not any(state["trigger"]):
             return {"opened": state, "run": None}
-        b.evaluate(
-            "[...document.querySelector('[role=dialog]').querySelectorAll('button')]"
-            ".filter(b => b.innerText.trim() === 'Trigger').pop().click()"
-        )
+        b.evaluate(f"{button}.click()")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             new = [r for r in _runs(base) if r["dag_run_id"] not in before]
