@@ -118,7 +118,8 @@ def validate_partition(
         summary.report_uri = store.uri(f"{dest}/_validation/summary.json")
         store.write_text(f"{report_prefix}/summary.json", json.dumps(summary.to_dict(), indent=2))
         store.move(prefix, dest)
-        log.error("%s", summary.message())
+        # Not logged here: the caller shows the report once (the CLI prints it, the DAG task
+        # logs it under its header).
         raise ValidationBlocked(summary)
     store.write_text(f"{report_prefix}/summary.json", json.dumps(summary.to_dict(), indent=2))
     store.write_text(

@@ -1227,7 +1227,7 @@ def test_every_referenced_secret_is_documented(training_pods: list[dict]) -> Non
 def test_helm_values_match_the_code_and_the_rbac(k8s_train: TrainSettings) -> None:
     from airflow.cli.cli_parser import get_parser
     from airflow.sdk.definitions.connection import Connection
-    from mlops_airflow.common import TRAINING_POOL
+    from mlops_airflow.common import SENSOR_POOL, TRAINING_POOL
 
     values = helm_values()
     airflow = airflow_namespace()
@@ -1253,15 +1253,22 @@ def test_helm_values_match_the_code_and_the_rbac(k8s_train: TrainSettings) -> No
     for name in k8s_train.secret_env:  # train.secret_env, set by MLOPS__TRAIN__SECRET_ENV
         assert (k8s_train.namespace, name) in secrets
 
-    # the pool: created by the migration job with Airflow's own CLI
+    # the pools: created by the migration job with Airflow's own CLI
     script = values["migrateDatabaseJob"]["args"][2]
     commands = [shlex.split(c) for c in script.split("&&")]
     assert commands[0] == ["airflow", "db", "migrate"]
-    (pools_set,) = [c for c in commands if c[1:3] == ["pools", "set"]]
-    parsed = get_parser().parse_args(pools_set[1:])
-    assert parsed.pool == TRAINING_POOL
-    assert int(parsed.slots) >= k8s_train.nodes, "all ranks of a job must fit in the pool"
-    assert parsed.include_deferred, "deferred ranks keep their slot while they train"
+    pools = {
+        p.pool: p
+        for p in (
+            get_parser().parse_args(c[1:]) for c in commands if c[1:3] == ["pools", "set"]
+        )
+    }
+    assert set(pools) == {TRAINING_POOL, SENSOR_POOL}
+    training = pools[TRAINING_POOL]
+    assert int(training.slots) >= k8s_train.nodes, "all ranks of a job must fit in the pool"
+    assert training.include_deferred, "deferred ranks keep their slot while they train"
+    # The poking sensors (canary analyses, serving-log waits) hold a slot each while they run.
+    assert int(pools[SENSOR_POOL].slots) >= 1
 
 
 # -- 8. Dockerfiles -----------------------------------------------------------------------------

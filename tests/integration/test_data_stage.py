@@ -186,7 +186,7 @@ def test_different_data_gives_a_different_version(tmp_path: Path) -> None:
     store = ObjectStore(f"file://{tmp_path}/lake")
     generate_partition(store, SPEC, "2026-11-01", 2000)
     a = shard_dataset(store, SPEC, "2026-11-01", 1000)
-    generate_partition(store, SPEC, "2026-11-01", 2000, drift=0.5)
+    generate_partition(store, SPEC, "2026-11-01", 2000, drift=0.5, overwrite=True)
     b = shard_dataset(store, SPEC, "2026-11-01", 1000)
     assert a.data_version != b.data_version
     assert store.exists(store.key_of(a.uri)) and store.exists(store.key_of(b.uri))
