@@ -1259,9 +1259,7 @@ def test_helm_values_match_the_code_and_the_rbac(k8s_train: TrainSettings) -> No
     assert commands[0] == ["airflow", "db", "migrate"]
     pools = {
         p.pool: p
-        for p in (
-            get_parser().parse_args(c[1:]) for c in commands if c[1:3] == ["pools", "set"]
-        )
+        for p in (get_parser().parse_args(c[1:]) for c in commands if c[1:3] == ["pools", "set"])
     }
     assert set(pools) == {TRAINING_POOL, SENSOR_POOL}
     training = pools[TRAINING_POOL]
