@@ -66,11 +66,7 @@ def api_server(home: Path, port: int) -> Iterator[str]:
 
 def run_for(base: str, date: str) -> dict[str, Any]:
     """The latest run of the DAG for a day (the demo's runs name it in their conf)."""
-    runs = requests.get(
-        f"{base}/api/v2/dags/{DAG_ID}/dagRuns",
-        params={"order_by": "-start_date", "limit": 100},
-        timeout=30,
-    ).json()["dag_runs"]
+    runs = _runs(base, order_by="-start_date")
     mine = [r for r in runs if (r.get("conf") or {}).get("date") == date]
     if not mine:
         raise LookupError(f"no run of {DAG_ID} for {date}: {[r['conf'] for r in runs]}")
@@ -275,8 +271,11 @@ def submit_trigger_form(base: str, out: Path) -> dict[str, Any]:
     return {"opened": state, "run": None}
 
 
-def _runs(base: str) -> list[dict[str, Any]]:
-    resp = requests.get(f"{base}/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100}, timeout=30)
+def _runs(base: str, **params: str) -> list[dict[str, Any]]:
+    """The DAG's runs (the latest 100) as the UI's API lists them."""
+    resp = requests.get(
+        f"{base}/api/v2/dags/{DAG_ID}/dagRuns", params={"limit": 100, **params}, timeout=30
+    )
     resp.raise_for_status()
     return list(resp.json()["dag_runs"])
 
