@@ -26,10 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)  ## the main job end to end on embedded defaults, with a summary
 	$(BIN)/mlops demo --reset
 
-test: $(STAMP)  ## lint, type-check and the whole test suite
-	$(BIN)/ruff check .
-	$(BIN)/mypy
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## lint, type-check and the whole test suite (prints each step's wall time)
+	@t=$$(date +%s); $(BIN)/ruff check . && echo "ruff: $$(( $$(date +%s) - t )) s"
+	@t=$$(date +%s); $(BIN)/mypy && echo "mypy: $$(( $$(date +%s) - t )) s"
+	@t=$$(date +%s); $(BIN)/python -m pytest && echo "pytest: $$(( $$(date +%s) - t )) s"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

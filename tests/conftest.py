@@ -171,3 +171,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     health = lambda: http_ok(f"{url}/health")  # noqa: E731
     with running(cmd, env, base / "server.log", health, 120, f"mlflow server on {url}"):
         yield url
+
+
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Sum each tier's time (setup, call and teardown of its tests) for the summary."""
+    parts = Path(report.fspath).parts
+    tier = parts[parts.index("tests") + 1] if "tests" in parts else "other"
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if not _TIER_SECONDS:
+        return
+    terminalreporter.section("time per tier (setup + call + teardown)")
+    for tier, seconds in sorted(_TIER_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{tier:<12} {seconds:8.1f} s")
