@@ -154,7 +154,20 @@ class EvaluateSettings(_Section):
         0.02, description="largest AUC drop vs champion allowed, judged on the CI lower bound"
     )
     bootstrap_samples: int = Field(200, ge=10, description="paired bootstrap resamples")
-    threshold: float = Field(0.5, description="operating threshold for precision/recall")
+    threshold_policy: Literal["alert_rate", "target_precision", "fixed"] = Field(
+        "alert_rate",
+        description="how each version's decision threshold is chosen on its validation rows "
+        "(pipelines/evaluate/threshold.py)",
+    )
+    alert_rate: float = Field(
+        0.02, gt=0, lt=1, description="alert_rate policy: share of transactions flagged"
+    )
+    target_precision: float = Field(
+        0.5, gt=0, le=1, description="target_precision policy: validation precision to reach"
+    )
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="fixed policy: the decision threshold as it is"
+    )
     slice_min_auc: float | None = Field(
         None, description="ROC-AUC floor for every judged slice; None = only the per-slice ones"
     )
@@ -282,6 +295,12 @@ class DataPlaneSettings(_Section):
     eject_after_5xx: int = Field(3, ge=1, description="consecutive 5xx that eject a replica")
     ejection_s: float = Field(5.0, gt=0, description="base ejection time of an outlier")
     log_flush_ms: int = Field(200, ge=10, description="access-log flush interval")
+    heartbeat_s: float = Field(
+        10.0,
+        ge=0,
+        description="Envoy checks its own listener this often, a line in the access log each "
+        "time: what tells an hour without traffic from an hour whose log never arrived (0 = off)",
+    )
     concurrency: int = Field(1, ge=1, description="Envoy worker threads (--concurrency)")
     start_timeout_s: float = Field(120.0, gt=0, description="wait for replicas and Envoy")
 

@@ -651,6 +651,7 @@ def ship_serving_log(
         versions,
         grace_s=_ship_delay(settings),
         open_hour=open_hour,
+        heartbeat_s=settings.dataplane.heartbeat_s,
     )
     return {**out, "date": date, "hour": int(hour)}
 

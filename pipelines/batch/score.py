@@ -40,6 +40,7 @@ from pipelines.batch.plan import (
 from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.data.batches import PartitionUnreadable, partition_files
+from pipelines.evaluate.threshold import version_threshold
 from pipelines.store import ObjectStore, StoreError, open_store
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ def plan_scoring(
             "or quarantined by the data gate)."
         )
     runtime, variant = choose_runtime(settings, version, reg)
+    threshold = version_threshold(reg, version, settings.evaluate.threshold)
     try:
         chunks = plan_chunks(files, settings.batch.chunk_rows)
     except PlanError as exc:
@@ -159,7 +161,7 @@ def plan_scoring(
             version=version,
             runtime=runtime,
             variant=variant,
-            threshold=settings.evaluate.threshold,
+            threshold=threshold,
             key_column=spec.key,
             features=tuple(spec.features),
             output_prefix=prefix,

@@ -21,6 +21,7 @@ from pipelines.evaluate.metrics import (
     slice_metrics,
 )
 from pipelines.evaluate.plots import evaluation_plots
+from pipelines.evaluate.threshold import POLICY_TAG, TAG, operating_threshold, recorded
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.store import open_store
 from pipelines.train.model import TabularMLP, load_model_bytes, predict_proba
@@ -51,30 +52,43 @@ def evaluate_candidate(
     cfg = settings.evaluate
     candidate = load_run_model(reg, run_id)
     p_new = predict_proba(candidate, test)
+    # The candidate's decision threshold, chosen on its validation rows (never the test rows
+    # it is judged on); its decisions below are counted there.
+    val = read_split(store, manifest, "val")
+    y_val = val[label].to_numpy()
+    op = operating_threshold(y_val, predict_proba(candidate, val), cfg)
+    thr = op["value"]
     slice_cols = manifest.data["slices"]
     report: dict[str, Any] = {
         "run_id": run_id,
         "data_version": manifest.data_version,
         "test_rows": len(test),
-        "candidate": classification_metrics(y, p_new, cfg.threshold),
-        "slices": slice_metrics(test, label, p_new, slice_cols, cfg.threshold),
+        "operating_threshold": op,
+        "candidate": {**classification_metrics(y, p_new, thr), "threshold": thr},
+        "slices": slice_metrics(test, label, p_new, slice_cols, thr),
     }
     champion_version = reg.alias_version(CHAMPION)
     deltas, champion_slices, p_old = None, None, None
     if champion_version is not None:
         champ_run = reg.version_run_id(champion_version)
-        p_old = predict_proba(load_run_model(reg, champ_run), test)
+        champion = load_run_model(reg, champ_run)
+        p_old = predict_proba(champion, test)
+        # The champion's decisions at its own threshold: how it flags in production.
+        champ_thr = recorded(reg.get_run(champ_run).data.tags)
+        if champ_thr is None:  # evaluated before thresholds were recorded: its policy now
+            champ_thr = operating_threshold(y_val, predict_proba(champion, val), cfg)["value"]
         report["champion"] = {
             "version": champion_version,
             "run_id": champ_run,
-            **classification_metrics(y, p_old, cfg.threshold),
+            **classification_metrics(y, p_old, champ_thr),
+            "threshold": champ_thr,
         }
         deltas = paired_bootstrap(y, p_new, p_old, cfg.bootstrap_samples, seed=0)
         report["deltas"] = deltas
-        champion_slices = slice_metrics(test, label, p_old, slice_cols, cfg.threshold)
+        champion_slices = slice_metrics(test, label, p_old, slice_cols, champ_thr)
         report["champion_slices"] = champion_slices
     report["slice_judgement"] = judge_slices(report["slices"], champion_slices, cfg)[1]
-    behaviour = _behaviour(settings, manifest.data["dataset"], test, candidate)
+    behaviour = _behaviour(settings, manifest.data["dataset"], test, candidate, thr)
     report["behaviour"] = [r.to_dict() for r in behaviour]
     blessing = bless(
         report["candidate"],
@@ -114,6 +128,8 @@ def evaluate_candidate(
         "evaluation_uri": report["report_uri"],
         "gate_passed": blessing.gate_passed,
         "gate_failed": ",".join(blessing.failed) or "-",
+        TAG: thr,
+        POLICY_TAG: op["policy"],
     }
     if force:
         tags.update({"override": force, "override_reason": reason})
@@ -125,7 +141,7 @@ def evaluate_candidate(
 
 
 def _behaviour(
-    settings: Settings, dataset: str, test: pd.DataFrame, model: TabularMLP
+    settings: Settings, dataset: str, test: pd.DataFrame, model: TabularMLP, threshold: float
 ) -> list[BehaviourResult]:
     """The dataset spec's behavioural tests on the first ``behaviour_rows`` test rows."""
     cfg = settings.evaluate
@@ -139,7 +155,7 @@ def _behaviour(
         spec,
         test.head(cfg.behaviour_rows),
         lambda frame: predict_proba(model, frame),
-        cfg.threshold,
+        threshold,
         cfg.behaviour_severity,
         cfg.behaviour_seed,
     )
@@ -147,6 +163,23 @@ def _behaviour(
 
 def _num(v: Any, fmt: str = ".4f") -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _threshold_line(report: dict[str, Any]) -> str:
+    op = report.get("operating_threshold") or {}
+    if not op:
+        return "Operating threshold: not recorded."
+    line = (
+        f"Operating threshold {op['value']:.4g} ({op['policy']} policy; on validation: "
+        f"{op['flag_rate']:.2%} flagged, precision {op['precision']:.3f}, recall "
+        f"{op['recall']:.3f})."
+    )
+    champ = report.get("champion") or {}
+    if champ.get("threshold") is not None:
+        line += f" Champion v{champ['version']} at its own, {champ['threshold']:.4g}."
+    if op.get("warning"):
+        line += f" WARNING: {op['warning']}."
+    return line
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -157,6 +190,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{'BLESSED' if report['blessed'] else 'REJECTED'}",
         "",
         f"Test rows {report['test_rows']}, data version {report['data_version']}.",
+        "",
+        _threshold_line(report),
         "",
         "| metric | candidate | champion | delta [95% CI] |",
         "| --- | --- | --- | --- |",

@@ -13,6 +13,15 @@ flush, the longest request, a log collector's upload), so what is published is c
 create-once write: a published hour never changes, and a rerun returns its manifest as it is.
 An hour with no requests is published too (zero rows), so "no traffic" and "not shipped" differ.
 
+Zero rows can also mean that nothing was logged: the data plane was down, or its log (or the
+collector shipping it) lost the hour. The data plane's heartbeat tells which: Envoy checks its
+own listener every ``dataplane.heartbeat_s`` and logs each check like a request (see
+``HEARTBEAT_PATH``), so an observed hour has a heartbeat every few seconds. The manifest's
+``coverage`` says how much of the hour the heartbeats cover and names each gap with its cause
+(``not_started``: before the log's first data-plane start; ``down``: ended by a restart;
+``log_lost``: within one run of the data plane; ``no_heartbeat``: nothing says which); the
+monitor alerts on every gap but ``not_started`` and judges nothing from a hour it did not see.
+
 A request with several instances gives one row per instance, all with the request's key.
 Where the answering version is not logged (TF Serving sends no such header), it is the label's
 version when the hour is shipped.
@@ -40,6 +49,7 @@ from pipelines.data.pii import mask_pii
 from pipelines.data.profile import value_counts
 from pipelines.data.spec import DatasetSpec
 from pipelines.monitoring.schema import schema
+from pipelines.serving.dataplane.envoy import HEARTBEAT_PATH
 from pipelines.serving.dataplane.evidence import POOLS, parse_scores
 from pipelines.store import ObjectStore
 
@@ -94,20 +104,156 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
+class Heartbeats:
+    """The data plane's heartbeats near one hour, and where its log begins, gathered while the
+    log is read (:func:`records`)."""
+
+    def __init__(self, start: float, end: float, every: float):
+        self.start, self.end, self.every = start, end, every
+        self.slack = max_gap(every)
+        self.beats: list[tuple[float, float | None]] = []  # (time, the plane's start)
+        self.first_line: float | None = None
+        self.first_beat: tuple[float, float | None] | None = None
+
+    def see(self, t: float, line: str) -> None:
+        if self.first_line is None or t < self.first_line:
+            self.first_line = t
+        if HEARTBEAT_PATH not in line:
+            return
+        near = self.start - self.slack <= t <= self.end + self.slack
+        first = self.first_beat is None or t < self.first_beat[0]
+        if not (near or first):
+            return
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(rec, dict) or rec.get("path") != HEARTBEAT_PATH:
+            return
+        beat = (t, _started(rec.get("plane")))
+        if near:
+            self.beats.append(beat)
+        if first:
+            self.first_beat = beat
+
+    def log_began(self) -> float | None:
+        """When the data plane whose start opens the log started; None when the log does not
+        open with a start (it was rotated or truncated, or planes do not say when they start)."""
+        if self.first_beat is None or self.first_beat[1] is None or self.first_line is None:
+            return None
+        began = self.first_beat[1]
+        return began if self.first_line >= began - 1.0 else None
+
+    def coverage(self, until: float) -> dict[str, Any]:
+        return coverage(self.beats, self.log_began(), self.start, until, self.every)
+
+
+def _started(raw: Any) -> float | None:
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        return None  # a plane started without the variable (an older bootstrap, a pod)
+
+
+def max_gap(every: float) -> float:
+    """The longest stretch without a heartbeat that is not a gap: three missed checks, plus
+    the log's flush."""
+    return 3 * every + 2.0
+
+
+def _clock(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%H:%M:%S")
+
+
+def coverage(
+    beats: Iterable[tuple[float, float | None]],
+    log_began: float | None,
+    start: float,
+    until: float,
+    every: float,
+) -> dict[str, Any]:
+    """How much of ``[start, until)`` the heartbeats ``(time, the plane's start)`` cover, each
+    gap with its cause, and the hour's status: ``complete`` (no gap to alert on), ``partial``,
+    ``missing`` (nothing observed), or ``unknown`` (heartbeats off: ``every`` 0).
+    ``log_began``: the first start of the data plane the log holds (a gap before it is the
+    time before the data plane existed, not a fault). Pure."""
+    if every <= 0:
+        return {"status": "unknown", "heartbeat_s": every, "gaps": []}
+    limit = max_gap(every)
+    ts = sorted(beats, key=lambda b: b[0])
+    before = [b for b in ts if b[0] <= start]
+    cursor, plane = before[-1] if before else (start, None)
+    gaps: list[dict[str, Any]] = []
+    n = 0
+    for t, started in ts:
+        if t <= start:
+            continue
+        if t > until + limit:
+            break
+        n += t < until
+        if t - cursor > limit:
+            gaps.append(_gap(max(cursor, start), min(t, until), plane, started, log_began, limit))
+        cursor, plane = t, started
+    if until - cursor > limit:
+        gaps.append(_gap(max(cursor, start), until, plane, None, log_began, limit))
+    length = max(until - start, 0.0)
+    alerting = [g for g in gaps if g["cause"] != "not_started"]
+    unobserved = sum(g["to"] - g["from"] for g in gaps)
+    lost = sum(g["to"] - g["from"] for g in alerting)
+    status = "complete" if not alerting else "missing" if lost >= length - limit else "partial"
+    return {
+        "status": status,
+        "heartbeat_s": every,
+        "heartbeats": n,
+        "observed_s": round(max(length - unobserved, 0.0), 3),
+        "unobserved_s": round(unobserved, 3),
+        "gaps": gaps,
+    }
+
+
+def _gap(
+    frm: float,
+    to: float,
+    plane_before: float | None,
+    plane_after: float | None,
+    log_began: float | None,
+    limit: float,
+) -> dict[str, Any]:
+    """One stretch without heartbeats, and why (``plane_after``: the start of the data plane
+    whose heartbeat ends it, None when none does)."""
+    span = f"{_clock(frm)} to {_clock(to)}"
+    if log_began is not None and to <= log_began + limit:
+        cause, detail = "not_started", f"{span}: before the data plane's first start"
+    elif plane_after is not None and plane_after > frm - 1.0:
+        cause = "down"
+        detail = f"{span}: the data plane was down (started again at {_clock(plane_after)})"
+    elif plane_after is not None and plane_after == plane_before:
+        cause = "log_lost"
+        detail = f"{span}: no heartbeat while the data plane ran: its log lost lines"
+    else:
+        cause = "no_heartbeat"
+        detail = f"{span}: no heartbeat: the data plane was down or its log did not arrive"
+    return {"from": frm, "to": to, "cause": cause, "detail": detail}
+
+
 def records(
     lines: Iterable[str],
     start: float,
     end: float,
     spec: DatasetSpec,
     versions: Mapping[str, int],
+    heartbeats: Heartbeats | None = None,
 ) -> pa.Table:
     """The serving-log rows of the model calls that started in ``[start, end)``, in time
-    order. ``versions``: each label's version, for lines that do not name one."""
+    order. ``versions``: each label's version, for lines that do not name one;
+    ``heartbeats`` collects the data plane's heartbeats on the way."""
     numeric, categorical = spec.numeric_features, spec.categorical_features
     pii = set(spec.pii_columns)
     cols: dict[str, list[Any]] = {f.name: [] for f in schema(spec)}
     for line in lines:
         t = _line_time(line)
+        if t is not None and heartbeats is not None:
+            heartbeats.see(t, line)
         if t is None or not start <= t < end:
             continue  # cheap pre-filter: most lines of a long log are other hours
         try:
@@ -174,12 +320,14 @@ def ship_hour(
     grace_s: float,
     now: float | None = None,
     open_hour: bool = False,
+    heartbeat_s: float = 0.0,
 ) -> dict[str, Any]:
     """Publish the hour's serving log (parts first, the manifest last, once); the manifest.
 
     ``open_hour`` ships an hour that is not over yet (demos and tests, whose traffic has
     stopped): what is logged so far is published, and the manifest says so; requests later in
-    that hour are never added."""
+    that hour are never added. ``heartbeat_s``: the data plane's heartbeat interval (0: none),
+    what the manifest's ``coverage`` is judged with."""
     prefix = layout.serving_logs(model, date, hour)
     existing = published(store, model, date, hour)
     if existing is not None:
@@ -194,7 +342,8 @@ def ship_hour(
             "plane's log flush): shipping it now would publish it incomplete (the "
             "ship_open_hour param does that on purpose)."
         )
-    table = records(lines, start, end, spec, versions)
+    beats = Heartbeats(start, end, heartbeat_s)
+    table = records(lines, start, end, spec, versions, beats)
     parts, part_rows, hashes = [], {}, {}
     # Each attempt writes parts of its own: another shipper of the same hour (a zombie attempt
     # and its retry) never overwrites the parts a published manifest names.
@@ -217,6 +366,7 @@ def ship_hour(
         "sha256": hashes,
         "labels": value_counts(table.column("label")),
         "open_hour": early,  # shipped before the hour (and the log flush) was over
+        "coverage": beats.coverage(min(end, now)),
     }
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if not store.create_bytes(f"{prefix}/{MANIFEST}", body):

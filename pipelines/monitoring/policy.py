@@ -11,6 +11,8 @@ from a mutable state two runs could race on.
 - **Sustained drift** (``drift_hours`` judged hours in a row) and **decayed realised
   performance** retrain; a retraining trigger within ``retrain_cooldown_hours`` of the last
   alerts instead.
+- **A serving log that is missing or incomplete** (the data plane's heartbeats have gaps)
+  alerts, naming each gap: zero rows from an hour nobody saw are not an hour without traffic.
 - **During a rollout** (a canary is staged or takes traffic) the canary is not judged, and
   nothing is rolled back or retrained: the finding alerts, naming the rollout.
 """
@@ -124,8 +126,9 @@ def decide(
     cfg: MonitoringSettings,
 ) -> Decision:
     """The hour's actions. ``findings``: ``slo`` (the champion's SLO judgement: ``breached``,
-    ``reasons``), ``drift`` (``judged``, ``drifted``, ``reasons``) and ``performance``
-    (``judged``, ``decayed``, ``reasons``), each possibly absent."""
+    ``reasons``), ``drift`` (``judged``, ``drifted``, ``reasons``), ``performance``
+    (``judged``, ``decayed``, ``reasons``) and ``log`` (the serving log's coverage: ``status``,
+    ``reasons``), each possibly absent."""
     slo = findings.get("slo") or {}
     drift = findings.get("drift") or {}
     perf = findings.get("performance") or {}
@@ -134,6 +137,17 @@ def decide(
     out = Decision(hour, drifted, judged, streak)
     blocked = ctx.rollout_in_progress
     during = f"a rollout is in progress ({ctx.rollout_detail or 'canary staged'})"
+    logged = findings.get("log") or {}
+    if logged.get("status") in ("missing", "partial"):  # what was not seen was not judged
+        what = "missing" if logged["status"] == "missing" else "incomplete"
+        out.actions.append(
+            Action(
+                "alert",
+                f"serving log {what} (the data plane's heartbeat): "
+                + "; ".join(logged.get("reasons") or ["no heartbeat"]),
+                {"log": logged},
+            )
+        )
 
     if slo.get("breached") and cfg.on_slo_breach != "none":
         reason = f"SLO breach of champion v{ctx.champion}: " + "; ".join(slo["reasons"])

@@ -28,7 +28,9 @@ def reference_key(model: str, version: str | int) -> str:
 
 def build_reference(settings: Settings, version: str) -> dict[str, Any]:
     """The version's reference (computed; see :func:`reference_for` for the kept one)."""
+    from pipelines.evaluate.threshold import version_threshold
     from pipelines.monitoring.metrics import score_reference
+    from pipelines.registry import Registry
     from pipelines.serving.rollout import held_out
     from pipelines.train.model import predict_proba
 
@@ -46,7 +48,11 @@ def build_reference(settings: Settings, version: str) -> dict[str, Any]:
         "features": stats.profile(),
         "scores": score_reference(predict_proba(model, test)),
         "evaluation": {k: report.get(k) for k in ("roc_auc", "precision", "recall")},
-        "threshold": settings.evaluate.threshold,
+        # Realised precision and recall count the version's decisions at its own threshold,
+        # as its evaluation did.
+        "threshold": version_threshold(
+            Registry(settings.mlflow), version, settings.evaluate.threshold
+        ),
     }
 
 

@@ -99,6 +99,19 @@ def _slo_finding(hour_metrics: dict[str, Any], champion: str) -> dict[str, Any]:
     }
 
 
+def _log_finding(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Whether the published hour is what was served: the heartbeats' coverage (an hour
+    published before coverage was recorded is ``unknown``)."""
+    cov = manifest.get("coverage") or {"status": "unknown", "gaps": []}
+    gaps = [g for g in cov.get("gaps", []) if g.get("cause") != "not_started"]
+    return {
+        "status": cov["status"],
+        "observed_s": cov.get("observed_s"),
+        "unobserved_s": cov.get("unobserved_s"),
+        "reasons": [g["detail"] for g in gaps],
+    }
+
+
 def _drift_finding(hour_metrics: dict[str, Any]) -> dict[str, Any]:
     feats, pred = hour_metrics["features"], hour_metrics["prediction"]
     reasons = [
@@ -190,6 +203,7 @@ def monitor_hour(
         cfg,
     )
     findings = {
+        "log": _log_finding(manifest),
         "slo": _slo_finding(hour_metrics, ctx.champion),
         "drift": _drift_finding(hour_metrics),
         "performance": judge_performance(settings, store, spec, ref, date),
@@ -212,7 +226,7 @@ def monitor_hour(
         "hour": decision.hour,
         "champion": ctx.champion,
         "context": ctx.__dict__,
-        "manifest": {k: manifest[k] for k in ("rows", "parts", "labels")},
+        "manifest": {k: manifest.get(k) for k in ("rows", "parts", "labels", "coverage")},
         "metrics": hour_metrics,
         "findings": findings,
         "decision": decision.to_dict(),
@@ -377,6 +391,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     out += [f"- **{a['kind']}**: {a['reason']}" for a in d["actions"]]
     out += [f"- {n}" for n in d["notes"]]
+    logged = f.get("log") or {}
+    out += ["", f"Serving log: {logged.get('status', 'unknown')}"]
+    if logged.get("observed_s") is not None:
+        out[-1] += f" ({logged['observed_s']:.0f} s observed, {logged['unobserved_s']:.0f} s not)"
+    out += [f"- {r}" for r in logged.get("reasons", [])]
     out += [
         "",
         "## Traffic per version",

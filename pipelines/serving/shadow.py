@@ -40,12 +40,22 @@ class Expected:
 
     score_diffs: tuple[float, ...]
     agreement: float
+    thresholds: tuple[float, float]  # each version's operating threshold: candidate, champion
 
     @classmethod
-    def of(cls, candidate: np.ndarray, champion: np.ndarray, threshold: float) -> Expected:
+    def of(
+        cls,
+        candidate: np.ndarray,
+        champion: np.ndarray,
+        threshold: float,
+        champion_threshold: float | None = None,
+    ) -> Expected:
+        """Each model's decisions at its own threshold (``champion_threshold``: the
+        candidate's when None)."""
+        champ_thr = threshold if champion_threshold is None else champion_threshold
         diffs = np.abs(np.asarray(candidate, float) - np.asarray(champion, float))
-        agree = float(np.mean((candidate >= threshold) == (champion >= threshold)))
-        return cls(tuple(float(d) for d in diffs), agree)
+        agree = float(np.mean((candidate >= threshold) == (champion >= champ_thr)))
+        return cls(tuple(float(d) for d in diffs), agree, (threshold, champ_thr))
 
 
 @dataclass(frozen=True)
@@ -97,11 +107,11 @@ def judge_shadow(
     noise: NoiseFloor,
     expected: Expected,
     cfg: ShadowSettings,
-    threshold: float,
 ) -> ShadowVerdict:
     """Join stable's answers (``primary``) and the candidate's (``shadow``) by request id and
-    judge them: errors, finite scores, decision agreement at ``threshold`` and score
-    differences against the offline expectation and the noise floor, latency."""
+    judge them: errors, finite scores, decision agreement (each version at its own operating
+    threshold, as ``expected`` was computed) and score differences against the offline
+    expectation and the noise floor, latency."""
     by_id = {s.request_id: s for s in shadow if s.request_id}
     pairs = [(p, by_id[p.request_id]) for p in primary if p.request_id in by_id]
     stats: dict[str, Any] = {"primary": len(primary), "shadow": len(shadow)}
@@ -126,15 +136,17 @@ def judge_shadow(
     checks.append(ShadowCheck("finite_outputs", bad == 0, f"{bad} NaN/Inf scores"))
     fin = np.isfinite(c_scores) & np.isfinite(s_scores)
     s_scores, c_scores = s_scores[fin], c_scores[fin]
+    cand_thr, champ_thr = expected.thresholds
     agreement = (
-        float(np.mean((s_scores >= threshold) == (c_scores >= threshold))) if len(ok) else 0.0
+        float(np.mean((s_scores >= champ_thr) == (c_scores >= cand_thr))) if len(ok) else 0.0
     )
+    at = f"{cand_thr:.4g}" if cand_thr == champ_thr else f"{cand_thr:.4g} / {champ_thr:.4g}"
     floor = expected.agreement - cfg.agreement_tolerance
     checks.append(
         ShadowCheck(
             "decision_agreement",
             agreement >= floor,
-            f"{agreement:.2%} on the same side of {threshold} (offline "
+            f"{agreement:.2%} same decisions at {at} (offline "
             f"{expected.agreement:.2%} - {cfg.agreement_tolerance:.2%})",
         )
     )
@@ -331,19 +343,25 @@ def _window(
         control.set_split(Split(0, shadow=0))
     primary = [s for s in samples if s.listener == "primary" and s.label == "stable"]
     mirrored = [s for s in samples if s.listener == "shadow"]
-    return judge_shadow(primary, mirrored, noise, expected, cfg, settings.evaluate.threshold)
+    return judge_shadow(primary, mirrored, noise, expected, cfg)
 
 
 def _expected(settings: Settings, version: str, stable: str) -> Expected:
     """Candidate and champion (the stable version's run) scored offline on the held-out rows
     the replay sends."""
+    from pipelines.evaluate.threshold import version_threshold
+    from pipelines.registry import Registry
     from pipelines.serving.rollout import held_out
     from pipelines.train.model import predict_proba
 
     _, _, test, candidate = held_out(settings, version)
     champion = held_out(settings, stable)[3]
+    reg, fallback = Registry(settings.mlflow), settings.evaluate.threshold
     return Expected.of(
-        predict_proba(candidate, test), predict_proba(champion, test), settings.evaluate.threshold
+        predict_proba(candidate, test),
+        predict_proba(champion, test),
+        version_threshold(reg, version, fallback),
+        version_threshold(reg, stable, fallback),
     )
 
 

@@ -197,6 +197,25 @@ def test_healthy_traffic_gives_no_action(
         # A rerun of the decided hour changes nothing and acts on nothing.
         again = run_monitor(date, hour)
         assert str(again.state) == "success" and decision(s, date, hour) == d
+        assert shipped["coverage"]["status"] == "complete", shipped["coverage"]
+        assert shipped["coverage"]["heartbeats"] >= 1
+        # Zero rows, two ways. The hour before this scenario's data plane first started was
+        # not served: no traffic, no alert. Then the log is lost (moved away, as a broken
+        # collector or a rotation without shipping would leave it): an earlier hour with no
+        # heartbeat is an hour nobody saw, and that alerts instead of passing as quiet.
+        earlier = dt.datetime.fromisoformat(f"{date}T{hour:02d}:00+00:00")
+        quiet, lost = earlier - dt.timedelta(hours=1), earlier - dt.timedelta(hours=2)
+        assert str(run_monitor(quiet.date().isoformat(), quiet.hour).state) == "success"
+        d = decision(s, quiet.date().isoformat(), quiet.hour)
+        assert d["actions"] == [] and not d["judged"], d
+        access_log = Path(s.serving.base_dir) / "envoy-access.log"
+        access_log.rename(access_log.with_name("rotated-away.log"))
+        dr = run_monitor(lost.date().isoformat(), lost.hour)
+        assert str(dr.state) == "success", task_states(dr)
+        d = decision(s, lost.date().isoformat(), lost.hour)
+        assert d["kinds"] == ["alert"] and not d["judged"], d
+        assert d["actions"][0]["reason"].startswith("serving log missing"), d
+        assert "did not arrive" in d["actions"][0]["reason"]
 
 
 def test_drifted_traffic_alerts_and_triggers_retraining_with_the_right_conf(
@@ -288,13 +307,33 @@ def test_late_labels_showing_decay_trigger_retraining(
     with scenario(trained, tmp_path) as s:
         date, hour = this_hour()
         send(s, DAY, rate=200, requests=REQUESTS)
-        # The outcomes land: every answered row's label, inverted (the world changed).
+        # The outcomes land: every answered row's true label, except that each row the
+        # champion flags at its operating threshold turns out legitimate (fraud moved where
+        # it no longer looks).
+        from pipelines.evaluate.run import load_run_model
+        from pipelines.evaluate.threshold import recorded
+        from pipelines.train.model import predict_proba
+
         store = open_store(s.store)
+        reg = Registry(s.mlflow)
+        threshold = recorded(reg.get_run(trained["run_id"]).data.tags)
+        assert threshold is not None and threshold < s.evaluate.threshold
         landed = pd.read_parquet(trained["home"] / "lake" / layout.landing("transactions", DAY))
         truth = dict(zip(landed["transaction_id"].astype(str), landed["is_fraud"], strict=True))
-        answered = [k for k, _ in day_requests(s, load_spec("transactions"), DAY)[:REQUESTS]]
+        sent = day_requests(s, load_spec("transactions"), DAY)[:REQUESTS]
+        answered = [k for k, _ in sent]
+        scores = predict_proba(
+            load_run_model(reg, trained["run_id"]), pd.DataFrame([inst for _, inst in sent])
+        )
+        flagged = scores >= threshold
+        assert flagged.any()
         labels = pd.DataFrame(
-            {"transaction_id": answered, "is_fraud": [1 - int(truth[k]) for k in answered]}
+            {
+                "transaction_id": answered,
+                "is_fraud": [
+                    0 if f else int(truth[k]) for k, f in zip(answered, flagged, strict=True)
+                ],
+            }
         )
         outcomes = layout.outcomes("transactions", date)
         store.write_bytes(f"{outcomes}/part-00000.parquet", to_parquet_bytes(labels))
@@ -306,9 +345,11 @@ def test_late_labels_showing_decay_trigger_retraining(
         d = decision(s, date, hour)
         assert d["kinds"] == ["retrain"], d
         assert "decayed realised performance" in d["actions"][0]["reason"]
-        assert "ROC-AUC" in d["actions"][0]["reason"]
+        assert "precision" in d["actions"][0]["reason"], d["actions"][0]["reason"]
         perf = d["actions"][0]["evidence"]["performance"]
         assert perf["labelled"] == REQUESTS and perf["decayed"]
+        # Counted at the version's own threshold, as its evaluation was, not at 0.5.
+        assert perf["threshold"] == threshold, perf
 
 
 def test_a_monitor_run_during_a_canary_takes_no_action_on_the_canary(

@@ -4,6 +4,7 @@ local files, the SavedModel runtime, and the project's TF-Serving-compatible ser
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -121,7 +122,16 @@ def test_scores_are_the_server_s_and_a_rerun_publishes_nothing_new(
     ]
     served = _served(s, version, instances)
     assert np.max(np.abs(served - scored["score"].head(300).to_numpy())) <= 1e-6
-    assert (scored["decision"] == (scored["score"] >= s.evaluate.threshold)).all()
+    # Decisions at the version's own operating threshold, as its evaluation recorded it.
+    from pipelines.evaluate.threshold import recorded
+    from pipelines.registry import Registry
+
+    reg = Registry(s.mlflow)
+    threshold = recorded(reg.get_run(reg.version_run_id(version)).data.tags)
+    assert threshold is not None and 0 < threshold < s.evaluate.threshold
+    assert json.loads(store.read_text(manifest_key))["threshold"] == threshold
+    assert (scored["decision"] == (scored["score"] >= threshold)).all()
+    assert 0 < scored["decision"].mean() < 0.1  # it flags something, not everything
 
     # A rerun (a retried DAG run, a second `mlops score`) publishes nothing and changes nothing.
     again = stages.score(s, DAY, workers=1)

@@ -196,6 +196,15 @@ def test_report_plots_and_tags_land_in_the_lake_and_the_run(world: World) -> Non
     tags = run.data.tags
     assert tags["mlops.blessed"] == "True" and tags["mlops.gate_failed"] == "-"
     assert run.data.metrics["test_roc_auc"] == pytest.approx(report["candidate"]["roc_auc"])
+    # The version's operating threshold: chosen on validation rows by the policy (the top 2 %
+    # flagged), recorded on the run, and where its test precision and recall were counted.
+    op = report["operating_threshold"]
+    assert op["policy"] == "alert_rate" and op["warning"] is None
+    assert op["flag_rate"] == pytest.approx(world.settings.evaluate.alert_rate, abs=0.005)
+    assert float(tags["mlops.operating_threshold"]) == op["value"]
+    assert report["candidate"]["threshold"] == op["value"] < world.settings.evaluate.threshold
+    assert report["candidate"]["recall"] > 0 and report["candidate"]["precision"] > 0
+    assert f"Operating threshold {op['value']:.4g} (alert_rate policy" in md
 
 
 def test_a_trained_model_passes_the_behavioural_tests(world: World) -> None:
@@ -241,6 +250,10 @@ def test_a_candidate_of_the_same_quality_passes(world: World) -> None:
     low, high = out["auc_delta_ci"]
     assert low <= out["auc_delta"] <= high
     assert low >= -world.settings.evaluate.max_auc_regression
+    # The champion's decisions are counted at its own recorded threshold, not the candidate's.
+    report = world.report(out)
+    champion_thr = float(world.reg.get_run(world.champion).data.tags["mlops.operating_threshold"])
+    assert report["champion"]["threshold"] == champion_thr
     assert any(r.startswith("PASS no_regression: AUC delta") for r in out["reasons"])
 
 

@@ -76,8 +76,6 @@ def test_pools_balance_by_least_request_with_health_checks_and_ejection() -> Non
         assert hc["no_traffic_interval"] == hc["interval"]  # a weight-0 canary is still watched
         assert c["outlier_detection"]["consecutive_5xx"] == CFG.eject_after_5xx
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    disk = boot["layered_runtime"]["layers"][-1]["disk_layer"]
-    assert disk == {"symlink_root": "/tmp/split/..data"}
 
 
 def test_unknown_models_and_labels_are_answered_by_the_plane() -> None:
@@ -85,7 +83,8 @@ def test_unknown_models_and_labels_are_answered_by_the_plane() -> None:
     names = [r["name"] for r in routes]
     assert names.index("label-canary") < names.index("unknown-label") < names.index("model-call")
     assert names[-2:] == ["unknown-model", "no-route"]
-    for r in routes:
+    assert names[0] == "heartbeat" and routes[0]["direct_response"]["status"] == 200
+    for r in routes[1:]:
         if "direct_response" in r:
             assert r["direct_response"]["status"] == 404
             assert "error" in json.loads(r["direct_response"]["body"]["inline_string"])
@@ -116,6 +115,26 @@ def test_the_kubernetes_plane_resolves_the_pools_services() -> None:
     boot = render_bootstrap(plane)
     assert {c["type"] for c in boot["static_resources"]["clusters"][:3]} == {"STRICT_DNS"}
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # The heartbeat checks the listener on loopback, not on the address it binds for clients.
+    beat = {c["name"]: c for c in boot["static_resources"]["clusters"]}["heartbeat"]
+    addr = beat["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert addr["socket_address"] == {"address": "127.0.0.1", "port_value": 8080}
+
+
+def test_the_heartbeat_is_envoy_checking_its_own_listener_and_can_be_turned_off() -> None:
+    boot = render_bootstrap(_plane())
+    beat = {c["name"]: c for c in boot["static_resources"]["clusters"]}["heartbeat"]
+    check = beat["health_checks"][0]
+    assert check["http_health_check"]["path"] == "/_mlops/heartbeat"
+    assert check["interval"] == check["no_traffic_interval"] == "10.000s"
+    addr = beat["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert addr["socket_address"] == {"address": "127.0.0.1", "port_value": 8601}
+    fmt = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    log = fmt["typed_config"]["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    assert log["plane"] == "%ENVIRONMENT(MLOPS_PLANE_STARTED)%"
+    off = render_bootstrap(_plane(cfg=DataPlaneSettings(heartbeat_s=0)))
+    assert "heartbeat" not in {c["name"] for c in off["static_resources"]["clusters"]}
+    assert "heartbeat" not in [r["name"] for r in _routes(off)]
 
 
 @pytest.mark.parametrize("bad", [-1, 101, 2.5, "5", None, True])

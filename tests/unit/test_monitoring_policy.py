@@ -125,3 +125,15 @@ def test_refused_labels_alert_and_the_rest_is_still_judged() -> None:
     d = decide(HOUR, refused, [], CTX, CFG)
     assert d.kinds() == ["rollback", "alert"]
     assert d.actions[1].reason == "labels refused: x.parquet: key twice"
+
+
+def test_a_missing_or_incomplete_serving_log_alerts_and_the_rest_is_still_judged() -> None:
+    gap = "14:10:00 to 14:20:00: no heartbeat: the data plane was down or its log did not arrive"
+    partial = {**DRIFTED, "log": {"status": "partial", "reasons": [gap]}}
+    d = decide(HOUR, partial, past(True), CTX, CFG)
+    assert d.kinds() == ["alert", "retrain"]
+    assert d.actions[0].reason == f"serving log incomplete (the data plane's heartbeat): {gap}"
+    missing = {**HEALTHY, "log": {"status": "missing", "reasons": []}}
+    assert decide(HOUR, missing, [], CTX, CFG).actions[0].reason.startswith("serving log missing")
+    for fine in ("complete", "unknown"):
+        assert decide(HOUR, {**HEALTHY, "log": {"status": fine}}, [], CTX, CFG).actions == []

@@ -13,6 +13,7 @@ from pipelines.data import layout
 from pipelines.data.spec import load_spec
 from pipelines.monitoring.logs import (
     ShippingError,
+    coverage,
     hour_bounds,
     part_keys,
     published,
@@ -127,10 +128,75 @@ def test_an_hour_is_published_once_and_a_rerun_changes_nothing(tmp_path: Path) -
         assert pq.read_table(fh).num_rows == 10
 
 
+def beat(t: float, started: float | None = START - 600) -> str:
+    """A heartbeat line as the data plane logs it (Envoy's check of its own listener)."""
+    return json.dumps(
+        {
+            "time": f"{t:.3f}",
+            "cluster": None,
+            "code": 200,
+            "path": "/_mlops/heartbeat",
+            "listener": "primary",
+            "plane": "-" if started is None else f"{started:.3f}",
+        }
+    )
+
+
+def beats(frm: float, to: float, every: float = 10.0, **kw: float | None) -> list[str]:
+    return [beat(frm + i * every, **kw) for i in range(int((to - frm) / every) + 1)]
+
+
 def test_an_hour_without_traffic_is_published_empty(tmp_path: Path) -> None:
     store = ObjectStore(f"file://{tmp_path}/lake")
     m = ship_hour(store, SPEC, "m", DATE, HOUR, [], {}, grace_s=0, now=END)
     assert m["rows"] == 0 and m["parts"] == [] and published(store, "m", DATE, HOUR) is not None
+    assert m["coverage"]["status"] == "unknown"  # heartbeats off: nothing says which it was
+
+
+def test_heartbeats_tell_an_hour_without_traffic_from_one_nobody_saw(tmp_path: Path) -> None:
+    store = ObjectStore(f"file://{tmp_path}/lake")
+    quiet = beats(START - 30, END + 30)  # the data plane ran all hour; nobody called it
+    m = ship_hour(store, SPEC, "m", DATE, HOUR, quiet, {}, grace_s=0, now=END + 60, heartbeat_s=10)
+    assert m["rows"] == 0 and m["coverage"]["status"] == "complete"
+    assert m["coverage"]["heartbeats"] == 359 and m["coverage"]["gaps"] == []
+    # The next hour's log never arrived: its lines are not there, nor are its heartbeats.
+    nxt = ship_hour(
+        store, SPEC, "m", DATE, HOUR + 1, quiet, {}, grace_s=0, now=END + 7200, heartbeat_s=10
+    )
+    assert nxt["rows"] == 0 and nxt["coverage"]["status"] == "missing"
+    assert nxt["coverage"]["gaps"][0]["cause"] == "no_heartbeat"
+    assert "did not arrive" in nxt["coverage"]["gaps"][0]["detail"]
+
+
+def test_each_gap_in_the_heartbeats_is_named_with_its_cause() -> None:
+    first = START - 600.0  # the data plane's first start, where the log begins
+    down = [(t, first) for t in range(int(START), int(START) + 600, 10)]
+    restarted = START + 900.0
+    after = [(t, restarted) for t in range(int(restarted) + 1, int(START) + 1800, 10)]
+    lost = [(t, restarted) for t in range(int(START) + 2400, int(END) + 30, 10)]
+    cov = coverage(down + after + lost, first, START, END, 10)
+    assert cov["status"] == "partial"
+    causes = [(g["cause"], round(g["from"] - START), round(g["to"] - START)) for g in cov["gaps"]]
+    assert causes == [("down", 590, 901), ("log_lost", 1791, 2400)]
+    assert "started again at 14:15:00" in cov["gaps"][0]["detail"]
+    # Before the data plane's first start is not a fault; a plane that stopped and never came
+    # back is (the tail of the hour had no heartbeat).
+    began = START + 1200.0
+    cov = coverage(
+        [(t, began) for t in range(int(began) + 1, int(START) + 3000, 10)], began, START, END, 10
+    )
+    assert [g["cause"] for g in cov["gaps"]] == ["not_started", "no_heartbeat"]
+    assert cov["status"] == "partial" and 1780 < cov["observed_s"] < 1800
+    # A log that does not open with a start (rotated, truncated) cannot excuse its silence.
+    cov = coverage(
+        [(t, START - 9e4) for t in range(int(began), int(END) + 30, 10)], None, START, END, 10
+    )
+    assert [g["cause"] for g in cov["gaps"]] == ["no_heartbeat"] and cov["status"] == "partial"
+    # An open hour is covered up to now; short restarts (a config change) are no gap.
+    blip = [(t, first) for t in range(int(START), int(START) + 300, 10)]
+    blip += [(t, START + 302.0) for t in range(int(START) + 303, int(START) + 600, 10)]
+    assert coverage(blip, first, START, START + 600, 10)["status"] == "complete"
+    assert coverage([], None, START, END, 0)["status"] == "unknown"
 
 
 def test_an_open_hour_is_shipped_only_when_asked_and_says_so(tmp_path: Path) -> None:

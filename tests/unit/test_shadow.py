@@ -34,7 +34,7 @@ def _scores(n: int = 400, seed: int = 0) -> np.ndarray:
 def test_an_identical_candidate_passes() -> None:
     s = _scores()
     v = judge_shadow(
-        _answers(s, "primary"), _answers(s, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG, 0.5
+        _answers(s, "primary"), _answers(s, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG
     )
     assert v.verdict == "pass", v.reasons
     assert v.pairs == 400 and v.stats["agreement"] == 1.0
@@ -46,15 +46,28 @@ def test_a_retrained_model_that_differs_as_evaluated_passes() -> None:
     champ = _scores()
     cand = np.clip(champ + np.random.default_rng(1).normal(0, 0.05, len(champ)), 0, 1)
     exp = Expected.of(cand, champ, 0.5)
-    v = judge_shadow(_answers(champ, "primary"), _answers(cand, "shadow"), QUIET, exp, CFG, 0.5)
+    v = judge_shadow(_answers(champ, "primary"), _answers(cand, "shadow"), QUIET, exp, CFG)
     assert v.verdict == "pass", v.reasons
+
+
+def test_decisions_are_each_versions_at_its_own_operating_threshold() -> None:
+    """A retrained model whose scores sit lower flags the same rows at its own, lower
+    threshold: the same decisions, though one shared threshold would split them."""
+    champ = _scores()
+    cand = champ * 0.5
+    exp = Expected.of(cand, champ, 0.3, 0.6)
+    assert exp.agreement == 1.0 and exp.thresholds == (0.3, 0.6)
+    v = judge_shadow(_answers(champ, "primary"), _answers(cand, "shadow"), QUIET, exp, CFG)
+    agreement = next(c for c in v.checks if c.name == "decision_agreement")
+    assert agreement.passed and "at 0.3 / 0.6" in agreement.detail, agreement
+    assert Expected.of(cand, champ, 0.6).agreement < 1.0
 
 
 def test_a_served_model_unlike_the_evaluated_one_is_stopped() -> None:
     s = _scores()
     shifted = np.minimum(s + 0.25, 1.0)  # what the export serves; offline it matched stable
     v = judge_shadow(
-        _answers(s, "primary"), _answers(shifted, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG, 0.5
+        _answers(s, "primary"), _answers(shifted, "shadow"), QUIET, Expected.of(s, s, 0.5), CFG
     )
     assert v.verdict == "fail"
     assert any(r.startswith("score_difference") for r in v.reasons)
@@ -64,22 +77,20 @@ def test_a_served_model_unlike_the_evaluated_one_is_stopped() -> None:
 def test_errors_nan_and_too_few_pairs_fail() -> None:
     s = _scores()
     exp = Expected.of(s, s, 0.5)
-    errors = judge_shadow(_answers(s, "primary"), _answers(s, "shadow", 503), QUIET, exp, CFG, 0.5)
+    errors = judge_shadow(_answers(s, "primary"), _answers(s, "shadow", 503), QUIET, exp, CFG)
     assert any(r.startswith("shadow_errors") for r in errors.reasons)
     nan = s.copy()
     nan[3] = np.nan
-    v = judge_shadow(_answers(s, "primary"), _answers(nan, "shadow"), QUIET, exp, CFG, 0.5)
+    v = judge_shadow(_answers(s, "primary"), _answers(nan, "shadow"), QUIET, exp, CFG)
     assert any(r.startswith("finite_outputs") for r in v.reasons)
-    few = judge_shadow(
-        _answers(s[:10], "primary"), _answers(s[:10], "shadow"), QUIET, exp, CFG, 0.5
-    )
+    few = judge_shadow(_answers(s[:10], "primary"), _answers(s[:10], "shadow"), QUIET, exp, CFG)
     assert few.verdict == "fail" and "min_pairs" in few.reasons[0]
 
 
 def test_answers_are_joined_by_request_id_not_by_position() -> None:
     s = _scores()
     shadow = list(reversed(_answers(s, "shadow")))
-    v = judge_shadow(_answers(s, "primary"), shadow, QUIET, Expected.of(s, s, 0.5), CFG, 0.5)
+    v = judge_shadow(_answers(s, "primary"), shadow, QUIET, Expected.of(s, s, 0.5), CFG)
     assert v.verdict == "pass" and v.stats["score_diff"]["max"] == 0.0
 
 
@@ -87,10 +98,10 @@ def test_a_slow_candidate_fails_latency_against_the_noise_floor() -> None:
     s = _scores()
     exp = Expected.of(s, s, 0.5)
     slow = _answers(s, "shadow", ms=5.0)
-    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, QUIET, exp, CFG, 0.5)
+    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, QUIET, exp, CFG)
     assert any(r.startswith("latency") for r in v.reasons)
     noisy = NoiseFloor(QUIET.score_diffs, 3.0)  # replicas of one model differ 3x here
-    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, noisy, exp, CFG, 0.5)
+    v = judge_shadow(_answers(s, "primary", ms=1.0), slow, noisy, exp, CFG)
     assert v.verdict == "pass", v.reasons
 
 
@@ -102,7 +113,6 @@ def _judged(shadow_ms: float, code: int = 200) -> ShadowVerdict:
         QUIET,
         Expected.of(s, s, 0.5),
         CFG,
-        0.5,
     )
 
 

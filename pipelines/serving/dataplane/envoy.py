@@ -32,6 +32,15 @@ SERVED_LABEL = "x-served-label"  # response header naming the label that answere
 # Histogram buckets of upstream_rq_time (ms) fine enough for a ~1 ms model server.
 LATENCY_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 
+# Envoy health-checks its own listener on this path every ``dataplane.heartbeat_s``: each check is
+# a line in the access log, written by the same process through the same log (and collector)
+# as the requests. An hour whose log holds no heartbeat was not observed: the data plane was
+# down or its log never arrived; an hour with heartbeats and no requests had no traffic.
+HEARTBEAT_PATH = "/_mlops/heartbeat"
+# When the running Envoy started (epoch s), in every line: a gap in the heartbeats that ends at
+# a start was the data plane being down, one within a run is lost log.
+PLANE_STARTED_ENV = "MLOPS_PLANE_STARTED"
+
 # One JSON object per request: what the judge, the shadow stage and an operator read.
 ACCESS_LOG_FORMAT = {
     "time": "%START_TIME(%s.%3f)%",
@@ -49,6 +58,7 @@ ACCESS_LOG_FORMAT = {
     "scores": "%DYNAMIC_METADATA(mlops:scores)%",
     "instances": "%DYNAMIC_METADATA(mlops:instances)%",
     "version": "%RESP(X-MODEL-VERSION)%",
+    "plane": f"%ENVIRONMENT({PLANE_STARTED_ENV})%",
 }
 
 
@@ -166,6 +176,15 @@ def _routes(plane: Plane, primary: bool) -> list[dict[str, Any]]:
             }
         ]
     routes = [labelled(label) for label in LABELS]
+    if primary and cfg.heartbeat_s > 0:
+        routes.insert(
+            0,
+            {
+                "name": "heartbeat",
+                "match": {"path": HEARTBEAT_PATH},
+                "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+            },
+        )
     routes.append(
         _error_route(
             "unknown-label",
@@ -328,6 +347,32 @@ def _cluster(plane: Plane, pool: Pool) -> dict[str, Any]:
     }
 
 
+def _heartbeat_cluster(plane: Plane) -> dict[str, Any]:
+    """Envoy's health check of its own primary listener (see ``HEARTBEAT_PATH``)."""
+    host, port = plane.listen
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    every = _duration(plane.cfg.heartbeat_s)
+    return {
+        "name": "heartbeat",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "heartbeat",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(host, port)}}]}],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": every,
+                "no_traffic_interval": every,  # no request is ever routed to it
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": HEARTBEAT_PATH},
+            }
+        ],
+    }
+
+
 def render_bootstrap(plane: Plane) -> dict[str, Any]:
     """The whole Envoy bootstrap as a JSON-able dict."""
     shadow_cluster = {
@@ -358,7 +403,9 @@ def render_bootstrap(plane: Plane) -> dict[str, Any]:
                 _listener(plane, "primary", plane.listen, primary=True),
                 _listener(plane, "shadow", plane.shadow, primary=False),
             ],
-            "clusters": [_cluster(plane, p) for p in plane.pools] + [shadow_cluster],
+            "clusters": [_cluster(plane, p) for p in plane.pools]
+            + [shadow_cluster]
+            + ([_heartbeat_cluster(plane)] if plane.cfg.heartbeat_s > 0 else []),
         },
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,13 @@ from pipelines.serving.daemon import (
     check_port_free,
     stop_all,
 )
-from pipelines.serving.dataplane.envoy import POOLS, Plane, Pool, bootstrap_yaml
+from pipelines.serving.dataplane.envoy import (
+    PLANE_STARTED_ENV,
+    POOLS,
+    Plane,
+    Pool,
+    bootstrap_yaml,
+)
 from pipelines.serving.dataplane.evidence import AccessLog
 from pipelines.serving.dataplane.split import DATA, RuntimeDirectory
 
@@ -187,6 +194,7 @@ class LocalPlane:
             cmd,
             healthy,
             timeout=self.cfg.start_timeout_s,
+            env={PLANE_STARTED_ENV: f"{time.time():.3f}"},
             port_info={"host": topo["host"], "port": topo["port"], "bootstrap": sha},
         )
         return self.endpoint()
