@@ -398,7 +398,8 @@ def monitoring_line(monitored: dict[str, Any], report: dict[str, Any]) -> str:
             else "refused"
             if perf.get("refused")
             else f"{perf['labelled']} matured"
-        ),
+        )
+        + f"; serving log {(f.get('log') or {}).get('status', 'unknown')} (heartbeats)",
     ]
     if not d["actions"]:
         lines.append("  -> no action")

@@ -16,8 +16,9 @@ An hour with no requests is published too (zero rows), so "no traffic" and "not 
 Zero rows can also mean that nothing was logged: the data plane was down, or its log (or the
 collector shipping it) lost the hour. The data plane's heartbeat tells which: Envoy checks its
 own listener every ``dataplane.heartbeat_s`` and logs each check like a request (see
-``HEARTBEAT_PATH``), so an observed hour has a heartbeat every few seconds. The manifest's
-``coverage`` says how much of the hour the heartbeats cover and names each gap with its cause
+``HEARTBEAT_PATH`` in the data plane), so an observed hour has a line every few seconds even
+without traffic; every line carries the start time of the Envoy that wrote it. The manifest's
+``coverage`` says how much of the hour the lines cover and names each gap with its cause
 (``not_started``: before the log's first data-plane start; ``down``: ended by a restart;
 ``log_lost``: within one run of the data plane; ``no_heartbeat``: nothing says which); the
 monitor alerts on every gap but ``not_started`` and judges nothing from a hour it did not see.
@@ -49,7 +50,6 @@ from pipelines.data.pii import mask_pii
 from pipelines.data.profile import value_counts
 from pipelines.data.spec import DatasetSpec
 from pipelines.monitoring.schema import schema
-from pipelines.serving.dataplane.envoy import HEARTBEAT_PATH
 from pipelines.serving.dataplane.evidence import POOLS, parse_scores
 from pipelines.store import ObjectStore
 
@@ -59,6 +59,7 @@ MANIFEST = "_manifest.json"
 PART_ROWS = 1_000_000  # rows per part file
 ROW_GROUP = 128 * 1024
 _TIME = re.compile(r'"time":\s*"?([0-9]+(?:\.[0-9]+)?)')
+_PLANE = re.compile(r'"plane":\s*"?([0-9]+(?:\.[0-9]+)?)')
 _MODEL_CALL = (":predict", ":classify", ":regress")
 
 
@@ -105,44 +106,35 @@ def _number(v: Any) -> float | None:
 
 
 class Heartbeats:
-    """The data plane's heartbeats near one hour, and where its log begins, gathered while the
-    log is read (:func:`records`)."""
+    """What shows the log was flowing near one hour: every line the data plane logged there
+    (a request, or the heartbeat that fills quiet stretches) with the start of the plane that
+    logged it, and where the log begins; gathered while the log is read (:func:`records`)."""
 
     def __init__(self, start: float, end: float, every: float):
         self.start, self.end, self.every = start, end, every
         self.slack = max_gap(every)
         self.beats: list[tuple[float, float | None]] = []  # (time, the plane's start)
-        self.first_line: float | None = None
-        self.first_beat: tuple[float, float | None] | None = None
+        self.first: tuple[float, float | None] | None = None  # the log's first line
 
     def see(self, t: float, line: str) -> None:
-        if self.first_line is None or t < self.first_line:
-            self.first_line = t
-        if HEARTBEAT_PATH not in line:
-            return
         near = self.start - self.slack <= t <= self.end + self.slack
-        first = self.first_beat is None or t < self.first_beat[0]
+        first = self.first is None or t < self.first[0]
         if not (near or first):
             return
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return
-        if not isinstance(rec, dict) or rec.get("path") != HEARTBEAT_PATH:
-            return
-        beat = (t, _started(rec.get("plane")))
+        m = _PLANE.search(line)
+        beat = (t, _started(m.group(1)) if m else None)
         if near:
             self.beats.append(beat)
         if first:
-            self.first_beat = beat
+            self.first = beat
 
     def log_began(self) -> float | None:
         """When the data plane whose start opens the log started; None when the log does not
         open with a start (it was rotated or truncated, or planes do not say when they start)."""
-        if self.first_beat is None or self.first_beat[1] is None or self.first_line is None:
+        if self.first is None:
             return None
-        began = self.first_beat[1]
-        return began if self.first_line >= began - 1.0 else None
+        t, began = self.first
+        return began if began is not None and t >= began - 1.0 else None
 
     def coverage(self, until: float) -> dict[str, Any]:
         return coverage(self.beats, self.log_began(), self.start, until, self.every)
@@ -204,7 +196,7 @@ def coverage(
     return {
         "status": status,
         "heartbeat_s": every,
-        "heartbeats": n,
+        "lines": n,  # logged in the hour: requests and heartbeats
         "observed_s": round(max(length - unobserved, 0.0), 3),
         "unobserved_s": round(unobserved, 3),
         "gaps": gaps,

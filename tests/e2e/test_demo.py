@@ -108,6 +108,8 @@ def test_the_demo_runs_twice_and_leaves_nothing_listening(tmp_path: Path) -> Non
         # Then live traffic unlike the champion's data: monitoring finds it and retrains.
         tail = run.stdout[run.stdout.index("\nMonitoring ") :]
         assert "  -> retrain: sustained drift" in tail, run.stdout[-3000:]
+        # The hour's zero-or-more rows are what was served: Envoy's heartbeat covered it.
+        assert "serving log complete (heartbeats)" in tail, tail
         assert "mlops_training_pipeline run retrain__fraud_detector__" in tail
         _clean(home)
     _the_blocked_day_shows_its_report_in_the_ui(home)

@@ -158,7 +158,7 @@ def test_heartbeats_tell_an_hour_without_traffic_from_one_nobody_saw(tmp_path: P
     quiet = beats(START - 30, END + 30)  # the data plane ran all hour; nobody called it
     m = ship_hour(store, SPEC, "m", DATE, HOUR, quiet, {}, grace_s=0, now=END + 60, heartbeat_s=10)
     assert m["rows"] == 0 and m["coverage"]["status"] == "complete"
-    assert m["coverage"]["heartbeats"] == 359 and m["coverage"]["gaps"] == []
+    assert m["coverage"]["lines"] == 359 and m["coverage"]["gaps"] == []
     # The next hour's log never arrived: its lines are not there, nor are its heartbeats.
     nxt = ship_hour(
         store, SPEC, "m", DATE, HOUR + 1, quiet, {}, grace_s=0, now=END + 7200, heartbeat_s=10
@@ -197,6 +197,29 @@ def test_each_gap_in_the_heartbeats_is_named_with_its_cause() -> None:
     blip += [(t, START + 302.0) for t in range(int(START) + 303, int(START) + 600, 10)]
     assert coverage(blip, first, START, START + 600, 10)["status"] == "complete"
     assert coverage([], None, START, END, 0)["status"] == "unknown"
+
+
+def test_requests_show_the_log_flowing_too(tmp_path: Path) -> None:
+    """A data plane started moments ago has logged requests but no heartbeat yet (the first
+    comes an interval after the start): its requests cover the time they were logged."""
+    store = ObjectStore(f"file://{tmp_path}/lake")
+    began = START + 1200.0
+    lines = [line(began + 3 + i / 10, f"r{i}", plane=f"{began:.3f}") for i in range(30)]
+    m = ship_hour(
+        store,
+        SPEC,
+        "m",
+        DATE,
+        HOUR,
+        lines,
+        {},
+        grace_s=5,
+        now=began + 8,
+        open_hour=True,
+        heartbeat_s=10,
+    )
+    assert m["rows"] == 30 and m["coverage"]["status"] == "complete", m["coverage"]
+    assert [g["cause"] for g in m["coverage"]["gaps"]] == ["not_started"]
 
 
 def test_an_open_hour_is_shipped_only_when_asked_and_says_so(tmp_path: Path) -> None:
