@@ -28,7 +28,8 @@ from pipelines.registry import CHAMPION, Registry
 from pipelines.store import open_store
 from tests.ports import FREE_PORTS
 
-pytestmark = pytest.mark.integration
+# Trains models (torchrun, MLflow): minutes, so outside `make test-fast`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DAY, SHUFFLED_DAY = "2026-11-01", "2026-11-02"
 ROWS = 12000  # ~1800 test rows, ~45 positives: a paired bootstrap CI of about +-0.01 AUC

@@ -15,7 +15,8 @@ from pipelines.registry import Registry
 from pipelines.store import open_store
 from pipelines.train.launch import TrainingFailed
 
-pytestmark = pytest.mark.integration
+# Trains models (torchrun, MLflow): minutes, so outside `make test-fast`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _manifest(settings: Settings, rows: int = 6000) -> str:
