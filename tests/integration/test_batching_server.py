@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, config
 
 
-@pytest.fixture(scope="module")
-def servers(
-    model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Server]]:
-    """Two batching servers, started together: ``normal`` and ``tiny`` (a one-batch queue)."""
-    tmp = tmp_path_factory.mktemp("servers")
+@contextmanager
+def _two_servers(tmp: Path, config: Path) -> Iterator[dict[str, Server]]:
+    """Two batching servers, started together: ``normal`` and ``tiny`` (a one-batch queue);
+    killed at the end if still running."""
     with ThreadPoolExecutor(2) as pool:
         futures = {
-            name: pool.submit(_start, tmp, name, model[1], text)
+            name: pool.submit(_start, tmp, name, config, text)
             for name, text in (("normal", NORMAL), ("tiny", TINY))
         }
         started: dict[str, Server] = {}
@@ -153,6 +152,15 @@ def servers(
         for s in started.values():
             if s.proc.poll() is None:
                 _kill(s.proc)
+
+
+@pytest.fixture(scope="module")
+def servers(
+    model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Server]]:
+    """The module's two batching servers (see :func:`_two_servers`)."""
+    with _two_servers(tmp_path_factory.mktemp("servers"), model[1]) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -310,12 +318,14 @@ def test_real_model_batches_coalesce_and_an_unloaded_version_stops_its_threads(
         manager.stop()
 
 
-def test_batching_servers_stop_cleanly(servers: dict[str, Server]) -> None:
-    """Last in this module: both processes exit 0 on SIGTERM, their process groups empty."""
-    for server in servers.values():
-        _stop_cleanly(server)
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"{server.url}/v1/models/{MODEL}", timeout=5)
+def test_batching_servers_stop_cleanly(model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Both processes exit 0 on SIGTERM, their process groups empty (a pair of their own: the
+    module's pair serves the other tests, in any order)."""
+    with _two_servers(tmp_path, model[1]) as servers:
+        for server in servers.values():
+            _stop_cleanly(server)
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"{server.url}/v1/models/{MODEL}", timeout=5)
 
 
 def test_a_bad_batching_file_stops_mlops_serve_in_one_sentence(tmp_path: Path) -> None:

@@ -264,25 +264,31 @@ def test_labels_only_point_at_available_versions(server, models) -> None:  # typ
     """One step that adds version 2 and labels it is refused whole; two phases work."""
     url, config = server
     client = ServingClient(url)
-    set_config(config, models["base"], [1], {"stable": 1})
-    deadline = time.monotonic() + 30
-    while client.label_version(MODEL, "stable") != 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})
-    time.sleep(1.5)
-    assert client.label_version(MODEL, "canary") is None
-    assert client.version_state(MODEL, 2)[0] in ("UNKNOWN", "END")
-    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 1})  # phase 1
-    client.wait_available(MODEL, 2, timeout=60)
-    set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})  # phase 2
-    deadline = time.monotonic() + 30
-    while client.label_version(MODEL, "canary") != 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert client.label_version(MODEL, "canary") == 2
-    inst = to_instances(_rows(), models["models"][2])[:3]
-    via_label = client.predict(MODEL, inst, label="canary")
-    via_version = client.predict(MODEL, inst, version=2)
-    assert via_label == via_version
+    try:
+        set_config(config, models["base"], [1], {"stable": 1})
+        deadline = time.monotonic() + 30
+        while client.label_version(MODEL, "stable") != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})
+        time.sleep(1.5)
+        assert client.label_version(MODEL, "canary") is None
+        assert client.version_state(MODEL, 2)[0] in ("UNKNOWN", "END")
+        set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 1})  # phase 1
+        client.wait_available(MODEL, 2, timeout=60)
+        set_config(config, models["base"], [1, 2], {"stable": 1, "canary": 2})  # phase 2
+        deadline = time.monotonic() + 30
+        while client.label_version(MODEL, "canary") != 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.label_version(MODEL, "canary") == 2
+        inst = to_instances(_rows(), models["models"][2])[:3]
+        via_label = client.predict(MODEL, inst, label="canary")
+        via_version = client.predict(MODEL, inst, version=2)
+        assert via_label == via_version
+    finally:  # the module's server, as the other tests expect it: version 1 only
+        set_config(config, models["base"], [1], {})
+        deadline = time.monotonic() + 30
+        while client.version_state(MODEL, 2)[0] == "AVAILABLE" and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def _rows():  # type: ignore[no-untyped-def]
@@ -327,8 +333,9 @@ def _write_record(path: Path, record: bytes) -> None:
         writer.write(record)
 
 
-def test_prometheus_endpoint_counts_requests(server: tuple[str, Path]) -> None:
+def test_prometheus_endpoint_counts_requests(server, models, rows) -> None:  # type: ignore[no-untyped-def]
     url, _ = server
+    ServingClient(url).predict(MODEL, to_instances(rows, models["models"][1])[:1])
     r = requests.get(f"{url}/monitoring/prometheus/metrics", timeout=10)
     assert r.status_code == 200
     assert f':tensorflow:serving:request_count{{model_name="{MODEL}",status="OK"}}' in r.text
