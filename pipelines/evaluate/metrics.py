@@ -32,12 +32,22 @@ METRICS: dict[str, Metric] = {
 HIGHER_IS_BETTER = {"roc_auc": True, "pr_auc": True, "log_loss": False, "calibration_error": False}
 
 
-def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    out = {name: fn(y, p) for name, fn in METRICS.items()} if len(np.unique(y)) > 1 else {}
+def decision_rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Share flagged (score >= ``threshold``), precision and recall of those decisions
+    (precision 0 when nothing is flagged)."""
     pred = p >= threshold
     tp = float(np.sum(pred & (y == 1)))
-    out["precision"] = tp / max(float(pred.sum()), 1.0)
-    out["recall"] = tp / max(float((y == 1).sum()), 1.0)
+    return {
+        "flag_rate": float(pred.mean()) if len(pred) else 0.0,
+        "precision": tp / max(float(pred.sum()), 1.0),
+        "recall": tp / max(float((y == 1).sum()), 1.0),
+    }
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    out = {name: fn(y, p) for name, fn in METRICS.items()} if len(np.unique(y)) > 1 else {}
+    rates = decision_rates(y, p, threshold)
+    out["precision"], out["recall"] = rates["precision"], rates["recall"]
     out["rows"], out["positives"] = float(len(y)), float(y.sum())
     return out
 

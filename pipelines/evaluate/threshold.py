@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import EvaluateSettings
+from pipelines.evaluate.metrics import decision_rates
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,12 @@ def operating_threshold(y: np.ndarray, p: np.ndarray, cfg: EvaluateSettings) -> 
         value, warning = _target_precision(y, p, cfg.target_precision)
     else:
         value = float(cfg.threshold)
-    out: dict[str, Any] = {"policy": cfg.threshold_policy, "value": value, **_rates(y, p, value)}
+    out: dict[str, Any] = {
+        "policy": cfg.threshold_policy,
+        "value": value,
+        "rows": float(len(p)),
+        **decision_rates(y, p, value),
+    }
     if warning is None and out["flag_rate"] < MIN_FLAG_RATE:
         warning = (
             f"threshold {value:.4g} flags {out['flag_rate']:.3%} of validation rows: the "
@@ -58,17 +64,6 @@ def operating_threshold(y: np.ndarray, p: np.ndarray, cfg: EvaluateSettings) -> 
     if warning:
         log.warning("operating threshold: %s", warning)
     return out
-
-
-def _rates(y: np.ndarray, p: np.ndarray, value: float) -> dict[str, float]:
-    flagged = p >= value
-    tp = float(np.sum(flagged & (y == 1)))
-    return {
-        "rows": float(len(p)),
-        "flag_rate": float(flagged.mean()),
-        "precision": tp / max(float(flagged.sum()), 1.0),
-        "recall": tp / max(float((y == 1).sum()), 1.0),
-    }
 
 
 def _target_precision(y: np.ndarray, p: np.ndarray, target: float) -> tuple[float, str | None]:

@@ -105,7 +105,7 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
-class Heartbeats:
+class LogCoverage:
     """What shows the log was flowing near one hour: every line the data plane logged there
     (a request, or the heartbeat that fills quiet stretches) with the start of the plane that
     logged it, and where the log begins; gathered while the log is read (:func:`records`)."""
@@ -234,11 +234,11 @@ def records(
     end: float,
     spec: DatasetSpec,
     versions: Mapping[str, int],
-    heartbeats: Heartbeats | None = None,
+    heartbeats: LogCoverage | None = None,
 ) -> pa.Table:
     """The serving-log rows of the model calls that started in ``[start, end)``, in time
     order. ``versions``: each label's version, for lines that do not name one;
-    ``heartbeats`` collects the data plane's heartbeats on the way."""
+    ``heartbeats`` collects what shows the log was flowing on the way."""
     numeric, categorical = spec.numeric_features, spec.categorical_features
     pii = set(spec.pii_columns)
     cols: dict[str, list[Any]] = {f.name: [] for f in schema(spec)}
@@ -334,7 +334,7 @@ def ship_hour(
             "plane's log flush): shipping it now would publish it incomplete (the "
             "ship_open_hour param does that on purpose)."
         )
-    beats = Heartbeats(start, end, heartbeat_s)
+    beats = LogCoverage(start, end, heartbeat_s)
     table = records(lines, start, end, spec, versions, beats)
     parts, part_rows, hashes = [], {}, {}
     # Each attempt writes parts of its own: another shipper of the same hour (a zombie attempt
