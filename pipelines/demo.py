@@ -273,7 +273,14 @@ def dags_test(
     """One ``airflow dags test --use-executor`` run for ``date`` (its whole process group
     stopped after, within the day's timeout); its exit code. The day goes in the conf, as a
     user's trigger with a date does: the run's logical date is now, so the UI shows its real
-    start and duration (``dags test`` records a given logical date as the start)."""
+    start and duration (``dags test`` records a given logical date as the start).
+
+    Once the run has finished, ``dags test`` shuts its LocalExecutor down, and that can hang
+    for good: a worker that never gets its shutdown message is joined without a timeout
+    (apache/airflow#67870; seen here under load, the run done and the command still waiting
+    15 minutes later). A command still running a minute after its run finished is stopped, and
+    the run's own final state gives the exit code."""
+    offset = log_file.stat().st_size if log_file.exists() else 0
     return run_group(
         [
             airflow,
@@ -287,7 +294,24 @@ def dags_test(
         env,
         log_file,
         DAY_TIMEOUT_S,
+        finished=lambda: run_finished(log_file, offset),
     )
+
+
+def run_finished(log_file: Path, offset: int = 0) -> int | None:
+    """From a ``dags test`` log (past ``offset``): None while its run is not finished, else 0
+    for a successful run and 1 for any other final state."""
+    try:
+        with open(log_file, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    at = text.find("DagRun Finished:")
+    if at < 0:
+        return None
+    line = text[at:].split("\n", 1)[0]
+    return 0 if " state=success" in line else 1
 
 
 def _score_last_accepted_day(

@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 
 def reap_group(pgid: int, timeout: float = 5.0) -> None:
@@ -35,10 +37,16 @@ def run_group(
     log_file: Path | None,
     timeout: float | None = 600.0,
     stop_timeout: float = 30.0,
+    finished: Callable[[], int | None] | None = None,
+    exit_grace: float = 60.0,
 ) -> int:
     """Run ``cmd`` in its own process group, its output appended to ``log_file`` (None: this
     process's stdout and stderr); on a timeout, an error or Ctrl-C the whole group is stopped
-    before this returns or raises. A timeout returns 124, as ``timeout(1)`` does."""
+    before this returns or raises. A timeout returns 124, as ``timeout(1)`` does.
+
+    ``finished``, polled every second, says when the command's work is done (with the exit
+    code that outcome stands for) though the command may not have exited: a command still
+    running ``exit_grace`` seconds after that is stopped, and the code is returned."""
     with contextlib.ExitStack() as stack:
         fh = stack.enter_context(open(log_file, "ab")) if log_file is not None else None
         proc = subprocess.Popen(
@@ -50,7 +58,9 @@ def run_group(
             start_new_session=True,
         )
         try:
-            return proc.wait(timeout=timeout)
+            if finished is None:
+                return proc.wait(timeout=timeout)
+            return _wait_or_finished(proc, timeout, finished, exit_grace, fh)
         except subprocess.TimeoutExpired:
             if fh:
                 fh.write(f"\n[mlops] stopped after {timeout:.0f} s\n".encode())
@@ -67,3 +77,37 @@ def run_group(
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             reap_group(proc.pid)
+
+
+def _wait_or_finished(
+    proc: subprocess.Popen[bytes],
+    timeout: float | None,
+    finished: Callable[[], int | None],
+    exit_grace: float,
+    fh: IO[bytes] | None,
+) -> int:
+    """``proc``'s exit code, or ``finished()``'s once it has one and ``proc`` has not exited
+    ``exit_grace`` seconds later; TimeoutExpired after ``timeout``."""
+    began = time.monotonic()
+    done_at: float | None = None
+    code: int | None = None
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if timeout is not None and now - began > timeout:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        if done_at is None:
+            code = finished()
+            if code is not None:
+                done_at = now
+        elif now - done_at > exit_grace and code is not None:
+            if fh is not None:
+                fh.write(
+                    f"\n[mlops] the work was done but the command had not exited "
+                    f"{exit_grace:.0f} s later: stopped (exit code {code} stands for its "
+                    f"outcome)\n".encode()
+                )
+            return code

@@ -62,6 +62,10 @@ def airflow(tmp_path: Path):  # type: ignore[no-untyped-def]
         # bootstrap CI is about +-0.015 wide, and the default 0.02 regression bound rejected a
         # drifted day's challenger here once, so the canary had nothing to judge.
         "MLOPS__EVALUATE__MAX_AUC_REGRESSION": "0.1",
+        # The canaries here check the loop (a verdict over several pokes, an analysis resumed
+        # after its sensor is killed), not the judge's power: a budget of 300 canary requests
+        # (about five windows) instead of 1,000 (about 90 s of replay each at 5 %).
+        "MLOPS__CANARY__MAX_CANARY_REQUESTS": "300",
     }
     mlops = str(Path(sys.executable).parent / "mlops")
     base = f"http://127.0.0.1:{port}"

@@ -1,0 +1,89 @@
+"""``run_group`` stops a command that finished its work but does not exit (Airflow's
+LocalExecutor shutdown can hang after the DAG run is over: apache/airflow#67870), and the demo
+reads a run's outcome from its ``dags test`` log."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipelines.demo import run_finished
+from pipelines.processes import run_group
+
+# Writes the line Airflow writes when the run is over, then hangs the way the executor's
+# shutdown does; a child in the same group hangs too.
+HANGS_AFTER_ITS_RUN = (
+    "import os, subprocess, sys, time\n"
+    "print(f'pid={os.getpid()}', flush=True)\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "print('[info] DagRun Finished: dag_id=d, run_id=r, state=success, run_type=manual',"
+    " flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_command_hung_after_its_run_is_stopped_and_the_run_s_outcome_returned(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "day.log"
+    log.write_text("an earlier run's lines: DagRun Finished: state=failed\n")
+    offset = log.stat().st_size
+    began = time.monotonic()
+    code = run_group(
+        [sys.executable, "-c", HANGS_AFTER_ITS_RUN],
+        dict(os.environ),
+        log,
+        timeout=60,
+        finished=lambda: run_finished(log, offset),
+        exit_grace=1.0,
+    )
+    assert code == 0  # this run's state, not the earlier run's line before the offset
+    assert time.monotonic() - began < 30
+    text = log.read_text()
+    assert "the work was done but the command had not exited 1 s later: stopped" in text
+    pgid = int(text.split("pid=", 1)[1].split()[0])
+    assert _group_gone(pgid)  # the command and its child
+
+
+def test_a_command_that_exits_keeps_its_own_code(tmp_path: Path) -> None:
+    code = run_group(
+        [sys.executable, "-c", "import sys; sys.exit(3)"],
+        dict(os.environ),
+        tmp_path / "log",
+        timeout=60,
+        finished=lambda: 0,
+        exit_grace=30.0,
+    )
+    assert code == 3
+
+
+def test_a_timeout_still_stops_a_command_whose_run_never_finishes(tmp_path: Path) -> None:
+    code = run_group(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        dict(os.environ),
+        tmp_path / "log",
+        timeout=2,
+        finished=lambda: None,
+    )
+    assert code == 124
+
+
+def test_run_finished_reads_the_final_state_of_the_run(tmp_path: Path) -> None:
+    log = tmp_path / "day.log"
+    assert run_finished(log) is None  # no log yet
+    log.write_text("Marking run <DagRun ...> failed\n")
+    assert run_finished(log) is None
+    log.write_text("x\n[info] DagRun Finished: dag_id=d, run_id=r, state=failed, y=z\nmore\n")
+    assert run_finished(log) == 1
+    log.write_text("[info] DagRun Finished: dag_id=d, state=success, run_type=manual\n")
+    assert run_finished(log) == 0
