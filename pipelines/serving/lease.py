@@ -17,7 +17,12 @@ so of two writers racing for a free lease exactly one wins. That needs a store t
 The newest generation is held while it has no ``.released`` marker and its ``expires_at`` is
 in the future. Its holder renews it every third of ``ttl_s`` from a thread, so a lease
 expires only when its holder died or hung that long; the next writer then takes it over with
-a warning naming the holder. A holder can release only its own generation: a late release of
+a warning naming the holder. A holder that is known to be gone does not keep it that long:
+each lease records its holder's process (host, boot, pid namespace, pid and the process's
+start time), and a writer that runs on the same host, boot and pid namespace, where that
+process no longer exists, takes the lease over at once (a killed task's retry then does not
+wait out the ttl). Anywhere else only the expiry can tell. A holder can release only its own
+generation: a late release of
 an expired lease never frees the one that replaced it. A block whose lease was lost meanwhile
 fails with :class:`LeaseLost` (its step is retried). The generation is the fencing token: the
 audit entry of each serving change records it."""
@@ -32,7 +37,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from pipelines.store import ObjectStore, StoreError
 
@@ -59,6 +66,8 @@ class Lease:
     holder: str
     acquired_at: float
     expires_at: float
+    # The holder's process (``this_process()``); None in leases written before it was kept.
+    process: dict[str, Any] | None = field(default=None)
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.acquired_at))
@@ -75,6 +84,55 @@ def whoami(what: str) -> str:
     task = "/".join(c for c in ctx if c)
     where = f"pid {os.getpid()} on {socket.gethostname()}"
     return f"{what} ({task}, {where})" if task else f"{what} ({where})"
+
+
+def _read_proc(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ("" if there is none)."""
+    stat = _read_proc(f"/proc/{pid}/stat")
+    # The command name (field 2) may hold spaces and parentheses: count after its last ")".
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def this_process() -> dict[str, Any]:
+    """What identifies this process on its host: host name, boot, pid namespace, pid and the
+    process's start time (a reused pid has another)."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "boot": _read_proc("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": _pid_namespace(),
+        "pid": pid,
+        "start": _start_ticks(pid),
+    }
+
+
+def holder_gone(process: dict[str, Any] | None) -> bool:
+    """True only when ``process`` ran on this host, boot and pid namespace and no longer
+    exists there (its pid is free, or taken by a process that started later). Anything this
+    process cannot see (another host or container, no record, no /proc) is not gone."""
+    if not process:
+        return False
+    me = this_process()
+    if not me["boot"] or not me["pid_ns"] or not process.get("start"):
+        return False
+    if any(process.get(k) != me[k] for k in ("host", "boot", "pid_ns")):
+        return False
+    return _start_ticks(int(process["pid"])) != process["start"]
 
 
 class ServingLease:
@@ -141,7 +199,15 @@ class ServingLease:
             top = held[-1] if held else 0
             if held and top not in released:
                 other = self._read(top)
-                if other.expires_at > self._clock():
+                gone = other.expires_at > self._clock() and holder_gone(other.process)
+                if gone:
+                    log.warning(
+                        "Taking over the serving lease of %s (%s): its holder's process is "
+                        "gone from this host.",
+                        self.model,
+                        other.describe(),
+                    )
+                elif other.expires_at > self._clock():
                     if self._clock() >= deadline:
                         raise LeaseBusy(
                             f"The serving of {self.model} is being changed by {other.holder} "
@@ -150,15 +216,16 @@ class ServingLease:
                         )
                     self._sleep(self.poll_s)
                     continue
-                log.warning(
-                    "Taking over the expired serving lease of %s (%s): its holder stopped "
-                    "renewing it %.0f s ago.",
-                    self.model,
-                    other.describe(),
-                    self._clock() - other.expires_at,
-                )
+                else:
+                    log.warning(
+                        "Taking over the expired serving lease of %s (%s): its holder stopped "
+                        "renewing it %.0f s ago.",
+                        self.model,
+                        other.describe(),
+                        self._clock() - other.expires_at,
+                    )
             now = self._clock()
-            lease = Lease(self.model, top + 1, holder, now, now + self.ttl_s)
+            lease = Lease(self.model, top + 1, holder, now, now + self.ttl_s, this_process())
             key = self._key(lease.generation)
             if self.store.create_bytes(key, _encode(lease)):
                 self._prune(lease.generation)

@@ -263,8 +263,11 @@ def test_ctrl_c_stops_the_workers_and_the_server_it_started(world: dict[str, Any
     s = world["settings"]
     env = {
         **os.environ,
-        # From the environment the space is replaced, not merged: every trial 8 epochs of 16.
-        "MLOPS__TUNING__SPACE": '{"epochs": {"kind": "int", "low": 8, "high": 8}}',
+        # From the environment the space is replaced, not merged: every trial 400 epochs of
+        # 16 rows a batch, a minute or more, so Ctrl-C comes while trials run (with 8 epochs,
+        # all four trials once finished before the loop below saw one running, on a busy
+        # machine).
+        "MLOPS__TUNING__SPACE": '{"epochs": {"kind": "int", "low": 400, "high": 400}}',
         "MLOPS__TRAIN__BATCH_SIZE": "16",
     }
     cli = subprocess.Popen(

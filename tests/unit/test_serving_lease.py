@@ -148,3 +148,43 @@ def test_a_block_whose_lease_was_taken_over_fails_with_lease_lost(tmp_path: Path
         taken = other.acquire("monitoring rollback of v6")  # the expired lease is taken over
         assert taken.generation == 2
         time.sleep(0.3)
+
+
+def test_a_lease_whose_holder_process_is_gone_from_this_host_is_taken_over_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed task's retry (here: a process that took the lease and died without letting
+    go) does not wait out the ttl on the host where the holder ran."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from pipelines.serving.lease import ServingLease\n"
+        "from pipelines.store import ObjectStore\n"
+        f"ServingLease(ObjectStore({str(tmp_path)!r}), 'm', 600, 0).acquire('canary tick')\n"
+        "os._exit(0)\n"  # no release, no renewal: as SIGKILL leaves it
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    writer = ServingLease(ObjectStore(str(tmp_path)), "m", 600, 5, poll_s=0.1)
+    dead = writer.current()
+    assert dead is not None and dead.holder == "canary tick"  # unexpired: held on paper
+    began = time.monotonic()
+    with caplog.at_level("WARNING"):
+        taken = writer.acquire("the retried canary tick")
+    assert taken.generation == dead.generation + 1
+    assert time.monotonic() - began < 2  # not the 5 s wait, nor the 600 s ttl
+    assert "its holder's process is gone from this host" in caplog.text
+
+
+def test_a_holder_elsewhere_or_alive_or_unrecorded_is_not_gone() -> None:
+    from pipelines.serving.lease import holder_gone, this_process
+
+    me = this_process()
+    assert not holder_gone(me)  # alive
+    assert not holder_gone(None)  # a lease written before processes were recorded
+    for key, other in (("host", "another-pod"), ("boot", "x"), ("pid_ns", "pid:[1]")):
+        # a process this one cannot see: only the lease's expiry can tell
+        assert not holder_gone({**me, key: other, "pid": 2**22 + 1})
+    # The same pid, reused by a process that started at another time, is a gone holder.
+    assert holder_gone({**me, "start": str(int(me["start"]) - 1)})
