@@ -19,11 +19,13 @@ XDIST = -n 2 --dist loadfile --no-loadscope-reorder
 .PHONY: install demo test test-fast lint airflow ui-check lock clean
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
+	@date +%s > $(VENV).install-began
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -m pip check
+	@echo "install: $$(( $$(date +%s) - $$(cat $(VENV).install-began) )) s"; rm -f $(VENV).install-began
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -185,6 +185,27 @@ def next_trial(
     return None, states["RUNNING"]
 
 
+def _next_trial_of_this_process(
+    study: optuna.Study, budget: int, storage: optuna.storages.RDBStorage
+) -> tuple[optuna.Trial | None, int]:
+    """``next_trial`` with this host and pid on the trial before a SIGTERM can stop the
+    worker: a trial asked for and not yet running its telling would otherwise stay RUNNING
+    with nothing naming its dead worker, and ``mlops tune``'s ``fail_abandoned`` (Ctrl-C) could
+    not fail it. SIGTERM waits, blocked, until both are written."""
+    import signal
+    import socket
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        trial, running = next_trial(study, budget, storage)
+        if trial is not None:
+            trial.set_user_attr(f"{ATTR}host", socket.gethostname())
+            trial.set_user_attr(f"{ATTR}pid", os.getpid())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return trial, running
+
+
 class Heartbeat:
     """Records the trial's heartbeat every ``interval`` s while the trial runs (what Optuna's
     own optimize loop does; workers here use ask/tell to keep the budget exact)."""
@@ -242,7 +263,7 @@ def run_worker(job: TuneJob, url: str, environ: dict[str, str] | None = None) ->
     log.info("worker %d: study %s, %d torch threads", job.worker, job.study, threads)
     try:
         while True:
-            trial, running = next_trial(study, budget, storage)
+            trial, running = _next_trial_of_this_process(study, budget, storage)
             if trial is None:
                 if running == 0:
                     break

@@ -263,11 +263,13 @@ def test_ctrl_c_stops_the_workers_and_the_server_it_started(world: dict[str, Any
     s = world["settings"]
     env = {
         **os.environ,
-        # From the environment the space is replaced, not merged: every trial 400 epochs of
-        # 16 rows a batch, a minute or more, so Ctrl-C comes while trials run (with 8 epochs,
-        # all four trials once finished before the loop below saw one running, on a busy
-        # machine).
-        "MLOPS__TUNING__SPACE": '{"epochs": {"kind": "int", "low": 400, "high": 400}}',
+        # From the environment the space is replaced, not merged: every trial 60 epochs of
+        # 16 rows a batch, 10 s or more, so Ctrl-C comes while trials run (with 8 epochs, all
+        # four trials once finished before the loop below saw one running, on a busy machine).
+        "MLOPS__TUNING__SPACE": '{"epochs": {"kind": "int", "low": 60, "high": 60}}',
+        # A CLI still running after Ctrl-C is sent SIGABRT below: its threads' stacks then
+        # show where it waited.
+        "PYTHONFAULTHANDLER": "1",
         "MLOPS__TRAIN__BATCH_SIZE": "16",
     }
     cli = subprocess.Popen(
@@ -310,7 +312,13 @@ def test_ctrl_c_stops_the_workers_and_the_server_it_started(world: dict[str, Any
         ]
         assert len(workers) == 2
         cli.send_signal(signal.SIGINT)
-        _out, err = cli.communicate(timeout=60)
+        # Stopping the workers (SIGTERM, SIGKILL after 10 s), failing their trials and
+        # stopping PostgreSQL: seconds here, longer beside another test.
+        _out, err = cli.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        cli.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        _out, err = cli.communicate(timeout=30)
+        raise AssertionError(f"mlops tune still ran 120 s after Ctrl-C:\n{err[-6000:]}") from None
     finally:
         if cli.poll() is None:
             cli.kill()
