@@ -22,10 +22,9 @@ each lease records its holder's process (host, boot, pid namespace, pid and the 
 start time), and a writer that runs on the same host, boot and pid namespace, where that
 process no longer exists, takes the lease over at once (a killed task's retry then does not
 wait out the ttl). Anywhere else only the expiry can tell. A holder can release only its own
-generation: a late release of
-an expired lease never frees the one that replaced it. A block whose lease was lost meanwhile
-fails with :class:`LeaseLost` (its step is retried). The generation is the fencing token: the
-audit entry of each serving change records it."""
+generation: a late release of an expired lease never frees the one that replaced it. A block
+whose lease was lost meanwhile fails with :class:`LeaseLost` (its step is retried). The
+generation is the fencing token: the audit entry of each serving change records it."""
 
 from __future__ import annotations
 
