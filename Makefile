@@ -38,7 +38,7 @@ test: $(STAMP)  ## lint, type-check and the whole test suite (prints each step's
 	@t=$$(date +%s); $(BIN)/mypy && echo "mypy: $$(( $$(date +%s) - t )) s"
 	@t=$$(date +%s); $(BIN)/python -m pytest $(XDIST) && echo "pytest (2 processes): $$(( $$(date +%s) - t )) s"
 
-test-fast: $(STAMP)  ## the inner loop: everything not marked slow (unit, DAG integrity, infra, fast integration), about 1.5 min
+test-fast: $(STAMP)  ## the inner loop: everything not marked slow (unit, DAG integrity, infra, fast integration), under 2 min
 	$(BIN)/python -m pytest -m "not slow" $(XDIST)
 
 lint: $(STAMP)
