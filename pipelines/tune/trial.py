@@ -5,8 +5,6 @@ and the whole trial a nested MLflow run under the study's parent run."""
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -168,10 +166,9 @@ class TrialRunner:
                 "params_from": "config",
             }
         )
+        # Host and pid are already on the trial (``study._next_trial_of_this_process``).
         for key, value in {
             "worker": self.job.worker,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
             "epochs_planned": train.epochs,
             "epochs_run": 0,
         }.items():
