@@ -12,7 +12,11 @@ down together in bursts, and requests come in sticky sessions so one pool can be
 running when a burst hits), ``aa_slow_replica`` (canary = stable, but one of the canary's two
 replicas runs 30 % slower throughout: a starved process, not a slower model), ``errors``
 (stable 0.5 %, canary 2.5 %), ``latency`` (+20 %),
-``scores`` (logit shifted by +0.7). An analysis may use at most ``canary.max_canary_requests``
+``scores`` (logit shifted by +0.7, with nothing expected of the pair: a drifted score),
+``retrained_small`` and ``retrained_large`` (a retrained model whose scores moved by +0.7 and
++1.5 in logit, exactly as evaluation measured: the analysis holds that expected difference),
+``stale_version`` (evaluation expected the +1.5 move, the canary serves the champion's scores: a
+stale export or a version mix-up). An analysis may use at most ``canary.max_canary_requests``
 (1,000) canary requests.
 
 - ``sequential``: ``monitor.fold`` with the default settings (``canary.judge=sequential``,
@@ -31,7 +35,8 @@ replicas runs 30 % slower throughout: a starved process, not a slower model), ``
 The last line printed is one JSON object: the DAG's judge's figures at the top level
 (``aa_false_rollback``, ``aa_correlated_false_rollback``, ``aa_slow_replica_false_rollback``,
 ``power_errors_2pt``,
-``power_latency_20pct``, ``power_scores_shift``, ``median_canary_requests_to_rollback_errors``,
+``power_latency_20pct``, ``power_scores_shift``, ``promote_retrained_small``,
+``promote_retrained_large``, ``power_stale_version``, ``median_canary_requests_to_rollback_errors``,
 ``median_canary_requests_to_promote_aa``), the same figures for every judge under
 ``side_by_side``, and the per-scenario detail.
 """
@@ -51,7 +56,21 @@ from pipelines.serving.canary import requests_for
 from pipelines.serving.dataplane.evidence import Sample
 from pipelines.serving.monitor import empty_state, fold
 
-SCENARIOS = ("aa", "aa_correlated", "aa_slow_replica", "errors", "latency", "scores")
+SCENARIOS = (
+    "aa",
+    "aa_correlated",
+    "aa_slow_replica",
+    "errors",
+    "latency",
+    "scores",
+    "retrained_small",
+    "retrained_large",
+    "stale_version",
+)
+# The canary's logit shift per scenario, and the shift evaluation measured for the pair (the
+# analysis is centred on that: ``monitor.canary_tick`` puts it in the state).
+SERVED_SHIFT = {"scores": 0.7, "retrained_small": 0.7, "retrained_large": 1.5}
+EXPECTED_SHIFT = {"retrained_small": 0.7, "retrained_large": 1.5, "stale_version": 1.5}
 BASE_ERRORS, BASE_MS = 0.003, 8.0
 ERRORS_STABLE, ERRORS_CANARY = 0.005, 0.025  # the issue's +2 points
 # aa_correlated: bursts start at this rate, last this long on average, slow everything down by
@@ -138,9 +157,8 @@ def _round(
     if scenario == "aa_correlated":
         lat = lat * _slowdown(rng, t)
     p = rng.beta(0.6, 20, n)
-    if scenario == "scores":
-        shifted = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + 0.7)))
-        p = np.where(canary, shifted, p)
+    if scenario in SERVED_SHIFT:
+        p = np.where(canary, _shift(p, SERVED_SHIFT[scenario]), p)
     names = ("stable", "baseline", "canary")
     out: dict[str, list[Sample]] = {k: [] for k in names}
     for ti, k, c, ms_i, s, r in zip(t, pool, codes, lat, p, replica, strict=True):
@@ -157,14 +175,39 @@ def _round(
     return out, float(t[-1]) + 1 / cfg.replay_rate
 
 
-def _state() -> dict[str, Any]:
-    return empty_state()
+def _shift(p: np.ndarray, logit: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-(np.log(p / (1 - p)) + logit)))
+
+
+def expected_center(logit: float, n: int = 200_000) -> float:
+    """P(candidate score > champion score) as evaluation measures it for a candidate whose
+    scores are the champion's moved by ``logit`` (on its own large sample)."""
+    from pipelines.evaluate.expected import p_superiority
+
+    rng = np.random.default_rng(12345)
+    return p_superiority(_shift(rng.beta(0.6, 20, n), logit), rng.beta(0.6, 20, n))
+
+
+def _state(scenario: str = "aa") -> dict[str, Any]:
+    state = empty_state()
+    if scenario in EXPECTED_SHIFT:
+        state["expected"] = {
+            "champion_version": "1",
+            "source": "bench",
+            "p_superiority": _CENTERS.setdefault(
+                scenario, expected_center(EXPECTED_SHIFT[scenario])
+            ),
+        }
+    return state
+
+
+_CENTERS: dict[str, float] = {}
 
 
 def run_fold(seed: int, scenario: str, cfg: CanarySettings) -> Result:
     """One analysis by the controller's own state machine (``monitor.fold``)."""
     rng, replicas = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    state, t, used = _state(), 0.0, 0
+    state, t, used = _state(scenario), 0.0, 0
     while state["decision"] is None:
         window, t = _window(rng, cfg, scenario, cfg.steps[state["step"]], t, replicas)
         used += len(window["canary"])
@@ -209,6 +252,9 @@ def headline(fig: dict[str, Any]) -> dict[str, Any]:
         "power_errors_2pt": fig["errors"]["rollback_rate"],
         "power_latency_20pct": fig["latency"]["rollback_rate"],
         "power_scores_shift": fig["scores"]["rollback_rate"],
+        "promote_retrained_small": round(1 - fig["retrained_small"]["rollback_rate"], 4),
+        "promote_retrained_large": round(1 - fig["retrained_large"]["rollback_rate"], 4),
+        "power_stale_version": fig["stale_version"]["rollback_rate"],
         "median_canary_requests_to_rollback_errors": fig["errors"][
             "median_canary_requests_to_rollback"
         ],
@@ -248,7 +294,7 @@ def main() -> None:
     # rolls back half of all canaries "detects" half of everything.
     for name in judges:
         aa = detail[name]["aa"]["rollback_rate"]
-        for sc in ("errors", "latency", "scores"):
+        for sc in ("errors", "latency", "scores", "stale_version"):
             detail[name][sc]["power_above_aa"] = round(detail[name][sc]["rollback_rate"] - aa, 4)
     dag = cfg.judge
     top = headline(detail[dag])
@@ -257,6 +303,11 @@ def main() -> None:
         "aa_rates_le_1pct": top["aa_false_rollback"] <= 0.01
         and top["aa_correlated_false_rollback"] <= 0.01,
         "power_errors_2pt_ge_0.95": top["power_errors_2pt"] >= 0.95,
+        "retrained_as_evaluated_promoted_ge_0.99": min(
+            top["promote_retrained_small"], top["promote_retrained_large"]
+        )
+        >= 0.99,
+        "power_stale_version_ge_0.95": top["power_stale_version"] >= 0.95,
         "median_rollback_errors_le_budget": (top["median_canary_requests_to_rollback_errors"] or 0)
         <= cfg.max_canary_requests,
         "aa_promotes_in_fewer_canary_requests_than_windowed": (

@@ -285,7 +285,13 @@ def cmd_audit_show(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    return run_demo(reset=a.reset, start=a.start, keep_serving=a.keep_serving)
+    return run_demo(
+        reset=a.reset,
+        start=a.start,
+        keep_serving=a.keep_serving,
+        skewed_export=a.skewed_export,
+        skip_shadow=a.skip_shadow,
+    )
 
 
 def cmd_airflow(a: argparse.Namespace) -> int:
@@ -305,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reset", action="store_true", help="delete MLOPS_HOME first")
     d.add_argument("--start", default="2026-11-01", help="first partition date")
     d.add_argument("--keep-serving", action="store_true", help="leave the model server up")
+    d.add_argument(
+        "--skewed-export",
+        action="store_true",
+        help="a drill: day 2's challenger is published with a broken preprocessing step "
+        "(serving.inject_export_skew); the shadow stage must stop it",
+    )
+    d.add_argument(
+        "--skip-shadow",
+        action="store_true",
+        help="day 2 without the shadow stage (its skip_shadow param): the canary judges alone",
+    )
     d.set_defaults(fn=cmd_demo)
 
     af = sub.add_parser(

@@ -223,6 +223,13 @@ class ServingSettings(_Section):
     model_base_path: str | None = Field(
         None, description="base_path of the model as the remote TF Serving sees it (/models/<m>)"
     )
+    inject_export_skew: bool = Field(
+        False,
+        description="a drill, never for production: export publishes a SavedModel whose first "
+        "log-scaled feature is read x100 (a broken preprocessing step that loads and answers) "
+        "after parity and infra validation passed; the shadow stage, or the canary without it, "
+        "must stop the version (mlops demo --skewed-export)",
+    )
     poll_seconds: float = Field(1.0, gt=0, description="model config file poll interval")
     load_timeout_s: float = Field(300.0, gt=0, description="wait for AVAILABLE before failing")
     lease_ttl_s: float = Field(
@@ -317,12 +324,28 @@ class ShadowSettings(_Section):
         0.01,
         ge=0,
         le=1,
-        description="live decision agreement may fall this far below the offline expectation",
+        description="live decision agreement may fall this far below evaluation's expected one "
+        "before the test counts it (fails only when significantly below)",
     )
     max_score_diff: float = Field(
         0.02,
         ge=0,
-        description="live p99 |score difference| allowed above offline p99 + the noise floor",
+        description="added to evaluation's p99 |score difference| + the noise floor's: more "
+        "than 1 % of live pairs beyond it (significantly) fails",
+    )
+    rank_tolerance: float = Field(
+        0.05,
+        ge=0,
+        le=2,
+        description="live rank correlation may fall this far below evaluation's expected one "
+        "(fails only when significantly below)",
+    )
+    alpha: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="false-fail rate of the three tests against evaluation's expectation "
+        "(agreement, score-difference tail, rank correlation), a third each",
     )
     max_error_rate: float = Field(0.01, ge=0, le=1, description="non-2xx share of shadow answers")
     latency_ratio: float = Field(

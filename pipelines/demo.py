@@ -30,7 +30,10 @@ from pipelines.processes import run_group
 DAG_ID = "mlops_training_pipeline"
 SCORING_DAG_ID = "mlops_batch_scoring"
 MONITORING_DAG_ID = "mlops_model_monitoring"
-LIVE_REQUESTS = 600
+# Live requests unlike the champion's data, at LIVE_RATE a second: most of the judged hour's
+# stable traffic, which also holds the day's rollout replays (about 2,700 when day 2's canary
+# ran, of the champion's own distribution once it was promoted).
+LIVE_REQUESTS, LIVE_RATE = 5000, 400
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -212,21 +215,32 @@ def summarize(
         sh = r["shadow_candidate"]
         if sh["verdict"] == "skipped":
             return "skipped (first deployment)" if "first" in sh["reasons"][0] else "skipped"
-        diff = (sh.get("stats") or {}).get("score_diff", {}).get("p99")
-        agree = (sh.get("stats") or {}).get("agreement")
+        st = sh.get("stats") or {}
+        exp = st.get("expected") or {}
+        # Live paired answers against what evaluation expected of the pair.
         return (
-            f"{sh['verdict']} ({sh['pairs']} pairs, agreement {_fmt(agree)}, p99 diff {_fmt(diff)})"
+            f"{sh['verdict']} ({sh['pairs']} pairs; agreement {_fmt(st.get('agreement'))} vs "
+            f"{_fmt(exp.get('agreement'))}, rank corr {_fmt(st.get('rank_correlation'), 3)} vs "
+            f"{_fmt(exp.get('rank_correlation'), 3)} expected)"
         )
 
     row("shadow verdict", shadow)
 
     def canary(r: dict[str, Any]) -> str:
         m = r["monitor_canary"]
-        return (
-            f"{m['decision']} ({m['windows']} windows)"
-            if m["windows"]
-            else f"{m['decision']} (first deployment)"
+        if not m["windows"]:
+            if m["reason"].startswith("first deployment"):
+                return f"{m['decision']} (first deployment)"
+            if m["reason"].startswith("shadow"):
+                return f"{m['decision']} (stopped by the shadow stage)"
+            return f"{m['decision']} (before any window: {m['reason'][:40]})"
+        ev = ((m.get("last_window") or {}).get("evidence") or {}).get("score_drift") or {}
+        scores = (
+            f"; P(canary > stable) {ev['p_superiority']:.3f} vs {ev['expected']:.3f} expected"
+            if ev.get("p_superiority") is not None and ev.get("expected") is not None
+            else ""
         )
+        return f"{m['decision']} ({m['windows']} windows{scores})"
 
     row("canary verdict", canary)
     row(
@@ -365,13 +379,9 @@ def _monitor_live_traffic(
     )
     if trained_on is None:
         return None
-    # Traffic unlike what the champion learnt: its day drawn with the drift it did not see, or,
-    # for a champion trained on drifted data, an undrifted day's held-out rows (drift 0 replays
-    # a day's landed rows, which for a drifted day are what the champion learnt).
-    day, drift = trained_on, 1.0
-    if drifts.get(trained_on):
-        accepted = [d for _, d, r in days if "shard_dataset" in r]
-        day, drift = next((d for d in accepted if not drifts.get(d)), trained_on), 0.0
+    # Traffic unlike what the champion learnt: its own day drawn one unit of drift further than
+    # it was (an undrifted champion sees drift 1, one trained on drift 1 sees drift 2).
+    day, drift = trained_on, drifts.get(trained_on, 0.0) + 1.0
     now = dt.datetime.now(dt.UTC)
     if now.minute == 59 and now.second > 20:  # one hour's traffic, not two halves
         time.sleep(61 - now.second)
@@ -384,7 +394,7 @@ def _monitor_live_traffic(
         flush=True,
     )
     began = time.perf_counter()
-    send(settings, day, rate=200, requests=LIVE_REQUESTS, drift=drift)
+    send(settings, day, rate=LIVE_RATE, requests=LIVE_REQUESTS, drift=drift)
     log_file = logs / f"monitoring-{date}T{hour:02d}.log"
     log_file.unlink(missing_ok=True)
     conf = {"hour": hour, "ship_open_hour": True}  # the demo's hour is not over yet
@@ -437,7 +447,17 @@ def monitoring_line(monitored: dict[str, Any], report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool = False) -> int:
+def run_demo(
+    reset: bool = False,
+    start: str = "2026-11-01",
+    keep_serving: bool = False,
+    skewed_export: bool = False,
+    skip_shadow: bool = False,
+) -> int:
+    """The demo's days, then batch scoring and an hour of monitored live traffic.
+    ``skewed_export``: day 2's challenger is published with a deliberate export fault
+    (``serving.inject_export_skew``), which the shadow stage (or, with ``skip_shadow``, the
+    canary) must stop; the champion stays."""
     import signal
 
     from pipelines import stages
@@ -494,10 +514,14 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
             print(f"airflow db migrate failed; see {logs / 'airflow-db.log'}", file=sys.stderr)
             return 3
         first = dt.date.fromisoformat(start)
+        day2_env = {"MLOPS__SERVING__INJECT_EXPORT_SKEW": "true"} if skewed_export else {}
+        day2_conf = {"skip_shadow": True} if skip_shadow else {}
+        day2 = "day 2 (drift" + (", skewed export" if skewed_export else "")
+        day2 += ", no shadow)" if skip_shadow else ")"
         plan = [
-            ("day 1", first, 0.0, None),
-            ("day 2 (drift)", first + dt.timedelta(days=1), 1.0, None),
-            ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii"),
+            ("day 1", first, 0.0, None, {}, {}),
+            (day2, first + dt.timedelta(days=1), 1.0, None, day2_env, day2_conf),
+            ("day 3 (bad batch)", first + dt.timedelta(days=2), 0.0, "pii", {}, {}),
         ]
         store = open_store(settings.store)
         days: list[tuple[str, str, dict[str, Any]]] = []
@@ -509,7 +533,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
             except DaemonUnavailable as exc:
                 print(f"The demo's Airflow API server did not start: {exc}", file=sys.stderr)
                 return 3
-            for title, day, drift, defect in plan:
+            for title, day, drift, defect, day_env, conf in plan:
                 date = day.isoformat()
                 # The demo's days are its own: a run without --reset lands them again.
                 stages.generate_data(settings, date, drift=drift, defect=defect, overwrite=True)
@@ -517,7 +541,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 log_file.unlink(missing_ok=True)
                 began = time.perf_counter()
                 print(f"{title}: airflow dags test {DAG_ID} {date} ...", end=" ", flush=True)
-                code = dags_test(airflow, DAG_ID, date, env, log_file)
+                code = dags_test(airflow, DAG_ID, date, {**env, **day_env}, log_file, conf)
                 reports = run_reports(store, date)
                 expected_block = defect is not None
                 blocked = reports.get("validate_data", {}).get("status") == "blocked"
@@ -539,7 +563,7 @@ def run_demo(reset: bool = False, start: str = "2026-11-01", keep_serving: bool 
                 scoring = _score_last_accepted_day(store, days, airflow, env, logs)
                 ok = scoring is not None
             if ok:
-                drifts = {d.isoformat(): drift for _, d, drift, _ in plan}
+                drifts = {d.isoformat(): drift for _, d, drift, *_ in plan}
                 monitored = _monitor_live_traffic(settings, store, days, drifts, airflow, env, logs)
                 ok = monitored is not None
             print()

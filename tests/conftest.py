@@ -7,6 +7,7 @@ module imports it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,11 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("AWS_PROFILE", None)
     if str(ROOT / "plugins") not in sys.path:
         sys.path.insert(0, str(ROOT / "plugins"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """This process's Airflow home (each pytest-xdist worker has its own) goes with it."""
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pipelines.data import layout
 from pipelines.data.shard import load_manifest, read_shards, read_split
 from pipelines.data.spec import load_spec
 from pipelines.evaluate.behaviour import BehaviourResult, run_behaviour
+from pipelines.evaluate.expected import describe, expected_difference, summary_tags
 from pipelines.evaluate.gate import bless, judge_slices
 from pipelines.evaluate.metrics import (
     classification_metrics,
@@ -87,6 +88,10 @@ def evaluate_candidate(
         report["deltas"] = deltas
         champion_slices = slice_metrics(test, label, p_old, slice_cols, champ_thr)
         report["champion_slices"] = champion_slices
+        # What the serving checks hold the served pair to: the two models on the same rows.
+        report["expected_difference"] = expected_difference(
+            p_new, p_old, thr, champ_thr, champion_version
+        )
     report["slice_judgement"] = judge_slices(report["slices"], champion_slices, cfg)[1]
     behaviour = _behaviour(settings, manifest.data["dataset"], test, candidate, thr)
     report["behaviour"] = [r.to_dict() for r in behaviour]
@@ -131,6 +136,11 @@ def evaluate_candidate(
         TAG: thr,
         POLICY_TAG: op["policy"],
     }
+    if report.get("expected_difference"):
+        tags.update(summary_tags(report["expected_difference"]))
+    else:  # no champion now: an earlier evaluation's expectation must not stay on the run
+        stale = [k for k in reg.get_run(run_id).data.tags if k.startswith("mlops.expected_")]
+        reg.delete_tags(run_id, [k.removeprefix("mlops.") for k in stale])
     if force:
         tags.update({"override": force, "override_reason": reason})
     else:  # a re-evaluation without an override must not inherit an earlier one
@@ -193,6 +203,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         _threshold_line(report),
         "",
+        *(
+            [f"Expected difference {describe(report['expected_difference'])}.", ""]
+            if report.get("expected_difference")
+            else []
+        ),
         "| metric | candidate | champion | delta [95% CI] |",
         "| --- | --- | --- | --- |",
     ]
@@ -272,6 +287,8 @@ def register_candidate(
             if f"test_{m}" in run.data.metrics
         },
         **({k: t[f"mlops.{k}"] for k in ("override", "override_reason") if f"mlops.{k}" in t}),
+        # What evaluation expects of it against the champion (the report has the whole of it).
+        **{k[len("mlops.") :]: v for k, v in t.items() if k.startswith("mlops.expected_")},
         **(lineage or {}),
     }
     version = reg.run_version(run_id)

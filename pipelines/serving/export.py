@@ -24,11 +24,17 @@ class ExportError(RuntimeError):
     """The SavedModel could not be built or does not match the torch model."""
 
 
-def build_module(model: TabularMLP) -> Any:
+def build_module(model: TabularMLP, unit_skew: bool = False) -> Any:
+    """The serving module; ``unit_skew`` builds in a deliberate fault for drills (see
+    :func:`skewed_column`): that column is read x100, a broken preprocessing step that still
+    loads and answers."""
     import tensorflow as tf
 
     cfg = model.config()
     sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    scale = np.ones(len(cfg["numeric"]), dtype=np.float32)
+    if unit_skew:
+        scale[cfg["numeric"].index(skewed_column(model))] = 100.0
 
     class FraudServing(tf.Module):
         def __init__(self) -> None:
@@ -41,6 +47,7 @@ def build_module(model: TabularMLP) -> Any:
             self.fill = tf.constant([cfg["stats"][n]["mean"] for n in cfg["numeric"]], tf.float32)
             self.mean = tf.constant(sd["mean"], tf.float32)
             self.std = tf.constant(sd["std"], tf.float32)
+            self.scale = tf.constant(scale, tf.float32) if unit_skew else None
             self.tables = []
             self.embeddings = []
             for i, (name, vocab) in enumerate(cfg["categorical"].items()):
@@ -63,6 +70,8 @@ def build_module(model: TabularMLP) -> Any:
         def __call__(self, features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             num = tf.stack([tf.cast(features[n], tf.float32) for n in self.numeric], axis=1)
             num = tf.where(tf.math.is_nan(num), self.fill[tf.newaxis, :], num)
+            if self.scale is not None:  # the drill's unit mix-up
+                num = num * self.scale[tf.newaxis, :]
             num = tf.where(self.log_mask, tf.math.log1p(tf.maximum(num, 0.0)), num)
             parts = [(num - self.mean) / self.std]
             for name, table, emb in zip(
@@ -79,6 +88,14 @@ def build_module(model: TabularMLP) -> Any:
     return FraudServing()
 
 
+def skewed_column(model: TabularMLP) -> str:
+    """The column a ``unit_skew`` export misreads: the first log-scaled numeric one (an amount,
+    read in cents rather than dollars), else the first numeric one."""
+    mask = model.state_dict()["log_mask"].detach().cpu().numpy().astype(bool)
+    logged = [n for n, m in zip(model.numeric, mask, strict=True) if m]
+    return (logged or list(model.numeric))[0]
+
+
 def input_specs(model: TabularMLP) -> dict[str, Any]:
     import tensorflow as tf
 
@@ -88,12 +105,15 @@ def input_specs(model: TabularMLP) -> dict[str, Any]:
 
 
 def export_saved_model(
-    model: TabularMLP, out_dir: str | Path, warmup_rows: pd.DataFrame | None = None
+    model: TabularMLP,
+    out_dir: str | Path,
+    warmup_rows: pd.DataFrame | None = None,
+    unit_skew: bool = False,
 ) -> Path:
     """Write a SavedModel to ``out_dir`` (tag ``serve``, signature ``serving_default``)."""
     import tensorflow as tf
 
-    module = build_module(model)
+    module = build_module(model, unit_skew)
     fn = tf.function(module.__call__)
     concrete = fn.get_concrete_function(input_specs(model))
     out = Path(out_dir)

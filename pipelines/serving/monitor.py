@@ -40,6 +40,7 @@ from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.evidence import Sample, by_label
 from pipelines.serving.dataplane.split import Split
+from pipelines.serving.expectation import expectation
 from pipelines.serving.export import to_instances
 from pipelines.serving.rollout import RolloutError, canary_state_key, held_out, save_state
 from pipelines.store import open_store
@@ -140,6 +141,7 @@ def empty_state(version: str = "", seed: int = 0, started: float = 0.0) -> dict[
         "decision": None,
         "reason": None,
         "seed": seed,
+        "expected": None,  # evaluation's expected difference of the pair (see canary_tick)
     }
 
 
@@ -226,7 +228,7 @@ def advance_sequential(
     """
     step = cfg.steps[state["step"]]
     out = copy.deepcopy(state)
-    evidence = sequential.update(out.get("evidence") or sequential.new_state(), window, cfg)
+    evidence = sequential.update(out.get("evidence") or _evidence(out), window, cfg)
     out["evidence"] = evidence
     out["window_start"] = None
     canary = window["canary"]
@@ -321,6 +323,27 @@ def advance_sequential(
     return out
 
 
+def _evidence(state: dict[str, Any]) -> dict[str, Any]:
+    """The sequential evidence of an analysis before its first window: the score test centred
+    on the expected difference the analysis holds (1/2, one model against itself, when none)."""
+    exp = state.get("expected")
+    if not exp:
+        return sequential.new_state()
+    return sequential.new_state(
+        exp["p_superiority"], f"{exp['source']}, vs v{exp['champion_version']}"
+    )
+
+
+def expected_summary(expected: dict[str, Any]) -> dict[str, Any]:
+    """What the analysis keeps of the expected difference (the report has the whole)."""
+    keep = ("champion_version", "source", "rows", "agreement", "p_superiority")
+    return {k: expected.get(k) for k in keep} | {
+        "rank_correlation": expected.get("rank_correlation"),
+        "flag_rate": expected.get("flag_rate"),
+        "abs_diff_p99": (expected.get("abs_diff") or {}).get("p99"),
+    }
+
+
 def fold(
     state: dict[str, Any], window: dict[str, list[Sample]], cfg: CanarySettings
 ) -> dict[str, Any]:
@@ -344,6 +367,10 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
     if labels.get("stable") == int(version):
         state = _decided(state, "promote", "first deployment: no stable to compare against")
         return _finish(settings, control, version, state)
+    if state.get("expected") is None and not state["windows"]:
+        # Fixed for the whole analysis (a resumed one reads it back from its state).
+        state["expected"] = expected_summary(expectation(settings, version, str(labels["stable"])))
+        _save(settings, version, state)
     if time.time() - state["started"] > cfg.timeout_s:
         state = _decided(
             state, "rollback", f"canary analysis timed out after {cfg.timeout_s:.0f} s"

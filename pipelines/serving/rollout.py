@@ -36,7 +36,7 @@ from pipelines.serving.client import ServingClient, ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.envoy import POOLS
 from pipelines.serving.dataplane.split import Split
-from pipelines.serving.export import export_saved_model, parity, to_instances
+from pipelines.serving.export import export_saved_model, parity, skewed_column, to_instances
 from pipelines.serving.model_config import ModelEntry
 from pipelines.serving.server import ModelManager, make_server
 from pipelines.store import ObjectStore, open_store
@@ -149,15 +149,30 @@ def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any
             )
         if diff > 1e-5:
             raise RolloutError(f"Version {version} served predictions differ by {diff:.2e}.")
+        fault = None
+        if settings.serving.inject_export_skew:
+            # A drill: the bytes published are not the ones validated above (an export bug
+            # that parity and infra validation did not exercise); the shadow stage, or the
+            # canary without it, must stop the version.
+            fault = f"unit_skew: {skewed_column(model)} read x100"
+            log.warning(
+                "serving.inject_export_skew: version %s is published with %s", version, fault
+            )
+            out = export_saved_model(model, base / f"{version}-skewed", test, unit_skew=True)
         files = _tree_sha256(out)
         prefix = f"{layout.export(name, version)}/saved_model"
         store.put_dir(out, prefix)
         store.write_text(
             f"{layout.export(name, version)}/export.json",
-            json.dumps({"version": version, "run_id": run_id, "files": files}, indent=2),
+            json.dumps(
+                {"version": version, "run_id": run_id, "files": files}
+                | ({"injected_fault": fault} if fault else {}),
+                indent=2,
+            ),
         )
     result = {
         "export_uri": store.uri(prefix),
+        **({"injected_fault": fault} if fault else {}),
         "parity_max_abs_diff": par["max_abs_diff"],
         "p99_ms": round(p99, 2),
         "champion_p99_ms": champ_p99,

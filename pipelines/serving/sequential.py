@@ -33,8 +33,11 @@ test may run at the full ``promote_alpha``; the errors test spends half of it, s
   address). The budget rule stays on the pooled estimate: without conclusive evidence a slower
   pool is the safe side to roll back.
 - Scores: P(canary score > stable score), each canary answer against its share of the window's
-  stable answers, betting e-processes for "outside 1/2 +- score_margin" (rollback) and "inside"
-  (promote).
+  stable answers, betting e-processes for "outside expected +- score_margin" (rollback) and
+  "inside" (promote). The expected value is what evaluation measured for the pair on the
+  held-out rows (``pipelines/evaluate/expected.py``: ``p_superiority``; 1/2 for two copies of
+  one model), so a retrained model whose scores moved as evaluated is not taken for a drifted
+  one; on live traffic unlike the held-out rows the margin absorbs the difference.
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ def _bet() -> State:
     return {"n": 0, "mean": 0.0, "m2": 0.0, "log_e": 0.0, "max_log_e": 0.0, "rejected_at": None}
 
 
-def new_state() -> State:
-    """The evidence of an analysis before its first window."""
+def new_state(score_center: float = 0.5, source: str = "one model") -> State:
+    """The evidence of an analysis before its first window; ``score_center``: the expected
+    P(canary score > stable score) (evaluation's; 1/2 for one model against itself), and where
+    it comes from."""
     return {
         "canary_requests": 0,
         "stable_requests": 0,
@@ -100,6 +105,8 @@ def new_state() -> State:
             "replicas": {},  # "canary <replica>" / "baseline <replica>" -> pairs, sum, worse
         },
         "scores": {
+            "center": float(score_center),
+            "center_source": source,
             "pairs": 0,
             "seen": [],
             "above": _bet(),
@@ -383,11 +390,18 @@ def _update_scores(
     # Ties count a half, so E[u] = 1/2 exactly when both pools answer from one distribution.
     u = np.array([np.mean((cs[i] > rs[groups[i]]) + 0.5 * (cs[i] == rs[groups[i]])) for i in used])
     st["pairs"] += len(used)
-    m = cfg.score_margin
-    _bet_on(st["above"], u, 0.5 + m, +1, 0.0, 1.0)
-    _bet_on(st["below"], u, 0.5 - m, -1, 0.0, 1.0)
-    _bet_on(st["within_above"], u, 0.5 + m, -1, 0.0, 1.0)
-    _bet_on(st["within_below"], u, 0.5 - m, +1, 0.0, 1.0)
+    hi, lo = score_band(st, cfg)
+    _bet_on(st["above"], u, hi, +1, 0.0, 1.0)
+    _bet_on(st["below"], u, lo, -1, 0.0, 1.0)
+    _bet_on(st["within_above"], u, hi, -1, 0.0, 1.0)
+    _bet_on(st["within_below"], u, lo, +1, 0.0, 1.0)
+
+
+def score_band(st: State, cfg: CanarySettings) -> tuple[float, float]:
+    """(upper, lower) edges of the score test's band: expected +- margin, kept inside (0, 1)
+    so that each side remains testable."""
+    c, m = st.get("center", 0.5), cfg.score_margin
+    return min(c + m, 0.995), max(c - m, 0.005)
 
 
 def _bounds(cfg: CanarySettings) -> tuple[float, float]:
@@ -526,6 +540,8 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
 
     pairs = sc["pairs"]
     theta = sc["above"]["mean"] if pairs else math.nan
+    center = sc.get("center", 0.5)
+    hi, lo = score_band(sc, cfg)
     bound_s = bound_w - math.log(2)
     e_out = max(sc["above"]["max_log_e"], sc["below"]["max_log_e"])
     e_in = min(sc["within_above"]["max_log_e"], sc["within_below"]["max_log_e"])
@@ -535,9 +551,10 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
             "score_drift",
             any(r is not None for r in rejected),
             all(sc[k]["rejected_at"] is not None for k in ("within_above", "within_below")),
-            None if not pairs else bool(abs(theta - 0.5) <= cfg.score_margin),
-            f"P(canary score > stable) {theta:.3f} over {pairs} canary requests; outside "
-            f"1/2 +- {cfg.score_margin:g}: e={_e(e_out)} (boundary {_e(bound_s)})"
+            None if not pairs else bool(lo <= theta <= hi),
+            f"P(canary score > stable) {theta:.3f} over {pairs} canary requests, expected "
+            f"{center:.3f} ({sc.get('center_source', 'one model')}); outside "
+            f"{center:.3f} +- {cfg.score_margin:g}: e={_e(e_out)} (boundary {_e(bound_s)})"
             + "".join(_at(sc[k]) for k in ("above", "below"))
             + f"; within: e={_e(e_in)} (boundary {_e(bound_p)})"
             + (
@@ -547,6 +564,7 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
             ),
             {
                 "p_superiority": theta,
+                "expected": center,
                 "e_worse": math.exp(min(e_out, 700.0)),
                 "boundary_worse": math.exp(bound_s),
                 "e_within": math.exp(min(e_in, 700.0)),

@@ -3,11 +3,14 @@ traffic to it and compare the two answers to each request.
 
 Envoy mirrors to the shadow listener, which sends the copy to the canary pool (still at weight
 0) and logs its answer with the same request id; the answers are joined by that id. A retrained
-model is expected to differ from the champion, so the live differences are read against what
-evaluation predicts offline (both torch models on the held-out rows) plus a noise floor (the
-same rows sent to two stable replicas): what it catches is a served model that does not behave
-like the model that was evaluated (export or preprocessing skew, a broken artifact). A failed
-verdict ends the canary analysis before it starts (decision ``rollback``).
+model is expected to differ from the champion, so the live differences are read against the
+expected difference evaluation published for the pair (``serving/expectation.py``: both torch
+models on the held-out rows) plus a noise floor (the same rows sent to two stable replicas):
+what it catches is a served model that does not behave like the model that was evaluated
+(export or preprocessing skew, a constant or permuted answer, a broken artifact). Each test
+against the expectation fails only on significant evidence, so a window of a few hundred pairs
+does not stop a candidate that behaves as evaluated. A failed verdict ends the canary analysis
+before it starts (decision ``rollback``).
 """
 
 from __future__ import annotations
@@ -21,41 +24,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from pipelines.config import Settings, ShadowSettings
 from pipelines.data import layout
+from pipelines.evaluate.expected import rank_correlation
 from pipelines.registry import Registry
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.evidence import Sample
 from pipelines.serving.dataplane.split import Split
+from pipelines.serving.expectation import expectation
 from pipelines.serving.rollout import RolloutError, save_state
 from pipelines.store import open_store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What evaluation predicts: candidate vs champion torch models on the held-out rows."""
-
-    score_diffs: tuple[float, ...]
-    agreement: float
-    thresholds: tuple[float, float]  # each version's operating threshold: candidate, champion
-
-    @classmethod
-    def of(
-        cls,
-        candidate: np.ndarray,
-        champion: np.ndarray,
-        threshold: float,
-        champion_threshold: float | None = None,
-    ) -> Expected:
-        """Each model's decisions at its own threshold (``champion_threshold``: the
-        candidate's when None)."""
-        champ_thr = threshold if champion_threshold is None else champion_threshold
-        diffs = np.abs(np.asarray(candidate, float) - np.asarray(champion, float))
-        agree = float(np.mean((candidate >= threshold) == (champion >= champ_thr)))
-        return cls(tuple(float(d) for d in diffs), agree, (threshold, champ_thr))
 
 
 @dataclass(frozen=True)
@@ -105,13 +87,17 @@ def judge_shadow(
     primary: list[Sample],
     shadow: list[Sample],
     noise: NoiseFloor,
-    expected: Expected,
+    expected: dict[str, Any],
     cfg: ShadowSettings,
 ) -> ShadowVerdict:
     """Join stable's answers (``primary``) and the candidate's (``shadow``) by request id and
-    judge them: errors, finite scores, decision agreement (each version at its own operating
-    threshold, as ``expected`` was computed) and score differences against the offline
-    expectation and the noise floor, latency."""
+    judge them: errors, finite scores, latency, and three tests of the paired answers against
+    evaluation's expected difference (``pipelines/evaluate/expected.py``): decision agreement
+    (each version at its own operating threshold), the tail of the score differences (plus the
+    noise floor), and the rank correlation. Each of the three fails only when the live pairs
+    are significantly worse than expected plus its tolerance (one-sided, ``cfg.alpha / 3``
+    each), so a candidate that behaves as evaluated passes however far its scores moved, and a
+    window of a few hundred pairs does not fail it by chance."""
     by_id = {s.request_id: s for s in shadow if s.request_id}
     pairs = [(p, by_id[p.request_id]) for p in primary if p.request_id in by_id]
     stats: dict[str, Any] = {"primary": len(primary), "shadow": len(shadow)}
@@ -136,33 +122,14 @@ def judge_shadow(
     checks.append(ShadowCheck("finite_outputs", bad == 0, f"{bad} NaN/Inf scores"))
     fin = np.isfinite(c_scores) & np.isfinite(s_scores)
     s_scores, c_scores = s_scores[fin], c_scores[fin]
-    cand_thr, champ_thr = expected.thresholds
-    agreement = (
-        float(np.mean((s_scores >= champ_thr) == (c_scores >= cand_thr))) if len(ok) else 0.0
-    )
-    at = f"{cand_thr:.4g}" if cand_thr == champ_thr else f"{cand_thr:.4g} / {champ_thr:.4g}"
-    floor = expected.agreement - cfg.agreement_tolerance
-    checks.append(
-        ShadowCheck(
-            "decision_agreement",
-            agreement >= floor,
-            f"{agreement:.2%} same decisions at {at} (offline "
-            f"{expected.agreement:.2%} - {cfg.agreement_tolerance:.2%})",
-        )
-    )
+    level = cfg.alpha / 3
+    agreement, check = agreement_check(s_scores, c_scores, expected, cfg.agreement_tolerance, level)
+    checks.append(check)
     diffs = np.abs(c_scores - s_scores)
     noise_p99 = float(np.quantile(noise.score_diffs, 0.99)) if noise.score_diffs else 0.0
-    offline_p99 = float(np.quantile(expected.score_diffs, 0.99)) if expected.score_diffs else 0.0
-    p99 = float(np.quantile(diffs, 0.99)) if len(diffs) else math.inf
-    bound = offline_p99 + noise_p99 + cfg.max_score_diff
-    checks.append(
-        ShadowCheck(
-            "score_difference",
-            p99 <= bound,
-            f"live p99 |diff| {p99:.4f} (offline p99 {offline_p99:.4f} + noise floor p99 "
-            f"{noise_p99:.4f} + {cfg.max_score_diff})",
-        )
-    )
+    checks.append(tail_check(diffs, expected, noise_p99, cfg.max_score_diff, level))
+    rho, check = rank_check(s_scores, c_scores, expected, cfg.rank_tolerance, level)
+    checks.append(check)
     s_lat = np.array([p.latency_ms for p, _ in ok])
     c_lat = np.array([c.latency_ms for _, c in ok])
     ratio = float(np.median(c_lat) / max(np.median(s_lat), 1e-9)) if len(ok) else math.inf
@@ -178,16 +145,90 @@ def judge_shadow(
     stats.update(
         score_diff=_quantiles(diffs),
         noise_score_diff=_quantiles(np.asarray(noise.score_diffs, dtype=float)),
-        offline_score_diff=_quantiles(np.asarray(expected.score_diffs, dtype=float)),
-        offline_agreement=round(expected.agreement, 6),
+        expected=expected,
+        offline_agreement=round(expected["agreement"], 6),
         stable_latency_ms=_quantiles(s_lat),
         shadow_latency_ms=_quantiles(c_lat),
         agreement=round(agreement, 6),
+        rank_correlation=None if math.isnan(rho) else round(rho, 6),
     )
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
     if failed:
         return ShadowVerdict("fail", failed, checks, len(pairs), stats)
     return ShadowVerdict("pass", ["every check passed"], checks, len(pairs), stats)
+
+
+def agreement_check(
+    stable: np.ndarray, candidate: np.ndarray, expected: dict[str, Any], tol: float, level: float
+) -> tuple[float, ShadowCheck]:
+    """The paired answers' decision agreement, each version at its own operating threshold.
+    Fails when the disagreements are significantly more than expected + ``tol`` (exact
+    binomial, one-sided at ``level``)."""
+    cand_thr, champ_thr = expected["thresholds"]["candidate"], expected["thresholds"]["champion"]
+    n = len(stable)
+    disagree = int(np.sum((stable >= champ_thr) != (candidate >= cand_thr))) if n else 0
+    agreement = 1.0 - disagree / n if n else 0.0
+    q = min(1.0 - expected["agreement"] + tol, 1.0)
+    p = float(stats.binom.sf(disagree - 1, n, q)) if n else 0.0
+    at = f"{cand_thr:.4g}" if cand_thr == champ_thr else f"{cand_thr:.4g} / {champ_thr:.4g}"
+    return agreement, ShadowCheck(
+        "decision_agreement",
+        p >= level,
+        f"{agreement:.2%} same decisions at {at} over {n} pairs (expected "
+        f"{expected['agreement']:.2%}; significantly below {1 - q:.2%}? p={p:.3g}, fails under "
+        f"{level:.3g})",
+    )
+
+
+def tail_check(
+    diffs: np.ndarray, expected: dict[str, Any], noise_p99: float, tol: float, level: float
+) -> ShadowCheck:
+    """Live |score differences| beyond evaluation's p99 + the noise floor's p99 + ``tol``: as
+    evaluated, at most 1 % of pairs land there. Fails when significantly more do (exact
+    binomial, one-sided at ``level``)."""
+    offline_p99 = float(expected["abs_diff"]["p99"])
+    bound = offline_p99 + noise_p99 + tol
+    n, over = len(diffs), int(np.sum(diffs > bound))
+    p = float(stats.binom.sf(over - 1, n, 0.01)) if n else 0.0
+    p99 = float(np.quantile(diffs, 0.99)) if n else math.inf
+    return ShadowCheck(
+        "score_difference",
+        p >= level,
+        f"{over} of {n} pairs differ by more than {bound:.4f} (expected p99 |diff| "
+        f"{offline_p99:.4f} + noise floor p99 {noise_p99:.4f} + {tol}; live p99 {p99:.4f}); "
+        f"more than 1 %? p={p:.3g}, fails under {level:.3g}",
+    )
+
+
+def rank_check(
+    stable: np.ndarray, candidate: np.ndarray, expected: dict[str, Any], tol: float, level: float
+) -> tuple[float, ShadowCheck]:
+    """Spearman's rho of the paired scores against evaluation's minus ``tol``: a constant or
+    permuted answer keeps no ranking, whatever its score distribution. Fails when the live rho
+    is significantly lower (Fisher's z with the 1.06 / sqrt(n - 3) standard error of
+    Spearman's rho, Fieller et al. 1957; one-sided at ``level``)."""
+    rho = rank_correlation(stable, candidate)
+    want = expected.get("rank_correlation")
+    n = len(stable)
+    if want is None or not math.isfinite(want):
+        return rho, ShadowCheck(
+            "rank_correlation", True, f"not judged: evaluation expects no ranking (rho {want})"
+        )
+    if math.isnan(rho):
+        return rho, ShadowCheck(
+            "rank_correlation",
+            False,
+            f"no ranking over {n} pairs: one side answered a constant (expected rho {want:.3f})",
+        )
+    floor = max(want - tol, -0.999)
+    z = (math.atanh(min(rho, 0.9999)) - math.atanh(min(floor, 0.9999))) / (1.06 / math.sqrt(n - 3))
+    p = float(stats.norm.cdf(z))
+    return rho, ShadowCheck(
+        "rank_correlation",
+        p >= level,
+        f"rho {rho:.3f} over {n} pairs (expected {want:.3f}); significantly below "
+        f"{floor:.3f}? p={p:.3g}, fails under {level:.3g}",
+    )
 
 
 def noise_floor(
@@ -304,19 +345,19 @@ def _measure(settings: Settings, control: ServingControl, version: str) -> Shado
 
 def _rows_and_expected(
     settings: Settings, control: ServingControl, version: str
-) -> tuple[list[tuple[str, dict[str, Any]]], Expected]:
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
     from pipelines.serving import monitor
 
     control.ensure_running()
     rows = monitor.replay_rows(settings, version)
-    return rows, _expected(settings, version, str(labels_of(control)["stable"]))
+    return rows, expectation(settings, version, str(labels_of(control)["stable"]))
 
 
 def _window(
     settings: Settings,
     control: ServingControl,
     rows: list[tuple[str, dict[str, Any]]],
-    expected: Expected,
+    expected: dict[str, Any],
 ) -> ShadowVerdict:
     from pipelines.serving import monitor
 
@@ -344,25 +385,6 @@ def _window(
     primary = [s for s in samples if s.listener == "primary" and s.label == "stable"]
     mirrored = [s for s in samples if s.listener == "shadow"]
     return judge_shadow(primary, mirrored, noise, expected, cfg)
-
-
-def _expected(settings: Settings, version: str, stable: str) -> Expected:
-    """Candidate and champion (the stable version's run) scored offline on the held-out rows
-    the replay sends."""
-    from pipelines.evaluate.threshold import version_threshold
-    from pipelines.registry import Registry
-    from pipelines.serving.rollout import held_out
-    from pipelines.train.model import predict_proba
-
-    _, _, test, candidate = held_out(settings, version)
-    champion = held_out(settings, stable)[3]
-    reg, fallback = Registry(settings.mlflow), settings.evaluate.threshold
-    return Expected.of(
-        predict_proba(candidate, test),
-        predict_proba(champion, test),
-        version_threshold(reg, version, fallback),
-        version_threshold(reg, stable, fallback),
-    )
 
 
 def _wait_for_both(

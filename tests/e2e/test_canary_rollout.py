@@ -74,6 +74,7 @@ def new_version(deployed: dict[str, Any], kind: str = "same") -> str:
     import tempfile
 
     from pipelines.evaluate.run import load_run_model
+    from pipelines.serving.export import export_saved_model
     from pipelines.serving.rollout import _tree_sha256
 
     s, run_id = deployed["settings"], deployed["run_id"]
@@ -87,6 +88,8 @@ def new_version(deployed: dict[str, Any], kind: str = "same") -> str:
         out = Path(tmp) / "saved_model"
         if kind == "same":
             store.get_dir(f"{layout.export(name, deployed['v1'])}/saved_model", out)
+        elif kind == "skew":  # the export drill's fault (serving.inject_export_skew)
+            export_saved_model(load_run_model(reg, run_id), out, unit_skew=True)
         else:
             doctored_saved_model(load_run_model(reg, run_id), out, kind)
         store.put_dir(out, f"{layout.export(name, version)}/saved_model")
@@ -146,7 +149,7 @@ def canary_then_decide(s: Settings, version: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("kind", "failed_check"),
-    [("nan", "finite_outputs"), ("slow", "latency_vs_stable"), ("drift", "score_drift")],
+    [("nan", "finite_outputs"), ("slow", "latency_vs_stable"), ("skew", "score_drift")],
 )
 def test_a_bad_canary_is_rolled_back_and_nothing_else_moves(
     deployed: dict[str, Any], kind: str, failed_check: str
@@ -280,6 +283,10 @@ def test_a_stable_replica_killed_mid_canary_costs_no_request_and_the_a_a_canary_
 def test_shadow_passes_an_identical_candidate_and_stops_a_shifted_one_before_users(
     deployed: dict[str, Any],
 ) -> None:
+    """Evaluation expects the served candidate to answer as its run's model does (the same
+    run: no difference at all). The same bytes pass; scores shifted by 0.25, and the export
+    drill's broken preprocessing step (``serving.inject_export_skew``), are stopped before any
+    user gets an answer."""
     s = deployed["settings"]
     control = stages.serving_control(s)
     before = serving_snapshot(s)
@@ -309,6 +316,16 @@ def test_shadow_passes_an_identical_candidate_and_stops_a_shifted_one_before_use
     tags = Registry(s.mlflow).version(shifted).tags
     assert tags["mlops.shadow_verdict"] == "fail"
     stages.rollback(s, shifted, verdict["reason"])
+    assert serving_snapshot(s) == before
+
+    skewed = new_version(deployed, "skew")
+    stages.stage_canary(s, skewed)
+    report = stages.shadow_candidate(s, skewed)
+    assert report["verdict"] == "fail", report
+    assert report["stats"]["expected"]["agreement"] == 1.0  # one run: the same model
+    failed = {r.split(":")[0] for r in report["reasons"]}
+    assert {"decision_agreement", "score_difference"} <= failed, report["reasons"]
+    stages.rollback(s, skewed, "shadow test: skewed export stopped")
     assert serving_snapshot(s) == before
 
 

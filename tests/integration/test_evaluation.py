@@ -124,6 +124,8 @@ def test_the_first_model_is_blessed_and_registered_with_lineage(world: World) ->
     assert {"mlops.test_pr_auc", "mlops.test_log_loss", "mlops.test_calibration_error"} <= set(tags)
     assert tags["mlops.evaluation_uri"] == world.first["report_uri"]
     assert "mlops.override" not in tags
+    # Nothing to differ from: the first model publishes no expected difference.
+    assert not [k for k in (*tags, *run_tags) if k.startswith("mlops.expected_")]
     assert run_tags["mlops.registration"] == "registered"
     assert reg.aliases() == {"challenger": "1", "champion": "1"}
 
@@ -256,12 +258,37 @@ def test_a_candidate_of_the_same_quality_passes(world: World) -> None:
     champion_thr = float(world.reg.get_run(world.champion).data.tags["mlops.operating_threshold"])
     assert report["champion"]["threshold"] == champion_thr
     assert any(r.startswith("PASS no_regression: AUC delta") for r in out["reasons"])
+    # The expected difference of the pair, each at its own threshold, published with the run:
+    # what the shadow stage and the canary hold the served pair to.
+    exp = report["expected_difference"]
+    assert exp["champion_version"] == "1" and exp["rows"] == report["test_rows"]
+    assert exp["thresholds"] == {
+        "candidate": report["candidate"]["threshold"],
+        "champion": champion_thr,
+    }
+    assert 0.5 < exp["agreement"] <= 1 and 0 < exp["rank_correlation"] <= 1
+    assert 0 < exp["p_superiority"] < 1 and exp["abs_diff"]["p99"] >= exp["abs_diff"]["p50"]
+    tags = world.reg.get_run(world.peer).data.tags
+    assert tags["mlops.expected_vs_version"] == "1"
+    assert float(tags["mlops.expected_agreement"]) == pytest.approx(exp["agreement"], abs=1e-6)
+    assert (
+        "Expected difference vs v1"
+        in world.reg.read_artifact(world.peer, "evaluation/report.md").decode()
+    )
 
 
 def test_the_same_inputs_and_seed_give_identical_evaluations(world: World) -> None:
     first = world.report(stages.evaluate(world.settings, world.peer))
     second = world.report(stages.evaluate(world.settings, world.peer))
-    for key in ("candidate", "champion", "deltas", "slices", "slice_judgement", "behaviour"):
+    for key in (
+        "candidate",
+        "champion",
+        "deltas",
+        "slices",
+        "slice_judgement",
+        "behaviour",
+        "expected_difference",
+    ):
         assert first[key] == second[key], key
     assert first["blessing"] == second["blessing"]
 

@@ -417,3 +417,63 @@ def test_a_replica_that_stopped_answering_no_longer_holds_the_rule_back() -> Non
     groups = state["evidence"]["latency"]["replicas"]
     assert groups["canary canary-1"]["worse"]["rejected_at"] is None  # it never crossed
     assert state["evidence"]["canary_requests"] < CFG.max_canary_requests  # not the budget
+
+
+def _expecting(center: float) -> dict[str, Any]:
+    """An analysis whose pair evaluation measured: P(candidate > champion) = ``center``."""
+    state = empty_state()
+    state["expected"] = {
+        "champion_version": "1",
+        "source": "evaluation",
+        "p_superiority": center,
+    }
+    return state
+
+
+def _shifted_center(shift: float, n: int = 20000) -> float:
+    """What evaluation measures for a candidate whose scores are the champion's shifted by
+    ``shift`` in logit, as :func:`_window` serves it."""
+    from pipelines.evaluate.expected import p_superiority
+
+    rng = np.random.default_rng(99)
+    p = rng.beta(0.6, 20, n)
+    moved = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + shift)))
+    return p_superiority(moved, rng.beta(0.6, 20, n))
+
+
+def _analyse_from(state: dict[str, Any], seed: int, **kw) -> dict:  # type: ignore[no-untyped-def]
+    rng, t = np.random.default_rng(seed), 0.0
+    for _ in range(60):
+        weight = CFG.steps[state["step"]]
+        state = fold(state, _window(rng, weight, t, n=6000 // weight, **kw), CFG)
+        t += 10.0
+        if state["decision"]:
+            break
+    return state
+
+
+def test_scores_that_moved_as_evaluated_promote_on_every_seed() -> None:
+    """A retrained model's scores moved on purpose (P(candidate > champion) about 0.75, far
+    outside 1/2 +- margin): judged against what evaluation measured for the pair, it is
+    promoted; judged against 1/2 (no expectation) it would be rolled back."""
+    center = _shifted_center(1.5)
+    assert center - 0.5 > 2 * CFG.score_margin, center
+    for seed in range(8):
+        state = _analyse_from(_expecting(center), 200 + seed, shift=1.5)
+        assert state["decision"] == "promote", (seed, state["reason"])
+        ev = state["windows"][-1]["evidence"]["score_drift"]
+        assert ev["expected"] == center and abs(ev["p_superiority"] - center) < CFG.score_margin
+        assert "expected" in state["reason"] and "(evaluation, vs v1)" in state["reason"]
+
+
+def test_a_served_model_that_did_not_move_as_evaluated_rolls_back() -> None:
+    """Evaluation expected the candidate's scores to move (a retrained model); the canary
+    answers like the champion (a stale export or a version mix-up): rolled back on scores."""
+    state = _analyse_from(_expecting(_shifted_center(1.5)), 210, shift=0.0)
+    assert state["decision"] == "rollback", state["reason"]
+    assert "score_drift" in state["reason"], state["reason"]
+
+
+def test_the_score_band_stays_inside_zero_and_one() -> None:
+    st = sequential.new_state(0.97)["scores"]
+    assert sequential.score_band(st, CFG) == (0.995, 0.97 - CFG.score_margin)
