@@ -191,9 +191,16 @@ def _state() -> dict[str, Any]:
     return empty_state()
 
 
-def _analyse(seed: int, cfg: CanarySettings = CFG, max_windows: int = 60, **kw) -> dict:
+def _analyse(
+    seed: int,
+    cfg: CanarySettings = CFG,
+    max_windows: int = 60,
+    start: dict[str, Any] | None = None,
+    **kw,
+) -> dict:
+    """One analysis of simulated windows from ``start`` (a new analysis when None)."""
     rng = np.random.default_rng(seed)
-    state, t = _state(), 0.0
+    state, t = start or _state(), 0.0
     for _ in range(max_windows):
         weight = cfg.steps[state["step"]]
         state = fold(state, _window(rng, weight, t, n=6000 // weight, **kw), cfg)
@@ -441,17 +448,6 @@ def _shifted_center(shift: float, n: int = 20000) -> float:
     return p_superiority(moved, rng.beta(0.6, 20, n))
 
 
-def _analyse_from(state: dict[str, Any], seed: int, **kw) -> dict:  # type: ignore[no-untyped-def]
-    rng, t = np.random.default_rng(seed), 0.0
-    for _ in range(60):
-        weight = CFG.steps[state["step"]]
-        state = fold(state, _window(rng, weight, t, n=6000 // weight, **kw), CFG)
-        t += 10.0
-        if state["decision"]:
-            break
-    return state
-
-
 def test_scores_that_moved_as_evaluated_promote_on_every_seed() -> None:
     """A retrained model's scores moved on purpose (P(candidate > champion) about 0.75, far
     outside 1/2 +- margin): judged against what evaluation measured for the pair, it is
@@ -459,7 +455,7 @@ def test_scores_that_moved_as_evaluated_promote_on_every_seed() -> None:
     center = _shifted_center(1.5)
     assert center - 0.5 > 2 * CFG.score_margin, center
     for seed in range(8):
-        state = _analyse_from(_expecting(center), 200 + seed, shift=1.5)
+        state = _analyse(200 + seed, start=_expecting(center), shift=1.5)
         assert state["decision"] == "promote", (seed, state["reason"])
         ev = state["windows"][-1]["evidence"]["score_drift"]
         assert ev["expected"] == center and abs(ev["p_superiority"] - center) < CFG.score_margin
@@ -469,7 +465,7 @@ def test_scores_that_moved_as_evaluated_promote_on_every_seed() -> None:
 def test_a_served_model_that_did_not_move_as_evaluated_rolls_back() -> None:
     """Evaluation expected the candidate's scores to move (a retrained model); the canary
     answers like the champion (a stale export or a version mix-up): rolled back on scores."""
-    state = _analyse_from(_expecting(_shifted_center(1.5)), 210, shift=0.0)
+    state = _analyse(210, start=_expecting(_shifted_center(1.5)), shift=0.0)
     assert state["decision"] == "rollback", state["reason"]
     assert "score_drift" in state["reason"], state["reason"]
 
