@@ -191,12 +191,12 @@ def expected_center(logit: float, n: int = 200_000) -> float:
 def _state(scenario: str = "aa") -> dict[str, Any]:
     state = empty_state()
     if scenario in EXPECTED_SHIFT:
+        if scenario not in _CENTERS:
+            _CENTERS[scenario] = expected_center(EXPECTED_SHIFT[scenario])
         state["expected"] = {
             "champion_version": "1",
             "source": "bench",
-            "p_superiority": _CENTERS.setdefault(
-                scenario, expected_center(EXPECTED_SHIFT[scenario])
-            ),
+            "p_superiority": _CENTERS[scenario],
         }
     return state
 

@@ -433,8 +433,8 @@ class CanarySettings(_Section):
         0.1,
         gt=0,
         lt=0.5,
-        description="sequential: allowed |P(canary score > stable score) - 1/2| (a model retrained "
-        "on drifted data moved it 0.08 in the DAG test; +0.7 logit reads 0.12)",
+        description="sequential: allowed |P(canary score > stable score) - expected|, the expected "
+        "value being evaluation's for the pair (1/2 for one model against itself)",
     )
     max_canary_requests: int = Field(
         1000,

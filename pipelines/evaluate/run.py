@@ -137,7 +137,10 @@ def evaluate_candidate(
         POLICY_TAG: op["policy"],
     }
     if report.get("expected_difference"):
-        tags.update(summary_tags(report["expected_difference"]))
+        # A figure the pair has none of (a constant model's rank correlation) is no tag.
+        tags.update(
+            {k: v for k, v in summary_tags(report["expected_difference"]).items() if v is not None}
+        )
     else:  # no champion now: an earlier evaluation's expectation must not stay on the run
         stale = [k for k in reg.get_run(run_id).data.tags if k.startswith("mlops.expected_")]
         reg.delete_tags(run_id, [k.removeprefix("mlops.") for k in stale])

@@ -13,6 +13,7 @@ from typing import Any
 from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.evaluate.expected import expected_difference
+from pipelines.evaluate.metrics import jsonable
 from pipelines.registry import Registry
 from pipelines.store import open_store
 
@@ -58,4 +59,5 @@ def expectation(settings: Settings, version: str, stable: str) -> dict[str, Any]
         version_threshold(reg, stable, fallback),
         str(stable),
     )
-    return {**out, "source": f"measured at rollout ({why})"}
+    # Plain JSON, as the report holds it (a NaN rank correlation becomes None).
+    return dict(jsonable({**out, "source": f"measured at rollout ({why})"}))

@@ -368,8 +368,17 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
         state = _decided(state, "promote", "first deployment: no stable to compare against")
         return _finish(settings, control, version, state)
     if state.get("expected") is None and not state["windows"]:
-        # Fixed for the whole analysis (a resumed one reads it back from its state).
-        state["expected"] = expected_summary(expectation(settings, version, str(labels["stable"])))
+        # Fixed for the whole analysis (a resumed one reads it back from its state): the
+        # score test is anytime-valid only against a null chosen before its first window.
+        try:
+            expected = expectation(settings, version, str(labels["stable"]))
+        except Exception as exc:
+            # Without it the canary cannot tell a move it was meant to make from a regression:
+            # the safe side, as the shadow stage does when it cannot measure.
+            log.exception("no expected difference for version %s", version)
+            state = _decided(state, "rollback", f"no expected difference for the pair: {exc}")
+            return _finish(settings, control, version, state)
+        state["expected"] = expected_summary(expected)
         _save(settings, version, state)
     if time.time() - state["started"] > cfg.timeout_s:
         state = _decided(

@@ -390,18 +390,25 @@ def _update_scores(
     # Ties count a half, so E[u] = 1/2 exactly when both pools answer from one distribution.
     u = np.array([np.mean((cs[i] > rs[groups[i]]) + 0.5 * (cs[i] == rs[groups[i]])) for i in used])
     st["pairs"] += len(used)
+    st["u_sum"] = st.get("u_sum", 0.0) + float(u.sum())
     hi, lo = score_band(st, cfg)
-    _bet_on(st["above"], u, hi, +1, 0.0, 1.0)
-    _bet_on(st["below"], u, lo, -1, 0.0, 1.0)
-    _bet_on(st["within_above"], u, hi, -1, 0.0, 1.0)
-    _bet_on(st["within_below"], u, lo, +1, 0.0, 1.0)
+    if hi < 1 - EDGE:  # a side of the band at or past 0 or 1 cannot be crossed: not tested
+        _bet_on(st["above"], u, hi, +1, 0.0, 1.0)
+        _bet_on(st["within_above"], u, hi, -1, 0.0, 1.0)
+    if lo > EDGE:
+        _bet_on(st["below"], u, lo, -1, 0.0, 1.0)
+        _bet_on(st["within_below"], u, lo, +1, 0.0, 1.0)
+
+
+# A band edge this close to 0 or 1 (or past it) leaves no room to test that side.
+EDGE = 1e-3
 
 
 def score_band(st: State, cfg: CanarySettings) -> tuple[float, float]:
-    """(upper, lower) edges of the score test's band: expected +- margin, kept inside (0, 1)
-    so that each side remains testable."""
+    """(upper, lower) edges of the score test's band: expected +- margin. An edge at or past 1
+    (or 0) is a side on which the canary can be neither shown worse nor needs showing within."""
     c, m = st.get("center", 0.5), cfg.score_margin
-    return min(c + m, 0.995), max(c - m, 0.005)
+    return c + m, c - m
 
 
 def _bounds(cfg: CanarySettings) -> tuple[float, float]:
@@ -539,28 +546,32 @@ def findings(state: State, cfg: CanarySettings) -> list[Finding]:
     )
 
     pairs = sc["pairs"]
-    theta = sc["above"]["mean"] if pairs else math.nan
+    # The running mean of u (an older state kept it only in the "above" bet).
+    theta = sc.get("u_sum", sc["above"]["mean"] * pairs) / pairs if pairs else math.nan
     center = sc.get("center", 0.5)
     hi, lo = score_band(sc, cfg)
+    tested = [k for k, open_side in (("above", hi < 1 - EDGE), ("below", lo > EDGE)) if open_side]
     bound_s = bound_w - math.log(2)
-    e_out = max(sc["above"]["max_log_e"], sc["below"]["max_log_e"])
-    e_in = min(sc["within_above"]["max_log_e"], sc["within_below"]["max_log_e"])
-    rejected = [sc[k]["rejected_at"] for k in ("above", "below")]
+    e_out = max((sc[k]["max_log_e"] for k in tested), default=0.0)
+    e_in = min((sc[f"within_{k}"]["max_log_e"] for k in tested), default=0.0)
+    rejected = [sc[k]["rejected_at"] for k in tested]
+    shown = [sc[f"within_{k}"]["rejected_at"] for k in tested]
     out.append(
         Finding(
             "score_drift",
             any(r is not None for r in rejected),
-            all(sc[k]["rejected_at"] is not None for k in ("within_above", "within_below")),
+            all(r is not None for r in shown),
             None if not pairs else bool(lo <= theta <= hi),
             f"P(canary score > stable) {theta:.3f} over {pairs} canary requests, expected "
             f"{center:.3f} ({sc.get('center_source', 'one model')}); outside "
             f"{center:.3f} +- {cfg.score_margin:g}: e={_e(e_out)} (boundary {_e(bound_s)})"
-            + "".join(_at(sc[k]) for k in ("above", "below"))
+            + "".join(_at(sc[k]) for k in tested)
             + f"; within: e={_e(e_in)} (boundary {_e(bound_p)})"
+            + (f", shown at {max(shown)}" if shown and all(r is not None for r in shown) else "")
             + (
-                f", shown at {max(sc[k]['rejected_at'] for k in ('within_above', 'within_below'))}"
-                if all(sc[k]["rejected_at"] is not None for k in ("within_above", "within_below"))
-                else ""
+                ""
+                if len(tested) == 2
+                else f" (the band reaches {'1' if hi >= 1 - EDGE else '0'}: that side untested)"
             ),
             {
                 "p_superiority": theta,

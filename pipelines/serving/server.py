@@ -12,6 +12,7 @@ import bisect
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -729,13 +730,22 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(ServingError("INVALID_ARGUMENT", "Request nested too deeply"))
 
 
+class RestServer(ThreadingHTTPServer):
+    """The REST listener. Its listen backlog is the kernel's cap, not socketserver's 5: Envoy
+    opens a connection per concurrent request when its pooled ones are busy (mirrored shadow
+    traffic arrives in bursts), and a replica slow to accept() on a busy machine then refused
+    them; Envoy reads a refused connection as a failed upstream (503 "UF"), so the candidate's
+    shadow answers counted as its errors."""
+
+    request_queue_size = socket.SOMAXCONN
+    daemon_threads = True
+
+
 def make_server(
     manager: ModelManager, host: str = "127.0.0.1", port: int = 8501
 ) -> ThreadingHTTPServer:
     handler = type("BoundRestHandler", (RestHandler,), {"manager": manager})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return RestServer((host, port), handler)
 
 
 def serve(

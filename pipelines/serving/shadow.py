@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy.stats import binom, norm
 
 from pipelines.config import Settings, ShadowSettings
 from pipelines.data import layout
@@ -169,7 +169,7 @@ def agreement_check(
     disagree = int(np.sum((stable >= champ_thr) != (candidate >= cand_thr))) if n else 0
     agreement = 1.0 - disagree / n if n else 0.0
     q = min(1.0 - expected["agreement"] + tol, 1.0)
-    p = float(stats.binom.sf(disagree - 1, n, q)) if n else 0.0
+    p = float(binom.sf(disagree - 1, n, q)) if n else 0.0
     at = f"{cand_thr:.4g}" if cand_thr == champ_thr else f"{cand_thr:.4g} / {champ_thr:.4g}"
     return agreement, ShadowCheck(
         "decision_agreement",
@@ -189,7 +189,7 @@ def tail_check(
     offline_p99 = float(expected["abs_diff"]["p99"])
     bound = offline_p99 + noise_p99 + tol
     n, over = len(diffs), int(np.sum(diffs > bound))
-    p = float(stats.binom.sf(over - 1, n, 0.01)) if n else 0.0
+    p = float(binom.sf(over - 1, n, 0.01)) if n else 0.0
     p99 = float(np.quantile(diffs, 0.99)) if n else math.inf
     return ShadowCheck(
         "score_difference",
@@ -205,24 +205,33 @@ def rank_check(
 ) -> tuple[float, ShadowCheck]:
     """Spearman's rho of the paired scores against evaluation's minus ``tol``: a constant or
     permuted answer keeps no ranking, whatever its score distribution. Fails when the live rho
-    is significantly lower (Fisher's z with the 1.06 / sqrt(n - 3) standard error of
-    Spearman's rho, Fieller et al. 1957; one-sided at ``level``)."""
-    rho = rank_correlation(stable, candidate)
+    is significantly lower (Fisher's z with Bonett and Wright's standard error; one-sided at
+    ``level``)."""
     want = expected.get("rank_correlation")
     n = len(stable)
     if want is None or not math.isfinite(want):
-        return rho, ShadowCheck(
+        return math.nan, ShadowCheck(
             "rank_correlation", True, f"not judged: evaluation expects no ranking (rho {want})"
         )
+    if n < 4:
+        return math.nan, ShadowCheck(
+            "rank_correlation",
+            False,
+            f"{n} scored pairs: too few to rank (expected rho {want:.3f})",
+        )
+    rho = rank_correlation(stable, candidate)
     if math.isnan(rho):
         return rho, ShadowCheck(
             "rank_correlation",
             False,
             f"no ranking over {n} pairs: one side answered a constant (expected rho {want:.3f})",
         )
-    floor = max(want - tol, -0.999)
-    z = (math.atanh(min(rho, 0.9999)) - math.atanh(min(floor, 0.9999))) / (1.06 / math.sqrt(n - 3))
-    p = float(stats.norm.cdf(z))
+    floor = min(max(want - tol, -0.9999), 0.9999)
+    # Bonett and Wright's (2000) standard error of Spearman's rho on Fisher's z scale, at the
+    # null's rho: 1.06 / sqrt(n - 3) holds near 0 only, and is too small at high rho.
+    se = math.sqrt(1 + floor * floor / 2) / math.sqrt(n - 3)
+    z = (math.atanh(min(max(rho, -0.9999), 0.9999)) - math.atanh(floor)) / se
+    p = float(norm.cdf(z))
     return rho, ShadowCheck(
         "rank_correlation",
         p >= level,

@@ -470,6 +470,13 @@ def test_a_served_model_that_did_not_move_as_evaluated_rolls_back() -> None:
     assert "score_drift" in state["reason"], state["reason"]
 
 
-def test_the_score_band_stays_inside_zero_and_one() -> None:
-    st = sequential.new_state(0.97)["scores"]
-    assert sequential.score_band(st, CFG) == (0.995, 0.97 - CFG.score_margin)
+def test_a_band_reaching_one_leaves_that_side_untested_and_still_promotes() -> None:
+    """Evaluation expects P(candidate > champion) 0.966: expected + margin is past 1, where no
+    canary can be shown worse nor needs showing within; the lower side still decides."""
+    center = _shifted_center(5.0)
+    assert center + CFG.score_margin > 1
+    state = _analyse(230, start=_expecting(center), shift=5.0)
+    assert state["decision"] == "promote", state["reason"]
+    assert "that side untested" in state["reason"]
+    stale = _analyse(231, start=_expecting(center), shift=0.0)
+    assert stale["decision"] == "rollback" and "score_drift" in stale["reason"], stale["reason"]

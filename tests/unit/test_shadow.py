@@ -97,6 +97,19 @@ def test_answers_that_keep_the_score_distribution_but_not_the_rows_are_stopped()
     assert not rank.passed and "constant" in rank.detail, rank
 
 
+def test_an_inverted_answer_and_too_few_pairs_fail_the_rank_test_without_crashing() -> None:
+    """An export that answers 1 - p (rho -1), and a window with three scored pairs."""
+    from pipelines.serving.shadow import rank_check
+
+    s = _scores()
+    exp = _exp(s, s, 0.5)
+    v = judge_shadow(_answers(s, "primary"), _answers(1 - s, "shadow"), QUIET, exp, CFG)
+    rank = next(c for c in v.checks if c.name == "rank_correlation")
+    assert not rank.passed and "rho -1.000" in rank.detail, rank
+    _, few = rank_check(s[:3], s[:3], exp, 0.05, 0.01)
+    assert not few.passed and "too few to rank" in few.detail
+
+
 def test_a_candidate_that_behaves_as_evaluated_fails_by_chance_at_most_alpha() -> None:
     """Evaluation's pair on 3,000 held-out rows (a retrained model whose scores moved: 96 %
     decision agreement at each one's own threshold, as the demo's day 2); each shadow window
