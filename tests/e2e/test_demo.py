@@ -183,33 +183,58 @@ def test_the_demo_runs_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> None
 def _a_second_run_interrupted_on_day_2_leaves_nothing(home: Path) -> None:
     day_2 = home / "demo" / "2026-11-02.log"
     day_2.unlink()  # the first run's: the second run's own is waited for below
+    out = home.parent / "second-run.log"
     proc = subprocess.Popen(
         [MLOPS, "demo", "--reset"],
         env=_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # ...and SIGINT at its default, as a terminal's foreground job has it: an ignored
+        # SIGINT is inherited across exec, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     staged = "TaskInstance Finished: dag_id=mlops_training_pipeline, task_id=stage_canary"
     try:
         deadline = time.monotonic() + 600
         # Day 2's candidate staged: its shadow traffic is going through Envoy.
         while not (day_2.exists() and staged in day_2.read_text(errors="replace")):
-            assert proc.poll() is None, f"the second run ended (exit {proc.returncode})"
+            assert proc.poll() is None, (
+                f"the second run ended (exit {proc.returncode}) before its day-2 log showed "
+                f"stage_canary finished:\n{out.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "the second run never staged day 2"
             time.sleep(0.5)
         assert (home / "serving" / "envoy.pid").exists()  # serving is up, on the same ports
+        signals = _signal_state(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
         # Day 2's canary is mid-analysis by now: on a quiet machine the demo stopped everything
         # and exited 20.7 s after Ctrl-C; with three CPU-heavy processes on the two cores it
         # took over 120 s (twice), so the bound leaves room for a loaded CI machine.
-        proc.wait(timeout=240)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"the demo still ran 240 s after Ctrl-C (its signals then: {signals}):\n"
+                f"{out.read_text()[-3000:]}"
+            )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             _kill_ours(home)  # what it started in sessions of their own, so no later test
             # finds the demo's ports taken
     _clean(home)
+
+
+def _signal_state(pid: int) -> str:
+    """The process's blocked, ignored and caught signal masks (``/proc/<pid>/status``)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return " ".join(
+        x.replace("\t", " ") for x in lines if x.startswith(("SigBlk", "SigIgn", "SigCgt"))
+    )
 
 
 def _the_blocked_day_shows_its_report_in_the_ui(home: Path) -> None:
