@@ -199,10 +199,13 @@ def _a_second_run_interrupted_on_day_2_leaves_nothing(home: Path) -> None:
         deadline = time.monotonic() + 600
         # Day 2's candidate staged: its shadow traffic is going through Envoy.
         while not (day_2.exists() and staged in day_2.read_text(errors="replace")):
-            assert proc.poll() is None, (
-                f"the second run ended (exit {proc.returncode}) before its day-2 log showed "
-                f"stage_canary finished:\n{out.read_text()[-3000:]}"
-            )
+            if proc.poll() is not None:
+                now = day_2.read_text(errors="replace") if day_2.exists() else None
+                seen = "missing" if now is None else "has it now" if staged in now else "lacks it"
+                pytest.fail(
+                    f"the second run ended (exit {proc.returncode}) before its day-2 log showed "
+                    f"stage_canary finished (the log {seen}):\n{out.read_text()[-3000:]}"
+                )
             assert time.monotonic() < deadline, "the second run never staged day 2"
             time.sleep(0.5)
         assert (home / "serving" / "envoy.pid").exists()  # serving is up, on the same ports
