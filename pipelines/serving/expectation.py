@@ -34,6 +34,7 @@ def expectation(settings: Settings, version: str, stable: str) -> dict[str, Any]
     found = published(settings, version)
     if found and found.get("champion_version") == str(stable):
         return {**found, "source": "evaluation"}
+    from pipelines.evaluate.run import load_run_model
     from pipelines.evaluate.threshold import version_threshold
     from pipelines.serving.rollout import held_out
     from pipelines.train.model import predict_proba
@@ -50,8 +51,8 @@ def expectation(settings: Settings, version: str, stable: str) -> dict[str, Any]
         why,
     )
     _, _, test, candidate = held_out(settings, version)
-    champion = held_out(settings, stable)[3]
     reg, fallback = Registry(settings.mlflow), settings.evaluate.threshold
+    champion = load_run_model(reg, reg.version_run_id(stable))  # its model only, not its rows
     out = expected_difference(
         predict_proba(candidate, test),
         predict_proba(champion, test),

@@ -336,11 +336,17 @@ def _evidence(state: dict[str, Any]) -> dict[str, Any]:
 
 def expected_summary(expected: dict[str, Any]) -> dict[str, Any]:
     """What the analysis keeps of the expected difference (the report has the whole)."""
-    keep = ("champion_version", "source", "rows", "agreement", "p_superiority")
+    keep = (
+        "champion_version",
+        "source",
+        "rows",
+        "agreement",
+        "p_superiority",
+        "rank_correlation",
+        "flag_rate",
+    )
     return {k: expected.get(k) for k in keep} | {
-        "rank_correlation": expected.get("rank_correlation"),
-        "flag_rate": expected.get("flag_rate"),
-        "abs_diff_p99": (expected.get("abs_diff") or {}).get("p99"),
+        "abs_diff_p99": (expected.get("abs_diff") or {}).get("p99")
     }
 
 
