@@ -588,8 +588,11 @@ def run_demo(
         finally:
             # On success, failure and Ctrl-C: the API server, the replicas and Envoy run in their
             # own sessions, so nothing else would stop them.
-            if api is not None:
-                api.stop()
-            if not keep_serving:
-                stages.stop_local_serving(settings)
+            # One failing stop does not keep the other from running.
+            try:
+                if api is not None:
+                    api.stop()
+            finally:
+                if not keep_serving:
+                    stages.stop_local_serving(settings)
         return 0 if ok else 3

@@ -1,6 +1,14 @@
-"""Child process groups that are always stopped: a command that forks (Airflow's executor
-workers and task processes, ``airflow standalone``'s components) runs in its own process group,
-and the whole group is stopped when the command ends, times out, fails or is interrupted."""
+"""Child sessions that are always stopped: a command that forks (Airflow's executor workers
+and task processes, ``airflow standalone``'s components) runs in a session of its own, and
+everything in that session is stopped when the command ends, times out, fails or is
+interrupted.
+
+A process group is not enough: Airflow's task supervisor puts each task process in a group of
+its own (``setpgid``), so a task outlives a signal to the command's group, and once its
+supervisor is killed it runs on as an orphan (seen: an interrupted demo's canary task restarted
+serving after the demo had stopped it). It stays in the command's session, where this finds it.
+Daemons meant to outlive a command (the serving replicas, Envoy) start sessions of their own.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+import psutil
 
 
 def reap_group(pgid: int, timeout: float = 5.0) -> None:
@@ -31,6 +41,38 @@ def reap_group(pgid: int, timeout: float = 5.0) -> None:
         time.sleep(0.1)
 
 
+def session_members(sid: int) -> list[int]:
+    """Live processes (zombies aside) of session ``sid``, this one excepted."""
+    out = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getsid(p.pid) == sid:
+                out.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def reap_session(sid: int, timeout: float = 10.0) -> list[int]:
+    """SIGTERM to every process left in session ``sid``, SIGKILL to what is still there after
+    ``timeout``; returns the pids it found."""
+    found = session_members(sid)
+    for pid in found:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    left = found
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = session_members(sid)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
 def run_group(
     cmd: list[str],
     env: dict[str, str],
@@ -40,9 +82,10 @@ def run_group(
     finished: Callable[[], int | None] | None = None,
     exit_grace: float = 60.0,
 ) -> int:
-    """Run ``cmd`` in its own process group, its output appended to ``log_file`` (None: this
-    process's stdout and stderr); on a timeout, an error or Ctrl-C the whole group is stopped
-    before this returns or raises. A timeout returns 124, as ``timeout(1)`` does.
+    """Run ``cmd`` in its own session, its output appended to ``log_file`` (None: this
+    process's stdout and stderr); on a timeout, an error or Ctrl-C its process group, then
+    whatever else is left in its session, is stopped before this returns or raises. A timeout
+    returns 124, as ``timeout(1)`` does.
 
     ``finished``, polled every second, says when the command's work is done (with the exit
     code that outcome stands for) though the command may not have exited: a command still
@@ -77,6 +120,12 @@ def run_group(
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             reap_group(proc.pid)
+            left = reap_session(proc.pid)  # task processes in groups of their own
+            if left and fh is not None:
+                fh.write(
+                    f"\n[mlops] stopped {len(left)} process(es) of the command's session "
+                    f"in other groups: {left}\n".encode()
+                )
 
 
 def _wait_or_finished(

@@ -74,8 +74,15 @@ def _listening(ports: tuple[int, ...]) -> list[int]:
     )
 
 
-def _clean(home: Path) -> None:
-    assert _listening(PORTS) == [], "a demo process is still listening"
+def _clean(home: Path, log: Path | None = None) -> None:
+    """Nothing of the demo in ``home`` listens or runs; ``log``: the run's output, whose tail
+    a failure shows."""
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    listening = _listening(PORTS)
+    if listening:
+        left = [(p.pid, p.info["cmdline"]) for p in _ours(home)]
+        _kill_ours(home)  # so that the module's next tests do not fail on its ports
+        pytest.fail(f"a demo process is still listening on {listening}: {left}\n{tail}")
     shm = Path("/dev/shm")
     if shm.is_dir():  # Envoy runs with --disable-hot-restart: no shared memory segments
         assert [p.name for p in shm.glob("envoy_shared_memory_*")] == []
@@ -226,7 +233,7 @@ def _a_second_run_interrupted_on_day_2_leaves_nothing(home: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             _kill_ours(home)  # what it started in sessions of their own, so no later test
             # finds the demo's ports taken
-    _clean(home)
+    _clean(home, out)
 
 
 def _signal_state(pid: int) -> str:

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from pipelines.demo import run_finished
-from pipelines.processes import run_group
+from pipelines.processes import run_group, session_members
 
 # Writes the line Airflow writes when the run is over, then hangs the way the executor's
 # shutdown does; a child in the same group hangs too.
@@ -87,3 +89,28 @@ def test_run_finished_reads_the_final_state_of_the_run(tmp_path: Path) -> None:
     assert run_finished(log) == 1
     log.write_text("[info] DagRun Finished: dag_id=d, state=success, run_type=manual\n")
     assert run_finished(log) == 0
+
+
+# Forks a child into a process group of its own, as Airflow's task supervisor does with each
+# task process, then exits: the child would run on as an orphan that no signal to the
+# command's group reaches.
+LEAVES_A_TASK_IN_ITS_OWN_GROUP = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+    " process_group=0)\n"
+    "print(f'child={child.pid} sid={os.getsid(0)}', flush=True)\n"
+)
+
+
+def test_a_task_process_in_a_group_of_its_own_is_stopped_with_the_command(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "log"
+    code = run_group(
+        [sys.executable, "-c", LEAVES_A_TASK_IN_ITS_OWN_GROUP], dict(os.environ), log, timeout=60
+    )
+    assert code == 0
+    fields = dict(x.split("=") for x in log.read_text().split())
+    child, sid = int(fields["child"]), int(fields["sid"])
+    assert session_members(sid) == []  # nothing of the command's session is left
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
