@@ -110,7 +110,11 @@ def test_a_task_process_in_a_group_of_its_own_is_stopped_with_the_command(
         [sys.executable, "-c", LEAVES_A_TASK_IN_ITS_OWN_GROUP], dict(os.environ), log, timeout=60
     )
     assert code == 0
-    fields = dict(x.split("=") for x in log.read_text().split())
+    first, *rest = log.read_text().splitlines()
+    fields = dict(x.split("=") for x in first.split())
     child, sid = int(fields["child"]), int(fields["sid"])
+    assert f"stopped 1 process(es) of the command's session in other groups: [{child}]" in (
+        "\n".join(rest)
+    )
     assert session_members(sid) == []  # nothing of the command's session is left
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
