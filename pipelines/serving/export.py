@@ -8,13 +8,15 @@ in, so serving needs no Python preprocessing. Parity with torch is checked on he
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipelines.serving.server import WARMUP_FILE
-from pipelines.train.model import TabularMLP, predict_proba
+
+if TYPE_CHECKING:  # torch is imported where a model is used, not by importing this module
+    from pipelines.train.model import TabularMLP
 
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
@@ -166,6 +168,8 @@ def parity(
     model: TabularMLP, path: str | Path, df: pd.DataFrame, atol: float = 1e-5
 ) -> dict[str, float]:
     """Largest absolute difference between torch and SavedModel probabilities."""
+    from pipelines.train.model import predict_proba
+
     torch_p = predict_proba(model, df)
     tf_p = saved_model_predict(path, df, model)
     diff = float(np.max(np.abs(torch_p - tf_p))) if len(df) else 0.0

@@ -40,8 +40,6 @@ from pipelines.serving.client import ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.evidence import Sample, by_label
 from pipelines.serving.dataplane.split import Split
-from pipelines.serving.expectation import expectation
-from pipelines.serving.export import to_instances
 from pipelines.serving.rollout import RolloutError, canary_state_key, held_out, save_state
 from pipelines.store import open_store
 
@@ -116,6 +114,8 @@ def replay(
 def replay_rows(settings: Settings, version: str) -> list[tuple[str, dict[str, Any]]]:
     """Held-out rows in a seeded order; request keys are salted by the seed, so each seed
     routes a different set of keys to the canary."""
+    from pipelines.serving.export import to_instances  # torch: only where rows are replayed
+
     _, manifest, test, model = held_out(settings, version)
     seed = settings.canary.seed
     keys = [f"{seed}:{k}" for k in test[manifest.data["key"]].astype(str)]
@@ -376,6 +376,8 @@ def canary_tick(settings: Settings, control: ServingControl, version: str) -> di
     if state.get("expected") is None and not state["windows"]:
         # Fixed for the whole analysis (a resumed one reads it back from its state): the
         # score test is anytime-valid only against a null chosen before its first window.
+        from pipelines.serving.expectation import expectation
+
         try:
             expected = expectation(settings, version, str(labels["stable"]))
         except Exception as exc:

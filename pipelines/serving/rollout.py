@@ -29,18 +29,15 @@ import requests
 from pipelines.config import Settings
 from pipelines.data import layout
 from pipelines.data.shard import Manifest, load_manifest, read_split
-from pipelines.evaluate.run import load_run_model
 from pipelines.registry import CHALLENGER, CHAMPION, Registry
 from pipelines.serving import model_config
 from pipelines.serving.client import ServingClient, ServingUnavailable
 from pipelines.serving.control import ServingControl, labels_of
 from pipelines.serving.dataplane.envoy import POOLS
 from pipelines.serving.dataplane.split import Split
-from pipelines.serving.export import export_saved_model, parity, skewed_column, to_instances
 from pipelines.serving.model_config import ModelEntry
 from pipelines.serving.server import ModelManager, make_server
 from pipelines.store import ObjectStore, open_store
-from pipelines.train.model import predict_proba
 
 log = logging.getLogger(__name__)
 SMOKE_REQUESTS = 20
@@ -93,6 +90,8 @@ def _latency_probe(
 def held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFrame, Any]:
     """(run id, manifest, test split, torch model) of a registered version: the rows every
     serving check sends are the ones the version was evaluated on."""
+    from pipelines.evaluate.run import load_run_model  # torch, MLflow's model flavour
+
     reg, store = Registry(settings.mlflow), open_store(settings.store)
     run_id = reg.version_run_id(version)
     manifest = load_manifest(store, reg.run_tag(run_id, "manifest_uri") or "")
@@ -101,6 +100,9 @@ def held_out(settings: Settings, version: str) -> tuple[str, Manifest, pd.DataFr
 
 def export_and_infra_validate(settings: Settings, version: str) -> dict[str, Any]:
     """SavedModel for a registered version: parity with torch, then load-and-query in a server."""
+    from pipelines.serving.export import export_saved_model, parity, skewed_column, to_instances
+    from pipelines.train.model import predict_proba
+
     reg, store = Registry(settings.mlflow), open_store(settings.store)
     run_id, _, test, model = held_out(settings, version)
     test = test.head(500)
@@ -261,6 +263,8 @@ def stage_canary(settings: Settings, control: ServingControl, version: str) -> d
 
 
 def _smoke_instances(settings: Settings, version: str) -> list[dict[str, Any]]:
+    from pipelines.serving.export import to_instances
+
     _, _, test, model = held_out(settings, version)
     return to_instances(test, model)
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -183,6 +184,7 @@ def test_the_demo_runs_twice_and_ctrl_c_stops_everything(tmp_path: Path) -> None
     assert "serving log complete (heartbeats)" in tail, tail
     assert "mlops_training_pipeline run retrain__fraud_detector__" in tail
     _clean(home)
+    _each_day_left_its_reports_lineage_and_versions(home)
     _the_blocked_day_shows_its_report_in_the_ui(home)
     _a_second_run_interrupted_on_day_2_leaves_nothing(home)
 
@@ -236,6 +238,97 @@ def _a_second_run_interrupted_on_day_2_leaves_nothing(home: Path) -> None:
     _clean(home, out)
 
 
+def _each_day_left_its_reports_lineage_and_versions(home: Path) -> None:
+    """What each of the demo's runs left in the lake, the registry and serving's record: the
+    first model deployed as stable, day 2's challenger evaluated against it and promoted, the
+    champion's scoring with the runtime the gate chose, and day 3's blocked batch quarantined
+    with nothing downstream changed. (This was a test of its own that ran the same three days
+    in-process with ``dag.test()``: docs/testing.md.)"""
+    from pipelines import stages
+    from pipelines.config import load_settings
+    from pipelines.data import layout
+    from pipelines.demo import SCORING_DAG_ID, run_reports
+    from pipelines.registry import Registry
+    from pipelines.serving import model_config
+    from pipelines.serving.dataplane.envoy import POOLS
+    from pipelines.store import open_store
+
+    s = load_settings(_env(home))
+    store, reg = open_store(s.store), Registry(s.mlflow)
+    r1, r2, r3 = (run_reports(store, d) for d in ("2026-11-01", "2026-11-02", "2026-11-03"))
+    # Day 1: the first model, trained on two nodes, registered with lineage, deployed.
+    assert r1["validate_data"]["status"] == "accepted"
+    assert store.exists(store.key_of(r1["validate_data"]["report_uri"]))
+    assert store.exists(store.key_of(r1["shard_dataset"]["manifest_uri"]))
+    run = reg.get_run(r1["train_model"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["world_size"] == 2.0
+    assert store.exists(store.key_of(r1["evaluate_model"]["report_uri"]))
+    assert r1["register_model"]["model_version"] == "1"
+    for tag in ("data_version", "git_sha", "run_id", "manifest_uri", "dag_run_id"):
+        assert reg.version("1").tags.get(f"mlops.{tag}"), tag
+    export = store.key_of(r1["export_and_infra_validate"]["export_uri"])
+    assert store.exists(f"{export}/saved_model.pb")
+    assert r1["monitor_canary"]["decision"] == "promote"
+    assert r1["promote"]["decision"] == "promoted"
+    # Day 2: new data, a challenger judged against version 1, over several canary windows.
+    assert r2["shard_dataset"]["data_version"] != r1["shard_dataset"]["data_version"]
+    assert r2["evaluate_model"]["champion_version"] == "1"
+    assert r2["register_model"]["model_version"] == "2"
+    assert r2["monitor_canary"]["windows"] >= 4
+    assert r2["promote"]["decision"] == "promoted"
+    assert stages.serving_state(s)["labels"] == {"stable": 2, "canary": 2}
+    assert stages.serving_state(s)["canary_weight"] == 0
+    # Each exported version got its batch runtime from the optimisation gate, and the
+    # champion's scoring used it ("onnxruntime" in the tag, runtime kind "onnx").
+    gate = r2["optimize_runtime"]
+    assert gate["batch_runtime"] in ("savedmodel", "onnxruntime")
+    assert reg.version("2").tags["mlops.batch_runtime"] == gate["batch_runtime"]
+    published = run_reports(store, "2026-11-02", SCORING_DAG_ID)["publish"]
+    assert published["published_now"] and published["rows"] == 20000
+    assert published["version"] == "2"
+    kind = "onnx" if gate["batch_runtime"] == "onnxruntime" else "savedmodel"
+    assert (published["runtime"], published["variant"]) == (kind, gate["batch_variant"])
+    predictions = layout.predictions("transactions", s.mlflow.model_name, "2", "2026-11-02")
+    assert store.exists(f"{predictions}/manifest.json")
+    # Day 3: a batch with PII is blocked; decide runs after failures (all_done) and fails at
+    # once when nothing was registered; nothing downstream ran or changed.
+    assert r3["validate_data"]["status"] == "blocked"
+    assert "shard_dataset" not in r3 and "train_model" not in r3
+    failed = sorted(k for k in r3 if k.endswith(".failed"))
+    assert failed == ["decide.failed", "validate_data.failed"], sorted(r3)
+    assert "earlier task failed" in r3["decide.failed"]["error"]
+    assert store.list(layout.quarantine("transactions", "2026-11-03"))
+    assert not store.exists(layout.landing("transactions", "2026-11-03"))
+    versions = {r["shard_dataset"]["data_version"] for r in (r1, r2)}
+    shards = layout.shards("transactions")
+    assert {k[len(shards) :].strip("/").split("/")[0] for k in store.list(shards)} == versions
+    for pool in POOLS:  # no pool's config names a version past the champion
+        for entry in model_config.read(Path(s.serving.base_dir) / pool / "models.config"):
+            assert max(entry.versions, default=0) <= 2 and set(entry.labels.values()) <= {1, 2}
+    assert reg.alias_version("champion") == "2"
+    assert len(reg.client.search_model_versions(f"name = '{s.mlflow.model_name}'")) == 2
+
+
+def _asset_events(conn: str) -> dict[str, list[dict[str, Any]]]:
+    """Asset name -> extras of its events, from the metadata DB."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(conn)
+    try:
+        with engine.connect() as db:
+            rows = db.execute(
+                sa.text(
+                    "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, extra in rows:
+        out.setdefault(name, []).append(dict(extra or {}))
+    return out
+
+
 def _signal_state(pid: int) -> str:
     """The process's blocked, ignored and caught signal masks (``/proc/<pid>/status``)."""
     try:
@@ -275,11 +368,24 @@ def _the_queued_retrain_is_unpaused_for_make_airflow(home: Path) -> None:
     airflow`` does at start-up (before its scheduler starts) unpauses that DAG, names the run,
     and says which DAGs stay paused."""
     from pipelines.airflow_local import metadata_db, paused_and_queued, start_queued_work
+    from pipelines.config import load_settings
+    from pipelines.demo import run_reports
+    from pipelines.store import open_store
     from tests.ui_check import airflow_env
 
     airflow = str(Path(sys.executable).parent / "airflow")
     with metadata_db(home, airflow_env(home, home / "airflow", 0)) as env:
         conn = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        # Other DAGs can subscribe: day 2's run emitted its data and model versions.
+        r2 = run_reports(open_store(load_settings(_env(home)).store), "2026-11-02")
+        events = _asset_events(conn)
+        shards = r2["shard_dataset"]
+        assert {
+            "data_version": shards["data_version"],
+            "manifest_uri": shards["manifest_uri"],
+        } in events["transactions_shards"], events
+        registered = {"model_version": "2", "run_id": r2["train_model"]["run_id"]}
+        assert registered in events["fraud_detector_registered"], events
         paused, queued = paused_and_queued(conn)
         assert "mlops_training_pipeline" in paused
         retrains = queued.get("mlops_training_pipeline", [])
