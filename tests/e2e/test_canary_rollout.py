@@ -116,8 +116,8 @@ def walked_the_ramp(verdict: dict[str, Any], cfg: Any) -> bool:
 
 
 # A plumbing test's canary budget (the statistical tests keep the shipped one): an analysis
-# that resumes after its controller was killed needs windows on both sides of the kill, not a
-# thousand canary requests.
+# that carries on after its controller, Envoy or a replica was killed needs windows on both
+# sides of the kill, not a thousand canary requests.
 PLUMBING_BUDGET = 300
 
 
@@ -250,7 +250,7 @@ def test_a_killed_controller_resumes_from_its_last_window(deployed: dict[str, An
 def test_a_stable_replica_killed_mid_canary_costs_no_request_and_the_a_a_canary_passes(
     deployed: dict[str, Any],
 ) -> None:
-    s = deployed["settings"]
+    s = with_overrides(deployed["settings"], canary={"max_canary_requests": PLUMBING_BUDGET})
     control = stages.serving_control(s)
     version = new_version(deployed, "same")
     stages.stage_canary(s, version)
@@ -334,8 +334,9 @@ def test_envoy_killed_mid_canary_comes_back_at_the_stored_weight(
 ) -> None:
     """The split lives in the rollout's state (Envoy's runtime directory), not in Envoy: a
     killed Envoy is restarted by the next tick at the weight the controller stored, and the
-    A/A analysis carries on through every step."""
-    s = deployed["settings"]
+    A/A analysis carries on through every step (a plumbing budget: the verdict's power is the
+    A/A test's)."""
+    s = with_overrides(deployed["settings"], canary={"max_canary_requests": PLUMBING_BUDGET})
     control = stages.serving_control(s)
     version = new_version(deployed, "same")
     stages.stage_canary(s, version)
@@ -349,8 +350,8 @@ def test_envoy_killed_mid_canary_comes_back_at_the_stored_weight(
     assert runtime["mlops.weights.canary"]["final_value"] == str(s.canary.steps[0])
     verdict = monitor.monitor_canary(s, control, version)
     assert control.plane.envoy_pid() not in (None, pid)
-    assert verdict["decision"] == "promote", verdict["reason"]
+    assert a_a_verdict_ok(verdict), verdict["reason"]
     assert walked_the_ramp(verdict, s.canary)
     state = json.loads(store.read_text(key))
-    assert state["decision"] == "promote"
+    assert state["decision"] == verdict["decision"]
     stages.rollback(s, version, "envoy-restart test done")

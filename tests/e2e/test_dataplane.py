@@ -124,7 +124,12 @@ def _replica_requests(plane: dict[str, Any]) -> int:
 @pytest.mark.parametrize("weight", [0, 5, 25, 50, 100])
 def test_weights_land_within_binomial_bounds(plane: dict[str, Any], weight: int) -> None:
     control: LocalServing = plane["control"]
+    envoy = control.plane.envoy_pid()
     control.set_split(Split(weight))
+    # What every controller tick does before its window: a split change restarts nothing (it
+    # used to restart Envoy once per canary window).
+    control.ensure_running()
+    assert control.plane.envoy_pid() == envoy is not None
     n = 1000
     since = time.time()
     got = _send(plane, [uuid.uuid4().hex for _ in range(n)])

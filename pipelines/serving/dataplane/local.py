@@ -7,6 +7,7 @@ the home (``topology.json``), so a restarted replica rejoins its pool at the sam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,6 +36,9 @@ from pipelines.serving.dataplane.envoy import (
 )
 from pipelines.serving.dataplane.evidence import AccessLog
 from pipelines.serving.dataplane.split import DATA, RuntimeDirectory
+
+# The start-up weights the bootstrap's identity is computed with (any fixed value will do).
+NEUTRAL_WEIGHTS = {"stable": 100, "baseline": 0, "canary": 0}
 
 ENVOY = "envoy"
 
@@ -166,8 +170,15 @@ class LocalPlane:
         topo = self.topology()
         if not self.runtime.symlink_root.exists():
             self.runtime.write(self.runtime.read())  # the split exists before Envoy reads it
-        text = bootstrap_yaml(self.plane())
-        sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+        plane = self.plane()
+        text = bootstrap_yaml(plane)
+        # What the running Envoy is checked against: the bootstrap without its start-up weights.
+        # Those are only where a (re)started Envoy begins; a running one reads the split from
+        # its runtime disk layer. With them in, every split change made the next
+        # ``ensure_running`` restart Envoy: once per canary window, dropping its connections.
+        sha = hashlib.sha256(
+            bootstrap_yaml(dataclasses.replace(plane, static_weights=NEUTRAL_WEIGHTS)).encode()
+        ).hexdigest()[:16]
         daemon = LocalDaemon(self.dir, ENVOY)
         admin = f"http://127.0.0.1:{topo['admin_port']}"
 
