@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from pipelines.serving.dataplane import evidence
 from pipelines.serving.dataplane.evidence import AccessLog
 
 
@@ -56,3 +59,34 @@ def test_wait_for_returns_once_every_id_is_written(tmp_path: Path) -> None:
     path.write_text(_line(1.0, "x") + "\n" + _line(2.0, "y") + "\n")
     got = AccessLog(path).wait_for({"x", "y"}, since=0.0, timeout=1.0)
     assert {s.request_id for s in got} == {"x", "y"}
+
+
+def test_a_new_reader_starts_near_its_time_and_misses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader asked for a recent window parses from a binary search of the file (less a
+    slack for lines written out of start-time order), not the whole history, and returns
+    exactly what a reader of the whole file returns; asked for an earlier time, it reads again."""
+    path = tmp_path / "access.log"
+    rows = []
+    for i in range(20000):  # 0.1 s apart; every 7th request completed 20 s after later ones
+        t = 1000.0 + i * 0.1 - (20.0 if i % 7 == 0 else 0.0)
+        rows.append(_line(t, f"r{i}"))
+    path.write_text("\n".join(rows) + "\n")
+    full = AccessLog(path).samples()
+    parsed: list[int] = []
+    real = evidence.parse_lines
+
+    def counting(lines):  # type: ignore[no-untyped-def]
+        lines = list(lines)
+        parsed.append(len(lines))
+        return real(lines)
+
+    monkeypatch.setattr(evidence, "parse_lines", counting)
+    for since in (2900.0, 2500.0, 1200.0, 1000.0, 0.0):
+        log = AccessLog(path)
+        assert log.samples(since) == [s for s in full if s.t >= since], since
+    assert parsed[0] < 20000 / 10  # the first reader (since 2900 s) parsed under a tenth
+    log = AccessLog(path)
+    log.samples(2900.0)
+    assert log.samples(1500.0) == [s for s in full if s.t >= 1500.0]  # earlier: read again

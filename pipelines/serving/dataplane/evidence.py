@@ -93,27 +93,68 @@ def by_label(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     return out
 
 
+# Envoy writes a line when its request completes, so lines are in start-time order only up to
+# the longest request: a read that starts from a time starts this much earlier in the file.
+SEEK_SLACK_S = 60.0
+
+
+def _line_time(line: bytes) -> float | None:
+    try:
+        rec = json.loads(line)
+        return float(rec["time"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class AccessLog:
     """The local Envoy's access-log file, read incrementally.
 
     Each read parses only the complete lines appended since the last one, and keeps the samples
     ordered by time, so a window is a binary search, not a rescan of the whole log (a canary
-    analysis asks for thousands of windows over a log of hundreds of thousands of lines). A file
-    that shrank (rotated or truncated) is read again from its start."""
+    analysis asks for thousands of windows over a log of hundreds of thousands of lines). The
+    first read for a time starts from a binary search of the file for it (less
+    ``SEEK_SLACK_S``), not from its first line: a new reader (each canary tick of a
+    rescheduled sensor, each analysis) would otherwise parse the whole history. A file that
+    shrank (rotated or truncated) is read again from its start."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._offset = 0
+        self._floor = 0.0  # the samples held are complete from this time on
         self._samples: list[Sample] = []
         self._times: list[float] = []
 
-    def _refresh(self) -> None:
+    def _seek(self, t: float, size: int) -> int:
+        """The offset of a line start at or before the first line whose time is >= ``t``."""
+        lo, hi = 0, size
+        with open(self.path, "rb") as fh:
+            while hi - lo > 65536:
+                mid = (lo + hi) // 2
+                fh.seek(mid)
+                fh.readline()  # the rest of the line mid falls in
+                start = fh.tell()
+                at = None
+                while at is None and fh.tell() < hi:
+                    line = fh.readline()
+                    if not line.endswith(b"\n"):
+                        break
+                    at = _line_time(line)
+                if at is None or at >= t:
+                    hi = mid
+                else:
+                    lo = start
+        return lo
+
+    def _refresh(self, since: float = 0.0) -> None:
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             size = 0
-        if size < self._offset:
-            self._offset, self._samples, self._times = 0, [], []
+        if size < self._offset or since < self._floor:
+            self._offset, self._floor, self._samples, self._times = 0, 0.0, [], []
+        if self._offset == 0 and since > SEEK_SLACK_S and size:
+            self._floor = since - SEEK_SLACK_S
+            self._offset = self._seek(self._floor, size)
         if size == self._offset:
             return
         with open(self.path, "rb") as fh:
@@ -129,7 +170,7 @@ class AccessLog:
             self._samples.insert(i, sample)
 
     def samples(self, since: float = 0.0, until: float | None = None) -> list[Sample]:
-        self._refresh()
+        self._refresh(since)
         lo = bisect.bisect_left(self._times, since)
         hi = len(self._times) if until is None else bisect.bisect_left(self._times, until)
         return self._samples[lo:hi]

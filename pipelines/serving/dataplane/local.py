@@ -33,6 +33,7 @@ from pipelines.serving.dataplane.envoy import (
     Plane,
     Pool,
     bootstrap_yaml,
+    render_bootstrap,
 )
 from pipelines.serving.dataplane.evidence import AccessLog
 from pipelines.serving.dataplane.split import DATA, RuntimeDirectory
@@ -171,14 +172,13 @@ class LocalPlane:
         if not self.runtime.symlink_root.exists():
             self.runtime.write(self.runtime.read())  # the split exists before Envoy reads it
         plane = self.plane()
-        text = bootstrap_yaml(plane)
         # What the running Envoy is checked against: the bootstrap without its start-up weights.
         # Those are only where a (re)started Envoy begins; a running one reads the split from
         # its runtime disk layer. With them in, every split change made the next
         # ``ensure_running`` restart Envoy: once per canary window, dropping its connections.
-        sha = hashlib.sha256(
-            bootstrap_yaml(dataclasses.replace(plane, static_weights=NEUTRAL_WEIGHTS)).encode()
-        ).hexdigest()[:16]
+        # (JSON, not the YAML written below: every controller tick computes this.)
+        identity = render_bootstrap(dataclasses.replace(plane, static_weights=NEUTRAL_WEIGHTS))
+        sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         daemon = LocalDaemon(self.dir, ENVOY)
         admin = f"http://127.0.0.1:{topo['admin_port']}"
 
@@ -196,7 +196,7 @@ class LocalPlane:
         daemon.stop()
         _check_envoy_ports(topo)
         tmp = self.bootstrap_file.with_name(".envoy.yaml.tmp")
-        tmp.write_text(text)
+        tmp.write_text(bootstrap_yaml(plane))
         os.replace(tmp, self.bootstrap_file)
         cmd = [envoy_binary(), "-c", str(self.bootstrap_file), "--disable-hot-restart"]
         cmd += ["--concurrency", str(self.cfg.concurrency), "-l", "warning"]
