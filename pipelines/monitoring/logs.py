@@ -50,7 +50,7 @@ from pipelines.data.pii import mask_pii
 from pipelines.data.profile import value_counts
 from pipelines.data.spec import DatasetSpec
 from pipelines.monitoring.schema import schema
-from pipelines.serving.dataplane.evidence import POOLS, parse_scores
+from pipelines.serving.dataplane.evidence import is_model_call, origin, parse_scores
 from pipelines.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ PART_ROWS = 1_000_000  # rows per part file
 ROW_GROUP = 128 * 1024
 _TIME = re.compile(r'"time":\s*"?([0-9]+(?:\.[0-9]+)?)')
 _PLANE = re.compile(r'"plane":\s*"?([0-9]+(?:\.[0-9]+)?)')
-_MODEL_CALL = (":predict", ":classify", ":regress")
 
 
 class ShippingError(RuntimeError):
@@ -236,7 +235,8 @@ def records(
     versions: Mapping[str, int],
     heartbeats: LogCoverage | None = None,
 ) -> pa.Table:
-    """The serving-log rows of the model calls that started in ``[start, end)``, in time
+    """The serving-log rows of the model calls that started in ``[start, end)`` and whose
+    outcome is the model's (:func:`~pipelines.serving.dataplane.evidence.origin`), in time
     order. ``versions``: each label's version, for lines that do not name one;
     ``heartbeats`` collects what shows the log was flowing on the way."""
     numeric, categorical = spec.numeric_features, spec.categorical_features
@@ -252,12 +252,12 @@ def records(
             rec = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(rec, dict) or rec.get("cluster") not in POOLS:
+        if not isinstance(rec, dict) or not is_model_call(rec):
             continue
         if str(rec.get("listener") or "primary") != "primary":
             continue  # a mirrored copy, not a user's request
-        if not str(rec.get("path") or "").split("?", 1)[0].endswith(_MODEL_CALL):
-            continue
+        if origin(rec) != "model":
+            continue  # the client's mistake or Envoy's own answer: not what the model served
         label = str(rec["cluster"])
         status = int(rec.get("code") or 0)
         insts = _instances(rec.get("instances"))

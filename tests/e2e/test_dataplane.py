@@ -5,6 +5,7 @@ Envoy's runtime disk layer, evidence read back from Envoy's access log.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -187,6 +188,7 @@ def test_bad_input_gets_a_clear_4xx_and_never_reaches_a_replica(plane: dict[str,
     control.set_split(Split(50))
     url, s = control.endpoint(), plane["settings"]
     before = _replica_requests(plane)
+    since = time.time()
     cases = [
         ("POST", f"/v1/models/{MODEL}:predict", b"x" * (s.dataplane.max_body_bytes + 10), 413),
         ("POST", f"/v1/models/{MODEL}:predict", b'{"instances": [1, 2', 400),
@@ -197,6 +199,11 @@ def test_bad_input_gets_a_clear_4xx_and_never_reaches_a_replica(plane: dict[str,
         ("POST", "/v1/models/other_model:predict", b'{"instances": []}', 404),
         ("POST", f"/v1/models/{MODEL}/labels/blue:predict", b'{"instances": []}', 404),
         ("GET", "/nothing/here", b"", 404),
+        # A wrong method is answered by the plane too (it reached a replica, whose 501 counted
+        # as a 5xx and ejected it).
+        ("PUT", f"/v1/models/{MODEL}:predict", b'{"instances": []}', 405),
+        ("DELETE", f"/v1/models/{MODEL}/labels/canary:predict", b"", 405),
+        ("POST", f"/v1/models/{MODEL}/metadata", b"{}", 405),
     ]
     for method, path, body, want in cases:
         r = requests.request(method, url + path, data=body, timeout=10)
@@ -205,6 +212,12 @@ def test_bad_input_gets_a_clear_4xx_and_never_reaches_a_replica(plane: dict[str,
             assert "error" in r.json(), r.text
     time.sleep(0.3)
     assert _replica_requests(plane) == before, "a bad request reached a replica"
+    # Envoy logged each as its own answer: no evidence about any pool, so a client sending
+    # garbage cannot roll a canary back.
+    logged = [json.loads(x) for x in control.access_log_lines(since)]
+    logged = [x for x in logged if float(x["time"]) >= since and "heartbeat" not in x["path"]]
+    assert len(logged) >= len(cases), logged
+    assert control.window(since) == [], "a bad request counted as a pool's evidence"
     # ...and a good one still works, by label too.
     r = requests.post(
         f"{url}/v1/models/{MODEL}/labels/canary:predict",

@@ -78,15 +78,38 @@ def test_pools_balance_by_least_request_with_health_checks_and_ejection() -> Non
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
+def test_envoy_itself_accepts_the_bootstrap(tmp_path: Path) -> None:
+    """``envoy --mode validate``: the real binary parses every route, matcher and filter (a
+    rendering mistake fails here, in the fast tier, not when a plane starts)."""
+    import subprocess
+
+    from pipelines.serving.dataplane.envoy import bootstrap_yaml
+    from pipelines.serving.dataplane.local import envoy_binary
+
+    (tmp_path / "split").mkdir()  # Envoy watches its runtime directory
+    plane = _plane(runtime_root=str(tmp_path / "split"), access_log=str(tmp_path / "a.log"))
+    (tmp_path / "envoy.yaml").write_text(bootstrap_yaml(plane))
+    cmd = [envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")]
+    done = subprocess.run([*cmd, "-l", "error"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def test_unknown_models_and_labels_are_answered_by_the_plane() -> None:
     routes = _routes(render_bootstrap(_plane()))
     names = [r["name"] for r in routes]
     assert names.index("label-canary") < names.index("unknown-label") < names.index("model-call")
     assert names[-2:] == ["unknown-model", "no-route"]
     assert names[0] == "heartbeat" and routes[0]["direct_response"]["status"] == 200
+    # A wrong method on a model path is answered before any route that reaches a replica.
+    assert names[1:3] == ["wrong-method-call", "wrong-method-status"]
+    for r, allowed in zip(routes[1:3], ("^(POST)$", "^(GET|HEAD)$"), strict=True):
+        assert r["direct_response"]["status"] == 405
+        (method,) = r["match"]["headers"]
+        assert method["name"] == ":method" and method["invert_match"] is True
+        assert method["string_match"]["safe_regex"]["regex"] == allowed
     for r in routes[1:]:
         if "direct_response" in r:
-            assert r["direct_response"]["status"] == 404
+            assert r["direct_response"]["status"] == (405 if r["name"].startswith("wrong") else 404)
             assert "error" in json.loads(r["direct_response"]["body"]["inline_string"])
 
 

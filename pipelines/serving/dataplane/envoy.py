@@ -115,6 +115,24 @@ def _error_route(name: str, regex: str, status: int, message: str) -> dict[str, 
     }
 
 
+def _wrong_method_route(name: str, regex: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """405 with an ``allow`` header for a path matched by ``regex`` under any other method."""
+    route = _error_route(
+        name, regex, 405, f"Method not allowed: this path takes {' or '.join(allowed)}"
+    )
+    route["match"]["headers"] = [
+        {
+            "name": ":method",
+            "string_match": {"safe_regex": {"regex": f"^({'|'.join(allowed)})$"}},
+            "invert_match": True,
+        }
+    ]
+    route["response_headers_to_add"].append(
+        {"header": {"key": "allow", "value": ", ".join(allowed)}}
+    )
+    return route
+
+
 def _routes(plane: Plane, primary: bool) -> list[dict[str, Any]]:
     """TF Serving's REST paths for ``plane.model``: the split for unpinned model calls, a label
     path to its own pool, metadata and version paths to stable, a TF-Serving-style 404 for
@@ -175,7 +193,21 @@ def _routes(plane: Plane, primary: bool) -> list[dict[str, Any]]:
                 },
             }
         ]
-    routes = [labelled(label) for label in LABELS]
+    # A wrong method is answered here, as TF Serving would (405, its JSON error body): it
+    # reached a replica before, whose 501 counted as a 5xx and tripped outlier ejection.
+    routes = [
+        _wrong_method_route(
+            "wrong-method-call",
+            rf"^/v1/models/{m}(/labels/[^/:]*|/versions/\d+)?:(predict|classify|regress)$",
+            ("POST",),
+        ),
+        _wrong_method_route(
+            "wrong-method-status",
+            rf"^/v1/models/{m}(/labels/[^/:]*|/versions/\d+)?(/metadata)?$",
+            ("GET", "HEAD"),
+        ),
+        *(labelled(label) for label in LABELS),
+    ]
     if primary and cfg.heartbeat_s > 0:
         routes.insert(
             0,

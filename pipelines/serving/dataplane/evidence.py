@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,18 +50,71 @@ def parse_scores(raw: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
-def parse_line(line: str) -> Sample | None:
-    """A sample from one access-log line; None for lines that are not a routed model call
-    (malformed, answered by the plane itself, or a status request)."""
+# Envoy's response flags (%RESPONSE_FLAGS%) that say the pool failed to answer: no healthy
+# replica, a connection failure or reset, an upstream timeout, the pool's circuit breaker, a
+# protocol error on the replica's side. Such a request is the pool's error even where Envoy
+# wrote the response itself.
+POOL_FAILURE_FLAGS = frozenset({"UH", "UF", "UO", "URX", "UT", "UC", "UR", "UPE", "LH", "UMSDR"})
+# ...and those that say the client went away or sent what HTTP does not allow.
+CLIENT_FLAGS = frozenset({"DC", "DPE", "IH"})
+
+
+def origin(rec: dict[str, Any]) -> str:
+    """Whose outcome one access-log line of a model call is: the one definition the canary's
+    judge and monitoring both use.
+
+    - ``"model"``: a replica answered (its 5xx included), or the pool failed to answer
+      (``POOL_FAILURE_FLAGS``);
+    - ``"client"``: a client error (4xx from a replica), or the client was gone or spoke broken
+      HTTP before its answer (``CLIENT_FLAGS``; a disconnect is logged as code 0);
+    - ``"plane"``: Envoy answered without asking any replica (its JSON gate's 400, the
+      body-size limit's 413, a request timeout's 408, a wrong method or path).
+
+    Only ``"model"`` lines are evidence about a pool: a client sending garbage can neither roll a
+    canary back nor breach the champion's SLO."""
+    flags = set(str(rec.get("flags") or "-").split(","))
+    if flags & CLIENT_FLAGS:
+        return "client"
+    if flags & POOL_FAILURE_FLAGS:
+        return "model"
+    if rec.get("replica") in (None, "", "-"):
+        return "plane"
+    try:
+        code = int(rec.get("code") or 0)
+    except (TypeError, ValueError):
+        code = 0
+    return "client" if 400 <= code < 500 else "model"
+
+
+def is_model_call(rec: dict[str, Any]) -> bool:
+    """A routed prediction request (not a status or metadata request, not the heartbeat)."""
+    if rec.get("cluster") not in POOLS:
+        return False
+    path = str(rec.get("path") or "")
+    return path.split("?", 1)[0].endswith((":predict", ":classify", ":regress"))
+
+
+_WEIGHTED = re.compile(r"^/v1/models/[^/]+:(predict|classify|regress)$")
+
+
+def is_evidence(rec: dict[str, Any]) -> bool:
+    """A model call that is evidence about its pool: the model's own outcome (:func:`origin`)
+    of a request the weighted route sent there. A label or version path picks its pool itself:
+    whoever calls it chose the pool, so it says nothing about how the split's users fare."""
+    path = str(rec.get("path") or "").split("?", 1)[0]
+    return origin(rec) == "model" and _WEIGHTED.match(path) is not None
+
+
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One access-log line as a record, if it is a model call (:func:`is_model_call`)."""
     try:
         rec = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(rec, dict) or rec.get("cluster") not in POOLS:
-        return None
-    path = str(rec.get("path") or "")
-    if not path.split("?", 1)[0].endswith((":predict", ":classify", ":regress")):
-        return None
+    return rec if isinstance(rec, dict) and is_model_call(rec) else None
+
+
+def sample_of(rec: dict[str, Any]) -> Sample | None:
     try:
         return Sample(
             t=float(rec["time"]),
@@ -75,6 +129,13 @@ def parse_line(line: str) -> Sample | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def parse_line(line: str) -> Sample | None:
+    """The evidence sample of one access-log line; None for lines that are not a model call
+    (malformed, a status request, the heartbeat) or not evidence (:func:`is_evidence`)."""
+    rec = parse_record(line)
+    return sample_of(rec) if rec is not None and is_evidence(rec) else None
 
 
 def parse_lines(lines: Iterable[str]) -> Iterator[Sample]:
@@ -121,8 +182,9 @@ class AccessLog:
         self.path = Path(path)
         self._offset = 0
         self._floor = 0.0  # the samples held are complete from this time on
-        self._samples: list[Sample] = []
+        self._samples: list[Sample] = []  # the evidence, in time order
         self._times: list[float] = []
+        self._logged: set[str] = set()  # request ids of every model call read, evidence or not
 
     def _seek(self, t: float, size: int) -> int:
         """The offset of a line start at or before the first line whose time is >= ``t``."""
@@ -152,6 +214,7 @@ class AccessLog:
             size = 0
         if size < self._offset or since < self._floor:
             self._offset, self._floor, self._samples, self._times = 0, 0.0, [], []
+            self._logged = set()
         if self._offset == 0 and since > SEEK_SLACK_S and size:
             self._floor = since - SEEK_SLACK_S
             self._offset = self._seek(self._floor, size)
@@ -163,7 +226,15 @@ class AccessLog:
         end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
         self._offset += end
         text = chunk[:end].decode("utf-8", errors="replace")
-        for sample in parse_lines(text.splitlines()):
+        for line in text.splitlines():
+            rec = parse_record(line)
+            if rec is None:
+                continue
+            if rec.get("request_id"):
+                self._logged.add(str(rec["request_id"]))
+            sample = sample_of(rec) if is_evidence(rec) else None
+            if sample is None:
+                continue
             # Envoy writes a line when a request completes: nearly, not exactly, time-ordered.
             i = bisect.bisect_right(self._times, sample.t)
             self._times.insert(i, sample.t)
@@ -177,11 +248,11 @@ class AccessLog:
 
     def wait_for(self, request_ids: set[str], since: float, timeout: float = 10.0) -> list[Sample]:
         """The samples since ``since`` once every id in ``request_ids`` has been written
-        (Envoy flushes its log every ``dataplane.log_flush_ms``); at most ``timeout`` s."""
+        (Envoy flushes its log every ``dataplane.log_flush_ms``); at most ``timeout`` s. A
+        request whose line is not evidence (a client error, say) counts as written."""
         deadline = time.monotonic() + timeout
         while True:
             got = self.samples(since)
-            seen = {s.request_id for s in got}
-            if request_ids <= seen or time.monotonic() > deadline:
+            if request_ids <= self._logged or time.monotonic() > deadline:
                 return got
             time.sleep(0.05)
