@@ -50,7 +50,12 @@ from pipelines.data.pii import mask_pii
 from pipelines.data.profile import value_counts
 from pipelines.data.spec import DatasetSpec
 from pipelines.monitoring.schema import schema
-from pipelines.serving.dataplane.evidence import is_model_call, origin, parse_scores
+from pipelines.serving.dataplane.evidence import (
+    is_model_call,
+    line_time,
+    origin,
+    parse_scores,
+)
 from pipelines.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 PART_ROWS = 1_000_000  # rows per part file
 ROW_GROUP = 128 * 1024
-_TIME = re.compile(r'"time":\s*"?([0-9]+(?:\.[0-9]+)?)')
 _PLANE = re.compile(r'"plane":\s*"?([0-9]+(?:\.[0-9]+)?)')
 
 
@@ -72,11 +76,6 @@ def hour_bounds(date: str, hour: int) -> tuple[float, float]:
     layout.hour_partition(hour)  # validates
     start = dt.datetime(day.year, day.month, day.day, int(hour), tzinfo=dt.UTC).timestamp()
     return start, start + 3600.0
-
-
-def _line_time(line: str) -> float | None:
-    m = _TIME.search(line)
-    return float(m.group(1)) if m else None
 
 
 def _instances(raw: Any) -> list[Any]:
@@ -243,7 +242,7 @@ def records(
     pii = set(spec.pii_columns)
     cols: dict[str, list[Any]] = {f.name: [] for f in schema(spec)}
     for line in lines:
-        t = _line_time(line)
+        t = line_time(line)
         if t is not None and heartbeats is not None:
             heartbeats.see(t, line)
         if t is None or not start <= t < end:
